@@ -1,0 +1,50 @@
+# The few commands a person needs. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo down test lint typecheck sql-check sql pytest bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Start PostgreSQL (embedded) and the example peers; prints where to look.
+demo: $(STAMP)
+	$(BIN)/dejima up
+
+## Stop what `make demo` started.
+down: $(STAMP)
+	$(BIN)/dejima down
+
+## Regenerate the committed SQL from the manifests.
+sql: $(STAMP)
+	$(BIN)/python manage.py dejima_sql
+
+## Fails when the committed SQL under sql_triggers/ is stale.
+sql-check: $(STAMP)
+	$(BIN)/python manage.py dejima_sql --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy peer tests manage.py
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+## The whole suite: generated SQL fresh, lint, types, tests (unit, integration, cluster).
+test: sql-check lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m peer.bench capture --quick --json
+
+clean:
+	rm -rf .dejima .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,30 @@
+"""Django settings for the Dejima peer. Everything comes from the environment (docs/settings.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = os.environ.get("DEJIMA_DEBUG", "") == "1"
+SECRET_KEY = os.environ.get("DEJIMA_SECRET_KEY", "dev-only-not-secret")  # noqa: S105  (refused outside debug later)
+ALLOWED_HOSTS = ["*"]
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "rest_framework",
+    "peer.dejima",
+]
+MIDDLEWARE: list[str] = []
+ROOT_URLCONF = "peer.urls"
+WSGI_APPLICATION = "peer.wsgi.application"
+DATABASES: dict[str, dict[str, object]] = {}
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Peer type folders (manifest + generated SQL).
+DEJIMA_SQL_ROOT = Path(os.environ.get("DEJIMA_SQL_ROOT", str(BASE_DIR / "sql_triggers")))
+PEER_TYPE = os.environ.get("PEER_TYPE", "")

@@ -1,0 +1,9 @@
+"""WSGI entry point (gunicorn peer.wsgi)."""
+
+import os
+
+from django.core.handlers.wsgi import WSGIHandler
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "peer.settings")
+application: WSGIHandler = get_wsgi_application()
