@@ -8,7 +8,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 DEBUG = os.environ.get("DEJIMA_DEBUG", "") == "1"
-SECRET_KEY = os.environ.get("DEJIMA_SECRET_KEY", "dev-only-not-secret")  # noqa: S105  (refused outside debug later)
+SECRET_KEY = os.environ.get("DEJIMA_SECRET_KEY", "dev-only-not-secret")
 ALLOWED_HOSTS = ["*"]
 
 INSTALLED_APPS = [

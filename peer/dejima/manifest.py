@@ -140,7 +140,7 @@ def _parse_column(path: Path, field_name: str, name: str, spec: object) -> Colum
     if name == ID_COLUMN:
         raise ManifestError(path, field_name, f"'{ID_COLUMN}' is the generated surrogate key; do not declare it")
     if not isinstance(spec, str):
-        raise ManifestError(path, field_name, "must be a type such as \"text\" or \"integer not null\"")
+        raise ManifestError(path, field_name, 'must be a type such as "text" or "integer not null"')
     words = spec.strip().lower()
     not_null = words.endswith(" not null")
     base = words.removesuffix(" not null").strip()
@@ -246,7 +246,9 @@ def _parse_view(path: Path, name: str, spec: object, tables: dict[str, Table]) -
     for column in table.columns:
         if column.not_null and column.name not in columns and column.name not in given:
             raise ManifestError(
-                path, f"{where}.defaults", f"column {column.name!r} is NOT NULL and not in the view: give a default"
+                path,
+                f"{where}.defaults",
+                f"column {column.name!r} is NOT NULL and not in the view: give a default",
             )
     return View(name, table.name, columns, key, members, conditions, tuple(defaults))
 
