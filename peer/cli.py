@@ -1,7 +1,7 @@
 """The `dejima` command: the user's handle on a local Dejima network.
 
-Today: `up` (PostgreSQL + one installed database per example peer), `down`, `status`, `bench`.
-The coordination layer adds the peer services, `exec`, `query` and `check`.
+`up` starts PostgreSQL and the example peers (government, bank, insurance) on loopback; `down` stops them;
+`status`, `exec`, `query` and `check` talk to running peers over their REST API; `bench` runs benchmarks.
 """
 
 from __future__ import annotations
@@ -10,78 +10,189 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-import psycopg
+import requests
 
-from peer.dejima.install import SQL_ROOT, InstallError, install
-from peer.dejima.manifest import ManifestError, load_peer_types
+from peer.dejima.install import InstallError
+from peer.dejima.manifest import ManifestError
+from peer.network import LocalNetwork, NetworkError, example_specs
 from peer.pgserver import PgServer, PgServerError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STATE_DIR = REPO_ROOT / ".dejima" / "pg"
-EXAMPLE_PEERS = ("government", "bank", "insurance")
+STATE_DIR = REPO_ROOT / ".dejima"
+HTTP_TIMEOUT = 30.0
+
+
+class CliError(Exception):
+    pass
 
 
 def _server() -> PgServer:
-    return PgServer.from_env(STATE_DIR)
+    return PgServer.from_env(STATE_DIR / "pg")
 
 
-def _database_exists(server: PgServer, name: str) -> bool:
-    return name in server.list_databases()
+def _network() -> LocalNetwork:
+    return LocalNetwork.load(_server(), STATE_DIR / "network")
+
+
+def _peer_url(peer: str) -> str:
+    if peer.startswith(("http://", "https://")):
+        return peer.rstrip("/")
+    net = _network()
+    if peer not in net.specs:
+        known = ", ".join(net.specs) or "none (run `dejima up`)"
+        raise CliError(f"unknown peer {peer!r}; known peers: {known}")
+    return net.specs[peer].url
+
+
+def _api(url: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    try:
+        if body is None:
+            resp = requests.get(url + path, timeout=HTTP_TIMEOUT)
+        else:
+            resp = requests.post(url + path, json=body, timeout=HTTP_TIMEOUT)
+    except requests.RequestException as exc:
+        raise CliError(f"{url} is unreachable: {exc}") from None
+    try:
+        return resp.status_code, resp.json()
+    except ValueError:
+        return resp.status_code, {"error": resp.text[:500]}
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     server = _server()
     server.start()
-    types = load_peer_types(SQL_ROOT)
-    print(f"PostgreSQL ({server.kind}) is running: {server.url('postgres')}")
-    for peer in EXAMPLE_PEERS:
-        url = server.url(peer) if _database_exists(server, peer) else server.create_database(peer)
-        install(url, peer)
-        views = ", ".join(v.name for v in types[peer].views)
-        tables = ", ".join(t.name for t in types[peer].tables)
-        print(f"  {peer:<11} {url}   tables: {tables}   dejima views: {views}")
-    print()
-    look = "'TABLE bank_users' -c 'TABLE dejima_bank'"
-    write = "\"INSERT INTO dejima_bank VALUES ('Jane', 'Roe', '555-0199', '2 Elm St')\""
-    print("Look at a peer's data, for example:")
-    print("  psql", server.url("bank"), "-c", look)
-    print("Write through a dejima view (putback; the capture triggers record it inside a global transaction):")
-    print("  psql", server.url("government"), "-c", write)
-    print("Stop everything with `dejima down` (or `make down`).")
+    net = _network()
+    if not net.specs:
+        net = LocalNetwork(server, STATE_DIR / "network", example_specs())
+    for name, spec in net.specs.items():
+        if not spec.pid:
+            net.start(name)
+    try:
+        net.wait_ready(timeout=60)
+    except NetworkError as exc:
+        raise CliError(str(exc)) from None
+    print(f"PostgreSQL ({server.kind}): {server.url('postgres')}")
+    for spec in net.specs.values():
+        print(f"  {spec.name:<11} {spec.mode:<6} {spec.url:<24} database {server.url(spec.database)}")
+    print("\nTry:")
+    print(
+        '  dejima exec government "INSERT INTO government_users (first_name, last_name, phone, address)'
+        " VALUES ('Jane', 'Roe', '555-0199', '2 Elm St')\""
+    )
+    print('  dejima query bank "TABLE bank_users"')
+    print("  dejima check")
+    print("Logs: .dejima/network/<peer>.log. Stop everything with `dejima down` (or `make down`).")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    net = _network()
+    net.stop_all()
     server = _server()
     server.stop()
-    print("stopped" if server.kind != "external" else "external PostgreSQL left running (DEJIMA_DATABASE_URL)")
+    print("stopped peers and PostgreSQL" if server.kind != "external" else "stopped peers")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    server = _server()
-    running = server.is_running()
-    peers: dict[str, object] = {}
-    if running:
-        for peer in EXAMPLE_PEERS:
-            if not _database_exists(server, peer):
-                peers[peer] = {"installed": False}
-                continue
-            with psycopg.connect(server.url(peer), connect_timeout=5) as conn:
-                row = conn.execute(
-                    "SELECT peer_type, installed_at::text FROM dejima.installed"
-                    " WHERE to_regclass('dejima.installed') IS NOT NULL"
-                ).fetchone()
-            peers[peer] = {"installed": row is not None, "url": server.url(peer)}
-    status = {"postgres": {"kind": server.kind, "running": running}, "peers": peers}
+    net = _network()
+    out: dict[str, Any] = {}
+    healthy = True
+    for name, spec in net.specs.items():
+        try:
+            _, health = _api(spec.url, "/health")
+            _, status = _api(spec.url, "/api/v1/status")
+            out[name] = {
+                "url": spec.url,
+                "health": health.get("status"),
+                "groups": status.get("groups"),
+                "peer_groups": status.get("peer_groups"),
+                "peers": status.get("peers"),
+            }
+            healthy = healthy and health.get("status") == "ok"
+        except CliError as exc:
+            out[name] = {"url": spec.url, "health": "unreachable", "error": str(exc)}
+            healthy = False
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(out, indent=2))
     else:
-        print(f"PostgreSQL ({server.kind}): {'running' if running else 'stopped'}")
-        for peer, info in peers.items():
-            print(f"  {peer}: {info}")
-    return 0 if running else 1
+        for name, info in out.items():
+            print(f"{name:<11} {info['url']:<24} {info['health']}")
+            for view, members in (info.get("groups") or {}).items():
+                print(f"    {view:<18} {', '.join(members)}")
+    return 0 if healthy and out else 1
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    status, body = _api(_peer_url(args.peer), "/api/v1/exec", {"sql": args.sql})
+    if status == 200 and body.get("status") == "committed":
+        reached = ", ".join(body.get("participants") or []) or "no other peer"
+        print(f"committed {body.get('gxid')} (reached {reached})")
+        return 0
+    print(f"aborted ({status} {body.get('kind', '')}): {body.get('error', body)}", file=sys.stderr)
+    return 3 if status == 409 else 1
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    status, body = _api(_peer_url(args.peer), "/api/v1/query", {"sql": args.sql})
+    if status != 200:
+        print(f"error ({status}): {body.get('error', body)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, default=str))
+        return 0
+    print(" | ".join(body["columns"]))
+    for row in body["rows"]:
+        print(" | ".join("NULL" if v is None else str(v) for v in row))
+    return 0
+
+
+def check_network(urls: dict[str, str]) -> dict[str, Any]:
+    """Compare every dejima view across its group; list leftover prepared transactions."""
+    views: dict[str, dict[str, str]] = {}
+    prepared: dict[str, list[Any]] = {}
+    errors: list[str] = []
+    for name, url in urls.items():
+        try:
+            _, status = _api(url, "/api/v1/status")
+            for view in status.get("views", []):
+                _, snap = _api(url, f"/api/v1/views/{view}")
+                views.setdefault(view, {})[name] = snap["digest"]
+            _, prep = _api(url, "/api/v1/prepared")
+            prepared[name] = prep.get("prepared", [])
+        except (CliError, KeyError) as exc:
+            errors.append(f"{name}: {exc}")
+    divergent = sorted(v for v, digests in views.items() if len(set(digests.values())) > 1)
+    # several peers may share one PostgreSQL cluster: count each prepared transaction once
+    leftover = sorted({p["gid"] for items in prepared.values() for p in items})
+    return {
+        "ok": not divergent and not leftover and not errors,
+        "views": {v: {"identical": v not in divergent, "digests": d} for v, d in sorted(views.items())},
+        "divergent_views": divergent,
+        "prepared_transactions": leftover,
+        "errors": errors,
+    }
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    net = _network()
+    urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
+    if not urls:
+        raise CliError("no peers known; run `dejima up`")
+    report = check_network(urls)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for view, info in report["views"].items():
+            print(f"{view:<18} {'identical' if info['identical'] else 'DIVERGENT'} across {', '.join(info['digests'])}")
+        for gid in report["prepared_transactions"]:
+            print(f"leftover prepared transaction {gid}")
+        for err in report["errors"]:
+            print(f"error: {err}")
+        print("ok" if report["ok"] else "NOT OK")
+    return 0 if report["ok"] else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -93,13 +204,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dejima", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start PostgreSQL and install the example peers' databases")
-    up.add_argument("--detach", action="store_true", help="return once ready (the default today)")
+    up = sub.add_parser("up", help="start PostgreSQL and the example peers; return when ready")
+    up.add_argument("--detach", action="store_true", help="return once ready (always: peers run in the background)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
-    status = sub.add_parser("status", help="PostgreSQL and peers")
+    status = sub.add_parser("status", help="peers, health, groups")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    exe = sub.add_parser("exec", help="run SQL statements at a peer as one global transaction")
+    exe.add_argument("peer", help="peer name (from `dejima up`) or URL")
+    exe.add_argument("sql")
+    exe.set_defaults(func=cmd_exec)
+    qry = sub.add_parser("query", help="run one read-only query at a peer")
+    qry.add_argument("peer")
+    qry.add_argument("sql")
+    qry.add_argument("--json", action="store_true")
+    qry.set_defaults(func=cmd_query)
+    chk = sub.add_parser("check", help="compare every dejima view across its group; list leftover prepared txns")
+    chk.add_argument("--json", action="store_true")
+    chk.set_defaults(func=cmd_check)
     bench = sub.add_parser("bench", help="benchmarks (JSON output); see `dejima bench --help`", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
@@ -110,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (PgServerError, InstallError, ManifestError, psycopg.Error) as exc:
+    except (CliError, PgServerError, InstallError, ManifestError, NetworkError) as exc:
         print(f"dejima: {exc}", file=sys.stderr)
         return 2
     return code

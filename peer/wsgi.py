@@ -1,4 +1,4 @@
-"""WSGI entry point (gunicorn peer.wsgi)."""
+"""WSGI entry point (`gunicorn -c python:peer.gunicorn_conf peer.wsgi`)."""
 
 import os
 

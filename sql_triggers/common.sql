@@ -19,3 +19,30 @@ CREATE TABLE IF NOT EXISTS dejima.installed (
     sql_sha256 text NOT NULL,
     installed_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Discovery: the peers this peer knows and the dejima groups it belongs to (rewritten by the peer service).
+CREATE TABLE IF NOT EXISTS dejima.peers (
+    name text PRIMARY KEY,
+    url text NOT NULL,
+    peer_type text NOT NULL DEFAULT '',
+    catalog jsonb NOT NULL DEFAULT '{}',
+    status text NOT NULL DEFAULT 'unknown',
+    incompatible jsonb NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS dejima.groups (
+    view_name text NOT NULL,
+    peer text NOT NULL,
+    PRIMARY KEY (view_name, peer)
+);
+CREATE TABLE IF NOT EXISTS dejima.state (
+    key text PRIMARY KEY,
+    value jsonb NOT NULL
+);
+
+-- The origin's durable decision: inserted in the origin's own transaction, whose commit is the commit point.
+-- A gxid without a row here, and no longer running at its origin, was aborted (presumed abort).
+CREATE TABLE IF NOT EXISTS dejima.decisions (
+    gxid text PRIMARY KEY,
+    participants text[] NOT NULL,
+    decided_at timestamptz NOT NULL DEFAULT now()
+);

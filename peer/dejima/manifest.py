@@ -30,6 +30,17 @@ COLUMN_TYPES: dict[str, str] = {
     "timestamptz": "timestamptz",
 }
 FILTER_OPS = ("=", "<>", "<", "<=", ">", ">=", "in", "not in", "is null", "is not null")
+# Which TOML values a column type takes (filter values, defaults); dates and timestamps are written as strings.
+VALUE_KINDS: dict[str, tuple[type, ...]] = {
+    "text": (str,),
+    "integer": (int,),
+    "bigint": (int,),
+    "numeric": (int, float),
+    "double precision": (int, float),
+    "boolean": (bool,),
+    "date": (str,),
+    "timestamptz": (str,),
+}
 Scalar = str | int | float | bool
 
 
@@ -163,10 +174,15 @@ def _parse_table(path: Path, name: str, spec: object) -> Table:
     return Table(name, columns)
 
 
-def _scalar(path: Path, field_name: str, value: object) -> Scalar:
-    if isinstance(value, str | int | float | bool):
-        return value
-    raise ManifestError(path, field_name, f"{value!r} is not a string, number or boolean")
+def _scalar(path: Path, field_name: str, value: object, column: Column | None = None) -> Scalar:
+    if not isinstance(value, str | int | float | bool):
+        raise ManifestError(path, field_name, f"{value!r} is not a string, number or boolean")
+    pg_type = column.type if column is not None else "bigint"  # no column: the surrogate id
+    kinds = VALUE_KINDS[pg_type]
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        expected = "a quoted string" if kinds == (str,) else " or ".join(k.__name__ for k in kinds)
+        raise ManifestError(path, field_name, f"{value!r} does not fit type {pg_type} (write {expected})")
+    return value
 
 
 def _parse_filter(path: Path, where: str, table: Table, spec: object) -> tuple[Condition, ...]:
@@ -193,11 +209,11 @@ def _parse_filter(path: Path, where: str, table: Table, spec: object) -> tuple[C
             raw = cond.get("value")
             if not isinstance(raw, list) or not raw:
                 raise ManifestError(path, f"{cwhere}.value", f"'{op}' needs a non-empty list")
-            value = tuple(_scalar(path, f"{cwhere}.value", v) for v in raw)
+            value = tuple(_scalar(path, f"{cwhere}.value", v, table.column(column)) for v in raw)
         else:
             if "value" not in cond:
                 raise ManifestError(path, f"{cwhere}.value", f"'{op}' needs a value")
-            value = _scalar(path, f"{cwhere}.value", cond["value"])
+            value = _scalar(path, f"{cwhere}.value", cond["value"], table.column(column))
         out.append(Condition(column, op, value))
     return tuple(out)
 
@@ -211,9 +227,9 @@ def _parse_view(path: Path, name: str, spec: object, tables: dict[str, Table]) -
     if unknown:
         raise ManifestError(path, f"{where}.{sorted(unknown)[0]}", "unknown field")
     table_name = spec.get("table")
-    if table_name not in tables:
+    if not isinstance(table_name, str) or table_name not in tables:
         raise ManifestError(path, f"{where}.table", f"{table_name!r} is not a table of this manifest")
-    table = tables[str(table_name)]
+    table = tables[table_name]
     columns = _str_list(path, f"{where}.columns", spec.get("columns"))
     for col in columns:
         if col == ID_COLUMN:
@@ -241,7 +257,7 @@ def _parse_view(path: Path, name: str, spec: object, tables: dict[str, Table]) -
             raise ManifestError(path, dwhere, f"{col!r} is not a column of table {table.name}")
         if col in columns:
             raise ManifestError(path, dwhere, "the view carries this column; defaults are for the others")
-        defaults.append((col, _scalar(path, dwhere, value)))
+        defaults.append((col, _scalar(path, dwhere, value, table.column(col))))
     given = dict(defaults)
     for column in table.columns:
         if column.not_null and column.name not in columns and column.name not in given:
@@ -281,12 +297,21 @@ def load_manifest(folder: Path) -> PeerType:
     if not isinstance(raw_views, dict):
         raise ManifestError(path, "views", "must be a table of views")
     views = tuple(_parse_view(path, vname, vspec, tables) for vname, vspec in raw_views.items())
+    # Names PostgreSQL or the generator give to other relations of the schema (identity sequence, primary key and
+    # identity key indexes): a table or view with one of them would clash at install.
+    implicit = {f"{t}_{suffix}": f"table {t}" for t in tables for suffix in ("id_seq", "pkey")}
+    implicit.update({f"{v.name}_key": f"the key index of view {v.name}" for v in views})
+    for tname in tables:
+        if tname in implicit:
+            raise ManifestError(path, f"tables.{tname}", f"name is taken by {implicit[tname]}")
     for view in views:
         if view.name in tables:
             raise ManifestError(path, f"views.{view.name}", "duplicate view name: a table has the same name")
+        if view.name in implicit:
+            raise ManifestError(path, f"views.{view.name}", f"name is taken by {implicit[view.name]}")
         if name not in view.members:
             raise ManifestError(path, f"views.{view.name}.members", f"must include this peer type {name!r}")
-    extra = tuple(sorted(p for p in folder.glob("*.sql") if p.name != "generated.sql"))
+    extra = tuple(sorted(p for p in folder.glob("*.sql") if p.name != "generated.sql" and not p.name.startswith(".")))
     return PeerType(name, description, path, tuple(tables.values()), views, extra)
 
 

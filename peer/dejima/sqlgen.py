@@ -95,9 +95,11 @@ def _check_literals(ptype: PeerType) -> None:
 
 
 def _function(name: str, body: sql.Composable, declare: sql.Composable | None = None) -> sql.Composable:
+    # Every column reference in a body is qualified, so a bare name is always a variable: without the directive,
+    # a base column named like a variable (`g`, `dejima_in_view`) would make the trigger fail as ambiguous.
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS {tag}\n"
-        "{declare}BEGIN\n{body}\nEND\n{tag};"
+        "#variable_conflict use_variable\n{declare}BEGIN\n{body}\nEND\n{tag};"
     ).format(
         name=_fn(name),
         tag=sql.SQL(DOLLAR_TAG),
@@ -166,7 +168,9 @@ def _returning_in_view(view: View, table: Table) -> sql.Composable:
 
 def _key_match(view: View, table: Table, record: str) -> sql.Composable:
     """The base row of the view row `record` (its key, within the filter)."""
-    match: list[sql.Composable] = [sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier(record, k)) for k in view.key]
+    match: list[sql.Composable] = [
+        sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier(record, k)) for k in view.key
+    ]
     if view.filter:
         match.append(filter_sql(view, table, "t"))
     return sql.SQL(" AND ").join(match)

@@ -18,6 +18,7 @@ CREATE OR REPLACE VIEW "public"."dejima_bank" AS
     SELECT "t"."first_name", "t"."last_name", "t"."phone", "t"."address"
     FROM "public"."bank_users" AS t;
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_bank_ins"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     INSERT INTO "public"."bank_users" AS t ("first_name", "last_name", "phone", "address")
         VALUES ("new"."first_name", "new"."last_name", "new"."phone", "new"."address");
@@ -26,6 +27,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_ins" INSTEAD OF INSERT ON "public"."dejima_bank" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_bank_ins"();
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_bank_upd"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     UPDATE "public"."bank_users" AS t SET "first_name" = "new"."first_name", "last_name" = "new"."last_name", "phone" = "new"."phone", "address" = "new"."address"
         WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";
@@ -37,6 +39,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_upd" INSTEAD OF UPDATE ON "public"."dejima_bank" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_bank_upd"();
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_bank_del"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     DELETE FROM "public"."bank_users" AS t
         WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";
@@ -53,6 +56,7 @@ CREATE OR REPLACE VIEW "public"."dejima_risk" AS
     SELECT "t"."first_name", "t"."last_name", "t"."risk_factor"
     FROM "public"."bank_users" AS t;
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_risk_ins"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     INSERT INTO "public"."bank_users" AS t ("first_name", "last_name", "risk_factor")
         VALUES ("new"."first_name", "new"."last_name", "new"."risk_factor");
@@ -61,6 +65,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_ins" INSTEAD OF INSERT ON "public"."dejima_risk" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_risk_ins"();
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_risk_upd"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     UPDATE "public"."bank_users" AS t SET "first_name" = "new"."first_name", "last_name" = "new"."last_name", "risk_factor" = "new"."risk_factor"
         WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";
@@ -72,6 +77,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_upd" INSTEAD OF UPDATE ON "public"."dejima_risk" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_risk_upd"();
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_risk_del"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     DELETE FROM "public"."bank_users" AS t
         WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";
@@ -85,6 +91,7 @@ CREATE OR REPLACE TRIGGER "dejima_put_del" INSTEAD OF DELETE ON "public"."dejima
 
 -- capture on bank_users
 CREATE OR REPLACE FUNCTION "dejima"."capture_bank_users_ins"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 DECLARE
     g text := current_setting('dejima.gxid', true);
 BEGIN
@@ -102,6 +109,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_ins" AFTER INSERT ON "public"."bank_users" REFERENCING NEW TABLE AS dejima_new FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_bank_users_ins"();
 CREATE OR REPLACE FUNCTION "dejima"."capture_bank_users_upd"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 DECLARE
     g text := current_setting('dejima.gxid', true);
 BEGIN
@@ -127,6 +135,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_upd" AFTER UPDATE ON "public"."bank_users" REFERENCING OLD TABLE AS dejima_old NEW TABLE AS dejima_new FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_bank_users_upd"();
 CREATE OR REPLACE FUNCTION "dejima"."capture_bank_users_del"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 DECLARE
     g text := current_setting('dejima.gxid', true);
 BEGIN
@@ -144,6 +153,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_del" AFTER DELETE ON "public"."bank_users" REFERENCING OLD TABLE AS dejima_old FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_bank_users_del"();
 CREATE OR REPLACE FUNCTION "dejima"."capture_bank_users_trunc"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     IF coalesce(current_setting('dejima.gxid', true), '') <> '' THEN
         RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = 'bank_users carries dejima views (dejima_bank, dejima_risk): TRUNCATE inside a global transaction cannot be captured; use DELETE';

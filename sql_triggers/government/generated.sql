@@ -17,6 +17,7 @@ CREATE OR REPLACE VIEW "public"."dejima_bank" AS
     SELECT "t"."first_name", "t"."last_name", "t"."phone", "t"."address"
     FROM "public"."government_users" AS t;
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_bank_ins"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     INSERT INTO "public"."government_users" AS t ("first_name", "last_name", "phone", "address")
         VALUES ("new"."first_name", "new"."last_name", "new"."phone", "new"."address");
@@ -25,6 +26,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_ins" INSTEAD OF INSERT ON "public"."dejima_bank" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_bank_ins"();
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_bank_upd"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     UPDATE "public"."government_users" AS t SET "first_name" = "new"."first_name", "last_name" = "new"."last_name", "phone" = "new"."phone", "address" = "new"."address"
         WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";
@@ -36,6 +38,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_upd" INSTEAD OF UPDATE ON "public"."dejima_bank" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_bank_upd"();
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_bank_del"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     DELETE FROM "public"."government_users" AS t
         WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";
@@ -52,6 +55,7 @@ CREATE OR REPLACE VIEW "public"."dejima_insurance" AS
     SELECT "t"."first_name", "t"."last_name", "t"."address", "t"."birthdate"
     FROM "public"."government_users" AS t;
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_insurance_ins"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     INSERT INTO "public"."government_users" AS t ("first_name", "last_name", "address", "birthdate")
         VALUES ("new"."first_name", "new"."last_name", "new"."address", "new"."birthdate");
@@ -60,6 +64,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_ins" INSTEAD OF INSERT ON "public"."dejima_insurance" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_insurance_ins"();
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_insurance_upd"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     UPDATE "public"."government_users" AS t SET "first_name" = "new"."first_name", "last_name" = "new"."last_name", "address" = "new"."address", "birthdate" = "new"."birthdate"
         WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";
@@ -71,6 +76,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_upd" INSTEAD OF UPDATE ON "public"."dejima_insurance" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_insurance_upd"();
 CREATE OR REPLACE FUNCTION "dejima"."put_dejima_insurance_del"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     DELETE FROM "public"."government_users" AS t
         WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";
@@ -84,6 +90,7 @@ CREATE OR REPLACE TRIGGER "dejima_put_del" INSTEAD OF DELETE ON "public"."dejima
 
 -- capture on government_users
 CREATE OR REPLACE FUNCTION "dejima"."capture_government_users_ins"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 DECLARE
     g text := current_setting('dejima.gxid', true);
 BEGIN
@@ -101,6 +108,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_ins" AFTER INSERT ON "public"."government_users" REFERENCING NEW TABLE AS dejima_new FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_government_users_ins"();
 CREATE OR REPLACE FUNCTION "dejima"."capture_government_users_upd"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 DECLARE
     g text := current_setting('dejima.gxid', true);
 BEGIN
@@ -126,6 +134,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_upd" AFTER UPDATE ON "public"."government_users" REFERENCING OLD TABLE AS dejima_old NEW TABLE AS dejima_new FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_government_users_upd"();
 CREATE OR REPLACE FUNCTION "dejima"."capture_government_users_del"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 DECLARE
     g text := current_setting('dejima.gxid', true);
 BEGIN
@@ -143,6 +152,7 @@ END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_del" AFTER DELETE ON "public"."government_users" REFERENCING OLD TABLE AS dejima_old FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_government_users_del"();
 CREATE OR REPLACE FUNCTION "dejima"."capture_government_users_trunc"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+#variable_conflict use_variable
 BEGIN
     IF coalesce(current_setting('dejima.gxid', true), '') <> '' THEN
         RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = 'government_users carries dejima views (dejima_bank, dejima_insurance): TRUNCATE inside a global transaction cannot be captured; use DELETE';

@@ -1,0 +1,577 @@
+"""A participant's putback of an incoming delta, with the order-independent merge (DESIGN.md, "Cycles, diamonds
+and partial rows").
+
+Public API
+----------
+- `GxState` — what a peer remembers about one open global transaction (one per gxid, until prepare): its
+  database transaction, which base columns putback invented (`unknown`), which base rows the gxid wrote
+  (`touched`) and which (view, key) it deleted (`deleted`). `GxState(gxid=…, ptype=…, conn=…)` is enough; the
+  connection must be inside the gxid's open transaction with `dejima.gxid` set (`peer.dejima.delta.set_gxid`).
+- `apply_delta(state, view, insertions, deletions)` — applies wire rows (with the `$unknown`/`$was` markers of
+  `peer.dejima.messages`) through the dejima view: INSERT/UPDATE/DELETE on the view, so the INSTEAD OF putback
+  triggers do the base-table work and the capture triggers see every write. All or nothing: a failure leaves the
+  database and `state` as they were (own savepoint).
+- `outgoing(state, changes)` — turns captured changes (`take_changes`) into wire deltas (`ViewDelta`, a `Delta`
+  that also knows the view's identity key): insertions carry `$unknown` (the row's invented columns the view
+  carries) and, for a key change, `$was` (the old key); records touched rows and deleted keys. Called by the
+  origin after the client's statements and by a participant after `apply_delta`.
+- `without_echo(delta, received)` — the part of `delta` the sender of `received` (same view) does not already
+  have.
+- `ApplyConflict` (a real conflict inside one gxid; retryable) and `ApplyBadRequest` (a malformed delta; nothing
+  was changed), both `ApplyError`.
+
+The merge rule (commutative, associative, idempotent: every arrival order reaches the same state)
+---------------------------------------------------------------------------------------------------
+Rows are compared in their JSON form (the current row is read as `jsonb_build_object` of the view columns, like
+the capture triggers; incoming dates are normalised to ISO form).
+
+Pairing inside one delta: an insertion with `$was` = K0 and the deletion of K0 are a RENAME (an insertion with
+`$was` and no such deletion is a rename too: the receiver looks at K0 first); otherwise an insertion and a
+deletion with the same key are an UPDATE; other deletions are deletes, other insertions inserts. Order of work:
+deletes, then renames (a rename onto a key another rename frees goes after it), then updates and inserts.
+
+- DELETE of K: no row at K → nothing (idempotent). A row at K that this gxid touched and whose known values
+  differ from the deletion's → `ApplyConflict` (delete vs update from two branches). Else it is deleted. (view,
+  K) is remembered as deleted.
+- INSERT/UPDATE/RENAME of row I (key K, unknown columns U): the current row R is looked up at `$was` (rename),
+  then at K.
+  - R absent: an update or rename of a key this gxid deleted → `ApplyConflict`. Else INSERT with I's values; the
+    new base row is touched and its unknown columns are U plus the base columns the view does not carry (they got
+    the manifest defaults).
+  - R present, not touched in this gxid (state before the gxid): every known column of I wins; R keeps the
+    columns in U. Pre-existing divergence is repaired, not an abort.
+  - R present and touched: column by column — c in U → R[c]; c unknown in R, known in I → I[c] (no longer
+    unknown); equal → kept; two different known values → `ApplyConflict`.
+  The view row is updated only when the merged row differs from R; either way R counts as touched.
+
+Unknown values are the sender's defaults: members of a view declare the same defaults for its columns, so an
+unknown still open when propagation is quiet holds the same value at every member.
+
+Limits: a view must be the generated projection + selection of one base table (`View.table`); renames that form a
+cycle inside one delta (swap two keys) are refused as a bad request.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from peer.dejima.delta import Delta, Row, RowChange
+from peer.dejima.manifest import ID_COLUMN, PeerType, View
+from peer.dejima.messages import UNKNOWN, WAS
+from peer.dejima.sqlgen import filter_sql
+
+Key = tuple[Any, ...]
+SCHEMA = "public"
+SAVEPOINT = sql.Identifier("dejima_apply_delta")
+INT_RANGES = {"integer": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
+
+
+class ApplyError(Exception):
+    """Base of the errors `apply_delta` raises on purpose."""
+
+
+class ApplyConflict(ApplyError):
+    """A real conflict inside one global transaction: two different known values, or delete vs update."""
+
+    def __init__(
+        self,
+        peer: str,
+        view: str,
+        key: Key,
+        column: str | None,
+        ours: Any,
+        theirs: Any,
+        reason: str = "",
+    ) -> None:
+        self.peer = peer
+        self.view = view
+        self.key = key
+        self.column = column
+        self.ours = ours
+        self.theirs = theirs
+        where = f"{peer}: " if peer else ""
+        what = reason or (
+            f"column {column!r} has two different known values in one global transaction: "
+            f"{ours!r} here, {theirs!r} incoming"
+        )
+        super().__init__(f"{where}conflict on {view} key {list(key)!r}: {what}")
+
+
+class ApplyBadRequest(ApplyError):
+    """The delta is malformed (unknown view, wrong columns, missing key, wrong type); nothing was changed."""
+
+
+@dataclass
+class GxState:
+    """Everything a peer remembers about one open global transaction (one per gxid, lives until prepare)."""
+
+    gxid: str
+    ptype: PeerType  # this peer's type (manifest)
+    conn: psycopg.Connection[Any]  # the gxid's own database transaction (dejima.gxid already set)
+    # (base table, row id) -> base columns whose value putback invented in this gxid
+    unknown: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    touched: set[tuple[str, int]] = field(default_factory=set)  # base rows written in this gxid
+    deleted: set[tuple[str, Key]] = field(default_factory=set)  # (view, key values) deleted in this gxid
+    peer: str = ""  # this peer's name, for messages
+
+    def snapshot(self) -> tuple[dict[tuple[str, int], set[str]], set[tuple[str, int]], set[tuple[str, Key]]]:
+        return ({k: set(v) for k, v in self.unknown.items()}, set(self.touched), set(self.deleted))
+
+    def restore(
+        self, saved: tuple[dict[tuple[str, int], set[str]], set[tuple[str, int]], set[tuple[str, Key]]]
+    ) -> None:
+        self.unknown, self.touched, self.deleted = saved
+
+
+@dataclass
+class ViewDelta(Delta):
+    """A `Delta` produced by `outgoing`: it also knows the view's identity key (used by `without_echo`)."""
+
+    key: tuple[str, ...] = field(default=(), compare=False)
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class _Incoming:
+    values: Row  # view column -> value (normalised)
+    unknown: frozenset[str]
+    was: Key | None  # old key of a rename
+    key: Key
+
+
+def key_of(row: Row, key: Sequence[str]) -> Key:
+    return tuple(row[k] for k in key)
+
+
+class _ViewIO:
+    """The SQL of one view, composed once per call (identifiers quoted, values always placeholders)."""
+
+    def __init__(self, ptype: PeerType, view: View) -> None:
+        self.view = view
+        self.table = ptype.table(view.table)
+        self.types = {c.name: c.type for c in self.table.columns}
+        self.not_null = {c.name for c in self.table.columns if c.not_null}
+        self.private = frozenset(c.name for c in self.table.columns if c.name not in view.columns)
+        rel = sql.Identifier(SCHEMA, view.name)
+        base = sql.Identifier(SCHEMA, self.table.name)
+
+        def cast(col: str) -> sql.Composable:
+            return sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.SQL(self.types[col]))
+
+        def match(alias: str | None) -> sql.Composable:
+            return sql.SQL(" AND ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(alias, k) if alias else sql.Identifier(k), cast(k))
+                for k in view.key
+            )
+
+        json_row = sql.SQL("jsonb_build_object({})").format(
+            sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier("t", c)) for c in view.columns)
+        )
+        in_filter = sql.SQL(" AND {}").format(filter_sql(view, self.table, "t")) if view.filter else sql.SQL("")
+        self.select = sql.SQL("SELECT {}, {} FROM {} AS t WHERE {}{} FOR UPDATE OF t").format(
+            sql.Identifier("t", ID_COLUMN), json_row, base, match("t"), in_filter
+        )
+        cols = sql.SQL(", ").join(map(sql.Identifier, view.columns))
+        self.insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            rel, cols, sql.SQL(", ").join(cast(c) for c in view.columns)
+        )
+        self.update = sql.SQL("UPDATE {} SET {} WHERE {}").format(
+            rel,
+            sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), cast(c)) for c in view.columns),
+            match(None),
+        )
+        self.delete = sql.SQL("DELETE FROM {} WHERE {}").format(rel, match(None))
+
+    def read(self, conn: psycopg.Connection[Any], key: Key) -> tuple[int, Row] | None:
+        found = conn.execute(self.select, list(key)).fetchone()
+        if found is None:
+            return None
+        row_id, row = found
+        return int(row_id), dict(row)
+
+    def write_insert(self, conn: psycopg.Connection[Any], values: Row) -> int:
+        conn.execute(self.insert, [values[c] for c in self.view.columns])
+        found = self.read(conn, key_of(values, self.view.key))
+        if found is None:  # the putback trigger always creates the row inside the view (or raises)
+            raise ApplyError(f"{self.view.name}: the inserted row {list(key_of(values, self.view.key))!r} is missing")
+        return found[0]
+
+    def write_update(self, conn: psycopg.Connection[Any], at: Key, values: Row) -> None:
+        cur = conn.execute(self.update, [values[c] for c in self.view.columns] + list(at))
+        if cur.rowcount != 1:
+            raise ApplyError(f"{self.view.name}: UPDATE of key {list(at)!r} changed {cur.rowcount} rows, expected 1")
+
+    def write_delete(self, conn: psycopg.Connection[Any], at: Key) -> None:
+        cur = conn.execute(self.delete, list(at))
+        if cur.rowcount != 1:
+            raise ApplyError(f"{self.view.name}: DELETE of key {list(at)!r} changed {cur.rowcount} rows, expected 1")
+
+
+def _bad(view: str, where: str, message: str) -> ApplyBadRequest:
+    return ApplyBadRequest(f"{view}: {where}: {message}")
+
+
+def _check_value(io: _ViewIO, where: str, column: str, value: Any) -> Any:
+    """The value, validated against the column's type and normalised to its JSON form (dates as ISO)."""
+    name = io.view.name
+    if value is None:
+        if column in io.not_null or column in io.view.key:
+            raise _bad(name, where, f"column {column!r} may not be null")
+        return None
+    pg_type = io.types[column]
+    wrong = _bad(name, where, f"column {column!r} must be {pg_type}, got {type(value).__name__} {value!r}")
+    if pg_type == "text":
+        if not isinstance(value, str):
+            raise wrong
+        if "\x00" in value:
+            raise _bad(name, where, f"column {column!r} may not contain NUL characters")
+        return value
+    if pg_type in INT_RANGES:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise wrong
+        low, high = INT_RANGES[pg_type]
+        if not low <= value <= high:
+            raise _bad(name, where, f"column {column!r}: {value} is out of range for {pg_type}")
+        return value
+    if pg_type in ("numeric", "double precision"):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise wrong
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _bad(name, where, f"column {column!r}: {value!r} is not a finite number")
+        return value
+    if pg_type == "boolean":
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if pg_type == "date":
+        if not isinstance(value, str):
+            raise wrong
+        try:
+            return datetime.date.fromisoformat(value).isoformat()
+        except ValueError:
+            raise _bad(name, where, f"column {column!r}: {value!r} is not an ISO date (YYYY-MM-DD)") from None
+    if pg_type == "timestamptz":
+        if not isinstance(value, str):
+            raise wrong
+        try:
+            datetime.datetime.fromisoformat(value)
+        except ValueError:
+            raise _bad(name, where, f"column {column!r}: {value!r} is not an ISO timestamp") from None
+        return value
+    raise _bad(name, where, f"column {column!r} has type {pg_type}, which apply does not support")
+
+
+def _parse_key(io: _ViewIO, where: str, raw: object) -> Key:
+    name, key = io.view.name, io.view.key
+    if not isinstance(raw, dict) or set(raw) != set(key):
+        raise _bad(name, where, f"must be an object of exactly the key columns {list(key)}")
+    return tuple(_check_value(io, where, k, raw[k]) for k in key)
+
+
+def _parse_row(io: _ViewIO, where: str, raw: object, insertion: bool) -> _Incoming:
+    view = io.view
+    if not isinstance(raw, dict):
+        raise _bad(view.name, where, "a row must be an object")
+    markers = {k for k in raw if isinstance(k, str) and k.startswith("$")}
+    allowed = {UNKNOWN, WAS} if insertion else {UNKNOWN}
+    if markers - allowed:
+        raise _bad(view.name, where, f"unknown marker {sorted(markers - allowed)[0]!r}")
+    columns = set(raw) - markers
+    missing = [c for c in view.columns if c not in columns]
+    extra = sorted(str(c) for c in columns - set(view.columns))
+    if extra:
+        raise _bad(view.name, where, f"{extra[0]!r} is not a column of {view.name} (columns: {list(view.columns)})")
+    if missing:
+        kind = "key column" if missing[0] in view.key else "column"
+        raise _bad(view.name, where, f"{kind} {missing[0]!r} is missing")
+    values = {c: _check_value(io, where, c, raw[c]) for c in view.columns}
+    unknown_raw = raw.get(UNKNOWN, [])
+    if not isinstance(unknown_raw, list) or not all(isinstance(c, str) for c in unknown_raw):
+        raise _bad(view.name, where, f"{UNKNOWN} must be a list of column names")
+    unknown = frozenset(unknown_raw)
+    for col in sorted(unknown):
+        if col not in view.columns:
+            raise _bad(view.name, where, f"{UNKNOWN} names {col!r}, which is not a column of {view.name}")
+        if col in view.key:
+            raise _bad(view.name, where, f"{UNKNOWN} names key column {col!r}; a key is always known")
+    was: Key | None = None
+    if WAS in raw:
+        was = _parse_key(io, f"{where}.{WAS}", raw[WAS])
+        if was == key_of(values, view.key):
+            was = None
+    return _Incoming(values, unknown, was, key_of(values, view.key))
+
+
+@dataclass
+class _Plan:
+    deletes: list[_Incoming] = field(default_factory=list)
+    renames: list[_Incoming] = field(default_factory=list)
+    upserts: list[tuple[_Incoming, bool]] = field(default_factory=list)  # (row, is an update)
+
+
+def _plan(io: _ViewIO, insertions: list[_Incoming], deletions: list[_Incoming]) -> _Plan:
+    name = io.view.name
+    by_key: dict[Key, _Incoming] = {}
+    for row in deletions:
+        if row.key in by_key:
+            raise _bad(name, "deletions", f"key {list(row.key)!r} is deleted twice")
+        by_key[row.key] = row
+    seen: set[Key] = set()
+    seen_was: set[Key] = set()
+    for row in insertions:
+        if row.key in seen:
+            raise _bad(name, "insertions", f"key {list(row.key)!r} is inserted twice")
+        seen.add(row.key)
+        if row.was is not None:
+            if row.was in seen_was:
+                raise _bad(name, "insertions", f"two insertions rename key {list(row.was)!r}")
+            seen_was.add(row.was)
+    plan = _Plan()
+    paired: set[Key] = set()
+    renames: list[_Incoming] = []
+    for row in insertions:
+        if row.was is not None:
+            renames.append(row)
+            paired.add(row.was)
+    for row in insertions:
+        if row.was is None:
+            is_update = row.key in by_key and row.key not in paired
+            if is_update:
+                paired.add(row.key)
+            plan.upserts.append((row, is_update))
+    plan.deletes = [row for key, row in by_key.items() if key not in paired]
+    # a rename onto a key that another rename frees must wait for it
+    pending = list(renames)
+    sources = {r.was for r in pending}
+    while pending:
+        ready = [r for r in pending if r.key not in sources]
+        if not ready:
+            raise _bad(name, "insertions", f"renames form a cycle (key {list(pending[0].key)!r})")
+        for r in ready:
+            plan.renames.append(r)
+            pending.remove(r)
+            sources.discard(r.was)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------- apply
+
+
+def _view_io(ptype: PeerType, view: str) -> _ViewIO:
+    spec = next((v for v in ptype.views if v.name == view), None)
+    if spec is None:
+        known = ", ".join(v.name for v in ptype.views) or "(none)"
+        raise ApplyBadRequest(f"unknown view {view!r}: peer type {ptype.name} has {known}")
+    return _ViewIO(ptype, spec)
+
+
+def _delete(state: GxState, io: _ViewIO, row: _Incoming) -> None:
+    view = io.view
+    found = io.read(state.conn, row.key)
+    if found is not None:
+        row_id, current = found
+        ref = (io.table.name, row_id)
+        if ref in state.touched:
+            marks = state.unknown.get(ref, set())
+            for c in view.columns:
+                if c in marks or c in row.unknown:
+                    continue
+                if current[c] != row.values[c]:
+                    raise ApplyConflict(
+                        state.peer,
+                        view.name,
+                        row.key,
+                        c,
+                        current[c],
+                        row.values[c],
+                        f"deleted by one branch while this global transaction changed it ({c!r} is "
+                        f"{current[c]!r} here, the deletion saw {row.values[c]!r})",
+                    )
+        io.write_delete(state.conn, row.key)
+    state.deleted.add((view.name, row.key))
+
+
+def _merge_touched(state: GxState, io: _ViewIO, ref: tuple[str, int], current: Row, row: _Incoming) -> Row:
+    marks = state.unknown.get(ref, set())
+    merged: Row = {}
+    for c in io.view.columns:
+        if c in io.view.key:
+            merged[c] = row.values[c]
+        elif c in row.unknown:
+            merged[c] = current[c]
+        elif c in marks:
+            merged[c] = row.values[c]
+            marks.discard(c)
+        elif current[c] == row.values[c]:
+            merged[c] = current[c]
+        else:
+            raise ApplyConflict(state.peer, io.view.name, row.key, c, current[c], row.values[c])
+    if ref in state.unknown and not marks:
+        del state.unknown[ref]
+    return merged
+
+
+def _upsert(state: GxState, io: _ViewIO, row: _Incoming, is_update: bool) -> None:
+    conn, view = state.conn, io.view
+    found = at = None
+    if row.was is not None:
+        found, at = io.read(conn, row.was), row.was
+        if found is not None and io.read(conn, row.key) is not None:
+            raise ApplyConflict(
+                state.peer,
+                view.name,
+                row.key,
+                None,
+                None,
+                None,
+                f"renaming {list(row.was)!r} to {list(row.key)!r}, but both keys exist here",
+            )
+    if found is None:
+        found, at = io.read(conn, row.key), row.key
+    if found is None:
+        old = row.was if row.was is not None else row.key
+        if (row.was is not None or is_update) and (view.name, old) in state.deleted:
+            raise ApplyConflict(
+                state.peer,
+                view.name,
+                old,
+                None,
+                None,
+                None,
+                "updated by one branch while this global transaction deleted it",
+            )
+        row_id = io.write_insert(conn, row.values)
+        ref = (io.table.name, row_id)
+        marks = set(row.unknown) | io.private
+        if marks:
+            state.unknown[ref] = marks
+        state.touched.add(ref)
+        return
+    assert at is not None
+    row_id, current = found
+    ref = (io.table.name, row_id)
+    if ref in state.touched:
+        merged = _merge_touched(state, io, ref, current, row)
+    else:
+        merged = {c: current[c] if c in row.unknown else row.values[c] for c in view.columns}
+    if merged != current:
+        io.write_update(conn, at, merged)
+    state.touched.add(ref)
+
+
+def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: list[Row]) -> None:
+    """Apply one incoming delta of `view` through the view, with the merge rule (module docstring).
+
+    Raises ApplyBadRequest (nothing changed), ApplyConflict, or a psycopg error (a constraint, a lock timeout);
+    on any error the database and `state` are as before the call.
+    """
+    io = _view_io(state.ptype, view)
+    if not isinstance(insertions, list) or not isinstance(deletions, list):
+        raise ApplyBadRequest(f"{view}: insertions and deletions must be lists of rows")
+    ins = [_parse_row(io, f"insertions[{i}]", r, insertion=True) for i, r in enumerate(insertions)]
+    dels = [_parse_row(io, f"deletions[{i}]", r, insertion=False) for i, r in enumerate(deletions)]
+    plan = _plan(io, ins, dels)
+    conn = state.conn
+    if conn.info.transaction_status != TransactionStatus.INTRANS:
+        raise ApplyError(f"gxid {state.gxid}: apply_delta needs the gxid's open database transaction")
+    current_gxid = conn.execute("SELECT current_setting('dejima.gxid', true)").fetchone()
+    if current_gxid is None or current_gxid[0] != state.gxid:
+        raise ApplyError(f"gxid {state.gxid}: the connection's dejima.gxid is {current_gxid and current_gxid[0]!r}")
+    saved = state.snapshot()
+    conn.execute(sql.SQL("SAVEPOINT {}").format(SAVEPOINT))
+    try:
+        for row in plan.deletes:
+            _delete(state, io, row)
+        for row in plan.renames:
+            _upsert(state, io, row, is_update=True)
+        for row, is_update in plan.upserts:
+            _upsert(state, io, row, is_update)
+    except BaseException:
+        state.restore(saved)
+        if not conn.broken:
+            conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(SAVEPOINT))
+        raise
+    conn.execute(sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT))
+
+
+# ---------------------------------------------------------------------------------------------------- out
+
+
+def outgoing(state: GxState, changes: Iterable[RowChange]) -> dict[str, Delta]:
+    """Wire deltas of captured changes, per view (`ViewDelta`s), annotated with `$unknown` and `$was`.
+
+    Records every changed base row as touched and every key that left a view as deleted.
+    """
+    out: dict[str, Delta] = {}
+    for change in changes:
+        view = state.ptype.view(change.view)
+        ref = (view.table, change.row_id)
+        state.touched.add(ref)
+        delta = out.setdefault(change.view, ViewDelta(change.view, key=view.key))
+        old_key = key_of(change.old, view.key) if change.old is not None else None
+        if change.old is not None:
+            delta.deletions.append(dict(change.old))
+        if change.new is not None:
+            row = dict(change.new)
+            marks = state.unknown.get(ref, set()) & set(view.columns)
+            if marks:
+                row[UNKNOWN] = sorted(marks)
+            if old_key is not None and old_key != key_of(change.new, view.key):
+                row[WAS] = dict(zip(view.key, old_key, strict=True))
+            delta.insertions.append(row)
+        if old_key is not None and (change.new is None or old_key != key_of(change.new, view.key)):
+            state.deleted.add((change.view, old_key))
+    return out
+
+
+def _key_columns(delta: Delta, received: Delta) -> tuple[str, ...] | None:
+    for d in (delta, received):
+        if isinstance(d, ViewDelta) and d.key:
+            return d.key
+    return None
+
+
+def _ident(row: Row, key: tuple[str, ...] | None) -> Key:
+    """A row's identity: its key, or (key unknown) all its column values."""
+    if key is not None:
+        return key_of(row, key)
+    return tuple(sorted((k, repr(v)) for k, v in row.items() if not k.startswith("$")))
+
+
+def _same(a: Row, b: Row) -> bool:
+    values_a = {k: v for k, v in a.items() if not k.startswith("$")}
+    values_b = {k: v for k, v in b.items() if not k.startswith("$")}
+    return values_a == values_b and frozenset(a.get(UNKNOWN, ())) == frozenset(b.get(UNKNOWN, ()))
+
+
+def without_echo(delta: Delta, received: Delta) -> Delta:
+    """What of `delta` the sender of `received` (a delta of the same view) does not already have.
+
+    Drops insertions identical (values and unknown columns) to one it sent, deletions of keys it sent as
+    deletions, and the deletion paired with a dropped insertion (same key, or the insertion's `$was`): that
+    sender already holds the row's new state, and a lone deletion would read as a delete.
+    """
+    key = _key_columns(delta, received)
+    kept: list[Row] = []
+    dropped: set[Key] = set()
+    for row in delta.insertions:
+        if any(_same(row, sent) for sent in received.insertions):
+            dropped.add(_ident(row, key))
+            was = row.get(WAS)
+            if key is not None and isinstance(was, dict) and set(was) == set(key):
+                dropped.add(key_of(was, key))
+        else:
+            kept.append(row)
+    sent_deleted = {_ident(row, key) for row in received.deletions}
+    deletions = [row for row in delta.deletions if _ident(row, key) not in sent_deleted | dropped]
+    return ViewDelta(delta.view, kept, deletions, key=key or ())

@@ -1,0 +1,151 @@
+"""The peer's settings, read from the environment once and validated (docs/settings.md lists every one).
+
+A bad value raises `ConfigError` naming the setting; the peer refuses to start (and `manage.py check` reports it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+DEFAULT_SQL_ROOT = Path(__file__).resolve().parents[2] / "sql_triggers"
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {message}")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    peer_type: str
+    mode: str  # "peer" | "client"
+    name: str
+    url: str  # advertised URL other peers use to reach this one
+    database_url: str
+    sql_root: Path
+    seeds: dict[str, tuple[str, ...]]  # view -> seed peer URLs ("*" = every view)
+    peer_timeout: float  # seconds, every call to another peer
+    txn_timeout: float  # seconds, a whole global transaction
+    lock_timeout_ms: int
+    statement_timeout_ms: int
+    max_body_bytes: int
+    discovery_interval: float
+    discovery_max_backoff: float
+    recovery_interval: float
+    commit_wait: str  # "all": answer after COMMIT PREPARED everywhere; "decision": once the decision is durable
+    pool_size: int
+    peer_url_for_client: str = ""  # client mode: the peer service this client talks to
+    fault_point: str = ""  # test-only: crash the process at this step of the commit protocol
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
+    value = env.get(name, "").strip()
+    if value:
+        return value
+    if default is None:
+        raise ConfigError(name, "is required")
+    return default
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = _get(env, name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not a number") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"{value} is outside {low}..{high}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = _get(env, name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"{value} is outside {low}..{high}")
+    return value
+
+
+def _http_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, f"{raw!r} is not an http(s) URL")
+    try:
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} has a bad port") from None
+    return raw.rstrip("/")
+
+
+def parse_seeds(name: str, raw: str) -> dict[str, tuple[str, ...]]:
+    """`view=url,url;view2=url` or plain `url,url` (seeds for every view)."""
+    seeds: dict[str, tuple[str, ...]] = {}
+    for part in filter(None, (p.strip() for p in raw.split(";"))):
+        view, sep, urls = part.partition("=")
+        if not sep:
+            view, urls = "*", part
+        view = view.strip()
+        if view != "*" and not re.match(r"^[a-z_][a-z0-9_]*$", view):
+            raise ConfigError(name, f"{view!r} is not a view name")
+        seeds[view] = seeds.get(view, ()) + tuple(_http_url(name, u.strip()) for u in urls.split(",") if u.strip())
+    return seeds
+
+
+def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
+    env = os.environ if env is None else env
+    sql_root = Path(_get(env, "DEJIMA_SQL_ROOT", str(DEFAULT_SQL_ROOT)))
+    if not sql_root.is_dir():
+        raise ConfigError("DEJIMA_SQL_ROOT", f"{sql_root} is not a folder")
+    peer_type = _get(env, "PEER_TYPE")
+    if not (sql_root / peer_type / "manifest.toml").is_file():
+        known = sorted(p.name for p in sql_root.iterdir() if (p / "manifest.toml").is_file())
+        raise ConfigError("PEER_TYPE", f"unknown peer type {peer_type!r}; known: {', '.join(known)}")
+    mode = _get(env, "PEER_MODE", "peer")
+    if mode not in ("peer", "client"):
+        raise ConfigError("PEER_MODE", f"{mode!r} must be 'peer' or 'client'")
+    name = _get(env, "DEJIMA_PEER_NAME", peer_type)
+    if not PEER_NAME_RE.match(name):
+        raise ConfigError("DEJIMA_PEER_NAME", f"{name!r}: use lower-case letters, digits, - and _ (at most 40)")
+    database_url = _get(env, "DEJIMA_DATABASE_URL")
+    if urlsplit(database_url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("DEJIMA_DATABASE_URL", "must be a postgresql:// URL")
+    commit_wait = _get(env, "DEJIMA_COMMIT_WAIT", "all")
+    if commit_wait not in ("all", "decision"):
+        raise ConfigError("DEJIMA_COMMIT_WAIT", f"{commit_wait!r} must be 'all' or 'decision'")
+    peer_timeout = _float(env, "DEJIMA_PEER_TIMEOUT", 5.0, 0.05, 300.0)
+    return PeerConfig(
+        peer_type=peer_type,
+        mode=mode,
+        name=name,
+        url=_http_url("DEJIMA_URL", _get(env, "DEJIMA_URL", "http://127.0.0.1:8000")),
+        database_url=database_url,
+        sql_root=sql_root,
+        seeds=parse_seeds("DEJIMA_SEEDS", env.get("DEJIMA_SEEDS", "")),
+        peer_timeout=peer_timeout,
+        txn_timeout=_float(env, "DEJIMA_TXN_TIMEOUT", 10.0, 0.1, 600.0),
+        lock_timeout_ms=_int(env, "DEJIMA_LOCK_TIMEOUT_MS", 2000, 1, 600_000),
+        statement_timeout_ms=_int(env, "DEJIMA_STATEMENT_TIMEOUT_MS", 10_000, 1, 3_600_000),
+        max_body_bytes=_int(env, "DEJIMA_MAX_BODY_BYTES", 1_048_576, 1024, 1_073_741_824),
+        discovery_interval=_float(env, "DEJIMA_DISCOVERY_INTERVAL", 1.0, 0.05, 3600.0),
+        discovery_max_backoff=_float(env, "DEJIMA_DISCOVERY_MAX_BACKOFF", 15.0, 0.1, 3600.0),
+        recovery_interval=_float(env, "DEJIMA_RECOVERY_INTERVAL", 5.0, 0.1, 3600.0),
+        commit_wait=commit_wait,
+        pool_size=_int(env, "DEJIMA_POOL_SIZE", 20, 2, 500),
+        peer_url_for_client=(
+            _http_url("DEJIMA_PEER_URL", env["DEJIMA_PEER_URL"]) if env.get("DEJIMA_PEER_URL", "").strip() else ""
+        ),
+        fault_point=env.get("DEJIMA_FAULT_POINT", "").strip(),
+    )

@@ -1,0 +1,642 @@
+"""The commit protocol, top to bottom (DESIGN.md "The write path").
+
+Origin (`run`): allocate a gxid; open one database transaction, set the gxid, run the client's statements; read
+the deltas the capture triggers recorded; send `propagate` for every changed view to every other member of its
+group, in parallel, with a deadline; when every branch said yes, `prepare` every peer reached; record the decision
+(the origin's own COMMIT with a row in `dejima.decisions` is the commit point); `finish(commit)` everywhere.
+Any no, error or timeout: roll back everywhere (`finish(abort)`); the client hears "committed" only after the
+decision is durable.
+
+Participant (`on_propagate`): apply the delta through its view (putback, with the order-independent merge of
+`peer.dejima.apply`) inside the one transaction it keeps for that gxid; forward what this changed on its views to
+their members (never echoing back to the sender what the sender already has); answer with its vote and every
+peer its branch reached. A second arrival of the same gxid applies in the same transaction; when it changes
+nothing, nothing is forwarded: that is how cycles and diamonds terminate.
+
+Conflicts (wait-die): a participant that cannot get a row lock quickly waits only if it is the oldest open global
+transaction at this peer (gxids carry their origin's start time), otherwise it gives up with a conflict: no cycle
+of waits can form, so exactly one of two conflicting writes commits and the other gets a retryable 409.
+
+Recovery (`recover_once`, at start and periodically): every prepared transaction of this peer whose origin is not
+finishing it asks the origin for the decision; an origin without a decision row for a gxid it no longer runs
+answers abort (presumed abort).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerr
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from peer.dejima.apply import ApplyBadRequest, ApplyConflict, GxState, apply_delta, outgoing, without_echo
+from peer.dejima.config import PeerConfig
+from peer.dejima.delta import Delta, take_changes
+from peer.dejima.directory import Directory
+from peer.dejima.manifest import PeerType
+from peer.dejima.messages import (
+    Ack,
+    DecisionQuery,
+    DecisionReply,
+    Finish,
+    Prepare,
+    Propagate,
+    PropagateReply,
+)
+from peer.dejima.transport import CallResult, Transport
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    "conflict": 409,
+    "constraint": 422,
+    "bad_request": 400,
+    "refused": 403,
+    "unreachable": 503,
+    "timeout": 504,
+    "internal": 500,
+}
+APPLY_LOCK_WAIT_MS = 100  # a participant re-decides wait-or-die this often while a row is locked
+TOMBSTONE_SECONDS = 600.0
+
+
+class GlobalTxnError(Exception):
+    """A global transaction did not commit; `kind` says why (see HTTP_STATUS), the message says where."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS.get(self.kind, 500)
+
+
+def classify(exc: BaseException) -> str:
+    """The error kind of a database error."""
+    if isinstance(exc, pgerr.LockNotAvailable | pgerr.DeadlockDetected | pgerr.SerializationFailure):
+        return "conflict"
+    if isinstance(exc, pgerr.QueryCanceled):
+        return "timeout"
+    if isinstance(exc, psycopg.errors.IntegrityError):
+        return "constraint"
+    if isinstance(exc, psycopg.errors.ProgrammingError | psycopg.errors.DataError):
+        return "bad_request"
+    return "internal"
+
+
+def gxid_order(gxid: str) -> tuple[int, str]:
+    """gxid = <origin>.<start time ns, hex>.<random>: older first, ties by name."""
+    parts = gxid.split(".")
+    try:
+        return int(parts[1], 16), gxid
+    except (IndexError, ValueError):
+        return 2**63, gxid
+
+
+def gxid_origin(gxid: str) -> str:
+    return gxid.split(".", 1)[0]
+
+
+@dataclass
+class Gx:
+    """One global transaction as this peer sees it."""
+
+    gxid: str
+    origin: str
+    deadline: float  # time.monotonic()
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    conn: psycopg.Connection[Any] | None = None
+    state: GxState | None = None
+    phase: str = "open"  # open | prepared | committed | aborted
+    replies: dict[str, PropagateReply] = field(default_factory=dict)
+    reached: set[str] = field(default_factory=set)
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return gxid_order(self.gxid)
+
+
+@dataclass
+class FanOut:
+    ok: bool
+    reached: set[str]
+    error: str = ""
+    error_kind: str = ""
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: PeerConfig,
+        ptype: PeerType,
+        pool: ConnectionPool[Any],
+        directory: Directory,
+        transport: Transport,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.ptype = ptype
+        self.pool = pool
+        self.directory = directory
+        self.transport = transport
+        self.gxs: dict[str, Gx] = {}
+        self.tombstones: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.pending_finish: dict[str, set[str]] = {}  # gxid -> participants still to be told "commit"
+        self.stats = {"committed": 0, "aborted": 0, "propagate_sent": 0, "propagate_received": 0}
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    def fault(self, step: str) -> None:
+        """Test-only fault point: crash right here (DEJIMA_FAULT_POINT=<step>)."""
+        if self.config.fault_point == step:
+            log.error("fault point %s reached: killing the process", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def new_gxid(self) -> str:
+        return f"{self.name}.{time.time_ns():x}.{secrets.token_hex(4)}"
+
+    def gid(self, gxid: str, participant: str | None = None) -> str:
+        """Prepared-transaction id: unique per PostgreSQL cluster (several peers may share one locally)."""
+        return f"dejima:{gxid}:{participant or self.name}"
+
+    def _open(self, gx: Gx) -> None:
+        """Start the gxid's database transaction (caller holds gx.lock)."""
+        if gx.conn is not None:
+            return
+        remaining = max(0.1, gx.deadline - time.monotonic())
+        try:
+            conn = self.pool.getconn(timeout=remaining)
+        except PoolTimeout as exc:
+            raise GlobalTxnError("timeout", f"{self.name}: no database connection free ({exc})") from None
+        try:
+            conn.execute("BEGIN")
+            conn.execute(
+                "SELECT set_config('dejima.gxid', %s, true), set_config('lock_timeout', %s, true),"
+                " set_config('statement_timeout', %s, true)",
+                (gx.gxid, f"{self.config.lock_timeout_ms}ms", f"{self.config.statement_timeout_ms}ms"),
+            )
+        except psycopg.Error:
+            self.pool.putconn(conn)
+            raise
+        gx.conn = conn
+        gx.state = GxState(gxid=gx.gxid, ptype=self.ptype, conn=conn, peer=self.name)
+
+    def _release(self, gx: Gx, statement: str | None) -> None:
+        """End the gxid's database transaction with `statement` (ROLLBACK, COMMIT, …) and free the connection."""
+        conn, gx.conn = gx.conn, None
+        if conn is None:
+            return
+        try:
+            if statement is not None and not conn.closed:
+                conn.execute(statement)
+        finally:
+            self.pool.putconn(conn)
+
+    def _get_or_create(self, gxid: str, origin: str, timeout_s: float) -> Gx:
+        with self.lock:
+            gx = self.gxs.get(gxid)
+            if gx is None:
+                gx = Gx(gxid, origin, time.monotonic() + timeout_s)
+                self.gxs[gxid] = gx
+            return gx
+
+    def _forget(self, gx: Gx, aborted: bool) -> None:
+        with self.lock:
+            self.gxs.pop(gx.gxid, None)
+            if aborted:
+                self.tombstones[gx.gxid] = time.monotonic() + TOMBSTONE_SECONDS
+
+    def _older_open(self, gx: Gx) -> bool:
+        with self.lock:
+            return any(o.phase == "open" and o.order < gx.order for o in self.gxs.values() if o is not gx)
+
+    # ---- origin ---------------------------------------------------------------------------------------------
+    def run(self, statements: list[str]) -> dict[str, Any]:
+        """Run statements here as one global transaction. Returns the outcome or raises GlobalTxnError."""
+        gxid = self.new_gxid()
+        gx = self._get_or_create(gxid, self.name, self.config.txn_timeout)
+        started = time.monotonic()
+        participants: set[str] = set()
+        try:
+            with gx.lock:
+                self._open(gx)
+                assert gx.conn is not None and gx.state is not None
+                for statement in statements:
+                    try:
+                        gx.conn.execute(statement.encode())
+                    except psycopg.Error as exc:
+                        raise GlobalTxnError(classify(exc), f"{self.name}: {exc}".strip()) from None
+                deltas = outgoing(gx.state, take_changes(gx.conn, gxid))
+            if not deltas:
+                with gx.lock:
+                    self._release(gx, "COMMIT")
+                    gx.phase = "committed"
+                self.stats["committed"] += 1
+                return {"status": "committed", "gxid": gxid, "participants": [], "ms": _ms(started)}
+            fan = self._fan_out(gx, deltas, received=None)
+            participants = fan.reached - {self.name}
+            if not fan.ok:
+                raise GlobalTxnError(fan.error_kind or "internal", fan.error)
+            self.fault("origin_before_prepare")
+            self._prepare_all(gx, sorted(participants))
+            self.fault("origin_before_decision")
+            with gx.lock:
+                assert gx.conn is not None
+                gx.conn.execute(
+                    "INSERT INTO dejima.decisions (gxid, participants) VALUES (%s, %s)", (gxid, sorted(participants))
+                )
+                self._release(gx, "COMMIT")  # the commit point
+                gx.phase = "committed"
+            self.stats["committed"] += 1
+            self.fault("origin_after_decision")
+            if self.config.commit_wait == "all":
+                self._finish_commit(gxid, participants)
+            else:
+                self.transport.pool.submit(self._finish_commit, gxid, participants)
+            return {"status": "committed", "gxid": gxid, "participants": sorted(participants), "ms": _ms(started)}
+        except GlobalTxnError:
+            self._abort(gx, participants)
+            raise
+        except Exception as exc:
+            log.exception("gxid %s failed", gxid)
+            self._abort(gx, participants)
+            raise GlobalTxnError("internal", f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._forget(gx, aborted=gx.phase != "committed")
+
+    def _prepare_all(self, gx: Gx, participants: list[str]) -> None:
+        calls = []
+        for name in participants:
+            url = self.directory.url_of(name)
+            if url is None:
+                raise GlobalTxnError("unreachable", f"{self.name}: no address known for participant {name}")
+            calls.append((url, Prepare(gx.gxid, self.name)))
+        results = self.transport.call_many(calls, self._remaining(gx))
+        for name, result in zip(participants, results, strict=True):
+            if not (result.ok and isinstance(result.message, Ack) and result.message.ok):
+                detail = result.message.error if isinstance(result.message, Ack) else result.error
+                kind = (
+                    result.message.error_kind if isinstance(result.message, Ack) else result.error_kind
+                ) or "internal"
+                raise GlobalTxnError(kind, f"prepare failed at {name}: {detail}")
+
+    def _finish_commit(self, gxid: str, participants: Iterable[str]) -> None:
+        left = self._send_finish(gxid, "commit", participants)
+        if left:
+            log.warning("gxid %s: commit not yet confirmed by %s; recovery will finish it", gxid, ", ".join(left))
+            with self.lock:
+                self.pending_finish[gxid] = set(left)
+
+    def _send_finish(self, gxid: str, decision: str, participants: Iterable[str]) -> list[str]:
+        """Tell participants the decision; returns those that did not confirm."""
+        names = [p for p in sorted(participants) if p != self.name]
+        calls, asked = [], []
+        for name in names:
+            url = self.directory.url_of(name)
+            if url is not None:
+                calls.append((url, Finish(gxid, self.name, decision)))
+                asked.append(name)
+        results = self.transport.call_many(calls, self.config.peer_timeout) if calls else []
+        left = [n for n in names if n not in asked]
+        for name, result in zip(asked, results, strict=True):
+            if not (result.ok and isinstance(result.message, Ack) and result.message.ok):
+                left.append(name)
+        return left
+
+    def _abort(self, gx: Gx, participants: set[str]) -> None:
+        with gx.lock:
+            if gx.phase == "committed":
+                return
+            try:
+                self._release(gx, "ROLLBACK")
+            except psycopg.Error as exc:
+                log.warning("gxid %s: rollback failed: %s", gx.gxid, exc)
+            gx.phase = "aborted"
+        self.stats["aborted"] += 1
+        told = participants | gx.reached
+        if told:
+            self._send_finish(gx.gxid, "abort", told)
+
+    def _remaining(self, gx: Gx) -> float:
+        return max(0.05, min(self.config.peer_timeout, gx.deadline - time.monotonic()))
+
+    # ---- propagation (origin and participants) --------------------------------------------------------------
+    def _fan_out(self, gx: Gx, deltas: dict[str, Delta], received: tuple[str, Delta] | None) -> FanOut:
+        """Send each changed view's delta to the other members of its group, in parallel; gather the votes."""
+        targets: list[tuple[str, str, Propagate]] = []
+        timeout = self._remaining(gx)
+        for view, delta in deltas.items():
+            self._check_members_known(view)
+            for member in self.directory.members(view):
+                if member == self.name:
+                    continue
+                out = delta
+                if received is not None and member == received[0] and view == received[1].view:
+                    out = without_echo(delta, received[1])
+                if out.is_empty():
+                    continue
+                url = self.directory.url_of(member)
+                if url is None:
+                    return FanOut(False, set(), f"{self.name}: no address known for {member}", "unreachable")
+                msg = Propagate(
+                    gx.gxid, gx.origin, self.name, view, out.insertions, out.deletions, max(1, int(timeout * 1000))
+                )
+                targets.append((member, url, msg))
+        if not targets:
+            return FanOut(True, {self.name})
+        self.stats["propagate_sent"] += len(targets)
+        results = self.transport.call_many([(url, msg) for _, url, msg in targets], timeout)
+        return self._gather(gx, [t[0] for t in targets], results)
+
+    def _gather(self, gx: Gx, members: list[str], results: list[CallResult]) -> FanOut:
+        reached = {self.name}
+        errors: list[tuple[str, str]] = []
+        for member, result in zip(members, results, strict=True):
+            reply = result.message if isinstance(result.message, PropagateReply) else None
+            if reply is not None:
+                reached.update(reply.reached)
+            reached.add(member)  # it may hold an open transaction even when it failed
+            if reply is not None and reply.vote == "yes" and result.ok:
+                continue
+            if reply is not None and reply.error:
+                errors.append((reply.error_kind or "internal", reply.error))
+            else:
+                errors.append((result.error_kind or "internal", f"{member}: {result.error}"))
+        gx.reached.update(reached)
+        if not errors:
+            return FanOut(True, reached)
+        # the most telling reason first: a conflict is retryable, so it wins over its consequences
+        rank = ["conflict", "constraint", "bad_request", "refused", "unreachable", "timeout", "internal"]
+        errors.sort(key=lambda e: rank.index(e[0]) if e[0] in rank else len(rank))
+        return FanOut(False, reached, "; ".join(e[1] for e in errors), errors[0][0])
+
+    def _check_members_known(self, view: str) -> None:
+        """Atomicity over availability: every member peer type of the view must be known before we write it."""
+        spec = self.ptype.view(view)
+        present = {self.ptype.name}
+        with self.directory.lock:
+            for peer in self.directory.peers.values():
+                if view in peer.catalog and view not in peer.incompatible:
+                    present.add(peer.peer_type)
+        missing = sorted(set(spec.members) - present)
+        if missing:
+            raise GlobalTxnError(
+                "unreachable", f"{self.name}: no peer of type {', '.join(missing)} is known yet for {view}"
+            )
+
+    def on_propagate(self, msg: Propagate) -> PropagateReply:
+        """Apply a delta received from another peer, forward what it changed, vote."""
+        self.stats["propagate_received"] += 1
+
+        def no(kind: str, error: str, reached: Iterable[str] = ()) -> PropagateReply:
+            return PropagateReply(msg.gxid, self.name, "no", sorted({self.name, *reached}), error, kind)
+
+        if msg.gxid in self.tombstones:
+            return no("refused", f"{self.name}: global transaction {msg.gxid} was already aborted here")
+        if msg.view not in self.directory.my_views:
+            return no("bad_request", f"{self.name}: unknown view {msg.view!r}")
+        if msg.sender not in self.directory.members(msg.view):
+            return no("refused", f"{self.name}: {msg.sender!r} is not a member of {msg.view}'s group")
+        if gxid_origin(msg.gxid) != msg.origin:
+            return no("bad_request", f"{self.name}: gxid {msg.gxid!r} does not belong to origin {msg.origin!r}")
+        gx = self._get_or_create(msg.gxid, msg.origin, msg.timeout_ms / 1000)
+        if msg.message_id in gx.replies:
+            return gx.replies[msg.message_id]
+        received = Delta(msg.view, msg.insertions, msg.deletions)
+        try:
+            with gx.lock:
+                if gx.phase != "open":
+                    return no("refused", f"{self.name}: global transaction {msg.gxid} is {gx.phase} here")
+                self._open(gx)
+                self._apply_wait_die(gx, msg)
+                assert gx.conn is not None and gx.state is not None
+                deltas = outgoing(gx.state, take_changes(gx.conn, gx.gxid))
+        except (ApplyConflict, ApplyBadRequest, psycopg.Error, GlobalTxnError) as exc:
+            kind = (
+                "conflict"
+                if isinstance(exc, ApplyConflict)
+                else "bad_request"
+                if isinstance(exc, ApplyBadRequest)
+                else exc.kind
+                if isinstance(exc, GlobalTxnError)
+                else classify(exc)
+            )
+            log.info("gxid %s: %s voting no: %s", msg.gxid, self.name, exc)
+            self._local_abort(gx)
+            text = str(exc).strip()
+            return no(kind, text if text.startswith(f"{self.name}:") else f"{self.name}: {text}")
+        fan = self._fan_out(gx, deltas, received=(msg.sender, received))
+        reply = PropagateReply(
+            msg.gxid, self.name, "yes" if fan.ok else "no", sorted(fan.reached | {self.name}), fan.error, fan.error_kind
+        )
+        gx.replies[msg.message_id] = reply
+        return reply
+
+    def _apply_wait_die(self, gx: Gx, msg: Propagate) -> None:
+        assert gx.conn is not None and gx.state is not None
+        conn, state = gx.conn, gx.state
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{APPLY_LOCK_WAIT_MS}ms")))
+        try:
+            while True:
+                saved = (copy.deepcopy(state.unknown), set(state.touched), set(state.deleted))
+                conn.execute("SAVEPOINT dejima_apply")
+                try:
+                    apply_delta(state, msg.view, msg.insertions, msg.deletions)
+                    conn.execute("RELEASE SAVEPOINT dejima_apply")
+                    return
+                except pgerr.LockNotAvailable:
+                    conn.execute("ROLLBACK TO SAVEPOINT dejima_apply")
+                    state.unknown, state.touched, state.deleted = saved
+                    if self._older_open(gx):
+                        raise GlobalTxnError(
+                            "conflict", f"{self.name}: {msg.view} rows are locked by an older global transaction"
+                        ) from None
+                    if time.monotonic() > gx.deadline:
+                        raise GlobalTxnError("timeout", f"{self.name}: {msg.view} rows stayed locked") from None
+        finally:
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.config.lock_timeout_ms}ms")))
+
+    def _local_abort(self, gx: Gx) -> None:
+        with gx.lock:
+            if gx.phase in ("open",):
+                try:
+                    self._release(gx, "ROLLBACK")
+                except psycopg.Error as exc:
+                    log.warning("gxid %s: rollback failed: %s", gx.gxid, exc)
+                gx.phase = "aborted"
+        if gx.origin != self.name:
+            self._forget(gx, aborted=True)
+
+    # ---- participant: prepare and finish --------------------------------------------------------------------
+    def on_prepare(self, msg: Prepare) -> Ack:
+        gx = self.gxs.get(msg.gxid)
+        if gx is None:
+            if self._prepared_here(msg.gxid):
+                return Ack(msg.gxid, self.name, True)
+            return Ack(msg.gxid, self.name, False, f"{self.name}: unknown global transaction {msg.gxid}", "refused")
+        with gx.lock:
+            if gx.phase == "prepared":
+                return Ack(msg.gxid, self.name, True)
+            if gx.phase != "open" or gx.conn is None:
+                return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} is {gx.phase}", "refused")
+            try:
+                self._release(
+                    gx, sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(self.gid(msg.gxid))).as_string(None)
+                )
+            except psycopg.Error as exc:
+                gx.phase = "aborted"
+                return Ack(msg.gxid, self.name, False, f"{self.name}: prepare failed: {exc}", classify(exc))
+            gx.phase = "prepared"
+        self.fault("participant_after_prepare")
+        return Ack(msg.gxid, self.name, True)
+
+    def on_finish(self, msg: Finish) -> Ack:
+        gx = self.gxs.get(msg.gxid)
+        if msg.decision == "abort":
+            if gx is not None:
+                self._local_abort(gx)
+            with self.lock:
+                self.tombstones[msg.gxid] = time.monotonic() + TOMBSTONE_SECONDS
+            ok = self._finish_prepared(msg.gxid, "ROLLBACK PREPARED")
+        else:
+            self.fault("participant_before_commit")
+            ok = self._finish_prepared(msg.gxid, "COMMIT PREPARED")
+        if gx is not None and ok:
+            gx.phase = "committed" if msg.decision == "commit" else "aborted"
+            self._forget(gx, aborted=msg.decision == "abort")
+        if not ok:
+            return Ack(msg.gxid, self.name, False, f"{self.name}: could not {msg.decision} {msg.gxid}", "internal")
+        return Ack(msg.gxid, self.name, True)
+
+    def _prepared_here(self, gxid: str) -> bool:
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (self.gid(gxid),)).fetchone()
+        return row is not None
+
+    def _finish_prepared(self, gxid: str, statement: str) -> bool:
+        """COMMIT/ROLLBACK PREPARED if it is still prepared here; idempotent."""
+        gid = self.gid(gxid)
+        try:
+            with self.pool.connection() as conn:
+                if conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,)).fetchone() is None:
+                    return True
+                conn.execute(sql.SQL("{} {}").format(sql.SQL(statement), sql.Literal(gid)))
+        except psycopg.errors.UndefinedObject:
+            return True  # finished concurrently
+        except psycopg.Error as exc:
+            log.warning("gxid %s: %s failed: %s", gxid, statement, exc)
+            return False
+        log.info("gxid %s: %s", gxid, statement.lower())
+        return True
+
+    # ---- decisions and recovery -----------------------------------------------------------------------------
+    def on_decision_query(self, msg: DecisionQuery) -> DecisionReply:
+        gx = self.gxs.get(msg.gxid)
+        if gx is not None and gx.phase == "open":
+            return DecisionReply(msg.gxid, "pending")
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT 1 FROM dejima.decisions WHERE gxid = %s", (msg.gxid,)).fetchone()
+        if row is not None:
+            return DecisionReply(msg.gxid, "commit")
+        gx = self.gxs.get(msg.gxid)
+        if gx is not None and gx.phase == "open":
+            return DecisionReply(msg.gxid, "pending")
+        return DecisionReply(msg.gxid, "abort")  # presumed abort
+
+    def recover_once(self, min_age_s: float | None = None) -> dict[str, int]:
+        """Finish prepared transactions left without their decision; retry unconfirmed commits as origin."""
+        counts = {"committed": 0, "aborted": 0, "waiting": 0}
+        min_age = self.config.txn_timeout if min_age_s is None else min_age_s
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT gid, extract(epoch FROM now() - prepared) FROM pg_prepared_xacts"
+                " WHERE database = current_database() AND gid LIKE %s",
+                (f"dejima:%:{self.name}",),
+            ).fetchall()
+        for gid, age in rows:
+            gxid = gid.split(":")[1]
+            gx = self.gxs.get(gxid)
+            if gx is not None and float(age) < min_age:
+                continue  # its origin is finishing it right now
+            outcome = self._ask_origin(gxid)
+            if outcome == "commit" and self._finish_prepared(gxid, "COMMIT PREPARED"):
+                counts["committed"] += 1
+            elif outcome == "abort" and self._finish_prepared(gxid, "ROLLBACK PREPARED"):
+                counts["aborted"] += 1
+            else:
+                counts["waiting"] += 1
+                continue
+            if gx is not None:
+                self._forget(gx, aborted=outcome == "abort")
+        with self.lock:
+            pending = dict(self.pending_finish)
+        for gxid, names in pending.items():
+            left = self._send_finish(gxid, "commit", names)
+            with self.lock:
+                if left:
+                    self.pending_finish[gxid] = set(left)
+                else:
+                    self.pending_finish.pop(gxid, None)
+        self._janitor()
+        return counts
+
+    def _ask_origin(self, gxid: str) -> str:
+        origin = gxid_origin(gxid)
+        if origin == self.name:
+            return self.on_decision_query(DecisionQuery(gxid, self.name)).outcome
+        url = self.directory.url_of(origin)
+        if url is None:
+            return "pending"
+        result = self.transport.call(url, DecisionQuery(gxid, self.name), self.config.peer_timeout)
+        if result.ok and isinstance(result.message, DecisionReply):
+            return result.message.outcome
+        return "pending"
+
+    def _janitor(self) -> None:
+        """Roll back open participant transactions whose deadline passed (their origin has given up)."""
+        now = time.monotonic()
+        with self.lock:
+            stale = [
+                g for g in self.gxs.values() if g.phase == "open" and g.origin != self.name and g.deadline + 1 < now
+            ]
+            self.tombstones = {k: t for k, t in self.tombstones.items() if t > now}
+        for gx in stale:
+            log.warning("gxid %s: origin %s went silent; rolling back", gx.gxid, gx.origin)
+            self._local_abort(gx)
+
+    def run_recovery(self, stopped: threading.Event) -> None:
+        """The recovery loop (a daemon thread): once at start for everything, then periodically."""
+        first = True
+        while not stopped.is_set():
+            try:
+                counts = self.recover_once(min_age_s=0.0 if first else None)
+                if any(counts.values()):
+                    log.info("recovery: %s", counts)
+                first = False
+            except Exception:  # the loop must survive anything; the cause is logged
+                log.exception("recovery cycle failed")
+            stopped.wait(self.config.recovery_interval)
+
+    def prepared_transactions(self) -> list[dict[str, Any]]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT gid, prepared::text FROM pg_prepared_xacts WHERE database = current_database()"
+            ).fetchall()
+        return [{"gid": gid, "prepared": at} for gid, at in rows]
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 3)

@@ -1,0 +1,198 @@
+"""The wire format between peers: JSON, versioned, every message a typed dataclass in this one module.
+
+Envelope: `{"protocol": "dejima/1", "kind": <kind>, "body": {...}, "signature": null}`. The signature field is the
+seam for authenticated peers (filled and checked by `peer.dejima.transport`, not here).
+
+View rows on the wire are JSON objects of the view's columns, plus two optional markers whose names can never be
+column names (manifest names are `[a-z_][a-z0-9_]*`):
+- `"$unknown": ["address", …]` — columns whose value the sender's putback invented (a default), not known;
+- `"$was": {"first_name": …, "last_name": …}` — on an insertion, the identity key the same row had before
+  (a key change: receivers rename in place).
+A delta keeps the prototype's shape `{view, insertions, deletions}`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal, Self
+
+PROTOCOL = "dejima/1"
+UNKNOWN = "$unknown"
+WAS = "$was"
+
+Row = dict[str, Any]
+Vote = Literal["yes", "no"]
+Outcome = Literal["commit", "abort", "pending"]
+# Why a participant voted no; the origin turns these into HTTP statuses for its client.
+ErrorKind = Literal["conflict", "constraint", "unreachable", "timeout", "bad_request", "refused", "internal"]
+
+
+class MessageError(ValueError):
+    """A message is malformed: wrong protocol, unknown kind, missing or mistyped field."""
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def row_values(row: Row) -> Row:
+    """The column values of a wire row, without markers."""
+    return {k: v for k, v in row.items() if not k.startswith("$")}
+
+
+def row_unknown(row: Row) -> frozenset[str]:
+    return frozenset(row.get(UNKNOWN, ()))
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: ClassVar[str] = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"protocol": PROTOCOL, "kind": self.kind, "body": asdict(self), "signature": None}
+
+    @classmethod
+    def from_body(cls, body: object) -> Self:
+        if not isinstance(body, dict):
+            raise MessageError(f"{cls.kind}: body must be an object")
+        names = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in body and f.default is f.default_factory]
+        unknown = sorted(set(body) - names)
+        if unknown:
+            raise MessageError(f"{cls.kind}: unknown field {unknown[0]!r}")
+        if missing:
+            raise MessageError(f"{cls.kind}: missing field {missing[0]!r}")
+        try:
+            msg = cls(**body)
+        except TypeError as exc:
+            raise MessageError(f"{cls.kind}: {exc}") from None
+        msg.validate()
+        return msg
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"str": str, "int": int, "bool": bool, "list[Row]": list, "list[str]": list}.get(str(f.type))
+            if expected is not None and (
+                not isinstance(value, expected) or isinstance(value, bool) != (expected is bool)
+            ):
+                raise MessageError(f"{self.kind}: field {f.name!r} must be {f.type}")
+
+
+@dataclass(frozen=True)
+class Propagate(Message):
+    """A delta of one dejima view, sent by `sender` within global transaction `gxid` started at `origin`."""
+
+    kind: ClassVar[str] = "propagate"
+    gxid: str
+    origin: str
+    sender: str
+    view: str
+    insertions: list[Row]
+    deletions: list[Row]
+    timeout_ms: int
+    message_id: str = field(default_factory=new_message_id)
+
+    def validate(self) -> None:
+        super().validate()
+        for row in [*self.insertions, *self.deletions]:
+            if not isinstance(row, dict):
+                raise MessageError("propagate: every row must be an object")
+        if self.timeout_ms <= 0:
+            raise MessageError("propagate: timeout_ms must be positive")
+
+
+@dataclass(frozen=True)
+class PropagateReply(Message):
+    """A participant's vote, and every peer its branch of the propagation reached (itself included)."""
+
+    kind: ClassVar[str] = "propagate_reply"
+    gxid: str
+    peer: str
+    vote: Vote
+    reached: list[str]
+    error: str = ""
+    error_kind: str = ""
+    message_id: str = field(default_factory=new_message_id)
+
+
+@dataclass(frozen=True)
+class Prepare(Message):
+    kind: ClassVar[str] = "prepare"
+    gxid: str
+    origin: str
+    message_id: str = field(default_factory=new_message_id)
+
+
+@dataclass(frozen=True)
+class Finish(Message):
+    """The origin's decision for a participant: `commit` (COMMIT PREPARED) or `abort` (roll back, prepared or not)."""
+
+    kind: ClassVar[str] = "finish"
+    gxid: str
+    origin: str
+    decision: str
+    message_id: str = field(default_factory=new_message_id)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.decision not in ("commit", "abort"):
+            raise MessageError("finish: decision must be 'commit' or 'abort'")
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Answer to prepare and finish: ok, or the reason it is not."""
+
+    kind: ClassVar[str] = "ack"
+    gxid: str
+    peer: str
+    ok: bool
+    error: str = ""
+    error_kind: str = ""
+
+
+@dataclass(frozen=True)
+class DecisionQuery(Message):
+    """Recovery: a participant with a prepared transaction asks the origin what was decided."""
+
+    kind: ClassVar[str] = "decision_query"
+    gxid: str
+    asker: str
+
+
+@dataclass(frozen=True)
+class DecisionReply(Message):
+    kind: ClassVar[str] = "decision_reply"
+    gxid: str
+    outcome: str  # commit | abort | pending
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Discovery: who I am, what I share (my catalog), and the peers I know."""
+
+    kind: ClassVar[str] = "hello"
+    peer: str
+    url: str
+    peer_type: str
+    catalog: list[dict[str, Any]]
+    known: list[dict[str, str]]
+
+
+KINDS: dict[str, type[Message]] = {
+    m.kind: m for m in (Propagate, PropagateReply, Prepare, Finish, Ack, DecisionQuery, DecisionReply, Hello)
+}
+
+
+def parse(envelope: object) -> Message:
+    """Parse and validate an envelope into its typed message."""
+    if not isinstance(envelope, dict):
+        raise MessageError("a message must be a JSON object")
+    if envelope.get("protocol") != PROTOCOL:
+        raise MessageError(f"unsupported protocol {envelope.get('protocol')!r}; this peer speaks {PROTOCOL}")
+    kind = envelope.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise MessageError(f"unknown message kind {kind!r}")
+    return KINDS[kind].from_body(envelope.get("body"))

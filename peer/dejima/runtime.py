@@ -1,0 +1,81 @@
+"""The peer process: one per peer (gunicorn gthread, one worker, many threads), so that the database connection
+of every open global transaction lives in one process across several HTTP requests.
+
+`get_runtime()` builds it once: settings, the peer type's SQL installed (idempotent), a connection pool, the
+directory (discovery loop) and the coordinator (recovery loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from peer.dejima.config import PeerConfig, load_config
+from peer.dejima.coordinator import Coordinator
+from peer.dejima.directory import Directory
+from peer.dejima.install import install
+from peer.dejima.manifest import PeerType, load_peer_types
+from peer.dejima.transport import Transport
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_runtime: PeerRuntime | None = None
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.autocommit = True  # the coordinator issues BEGIN / COMMIT / PREPARE TRANSACTION itself
+
+
+class PeerRuntime:
+    def __init__(self, config: PeerConfig, background: bool = True) -> None:
+        self.config = config
+        types = load_peer_types(config.sql_root)
+        self.ptype: PeerType = types[config.peer_type]
+        install(config.database_url, config.peer_type, config.sql_root)
+        self.pool: ConnectionPool[Any] = ConnectionPool(
+            config.database_url,
+            min_size=2,
+            max_size=config.pool_size,
+            configure=_configure,
+            kwargs={"connect_timeout": 5},
+            timeout=config.txn_timeout,
+            name=f"{config.name}-db",
+            open=True,
+        )
+        self.pool.wait(timeout=30)
+        self.transport = Transport(config.name)
+        self.directory = Directory(config, self.ptype, self.pool, self.transport)
+        self.coordinator = Coordinator(config, self.ptype, self.pool, self.directory, self.transport)
+        self.stopped = threading.Event()
+        self.threads: list[threading.Thread] = []
+        if background:
+            self.start_background()
+        log.info("peer %s (%s) ready at %s", config.name, config.peer_type, config.url)
+
+    def start_background(self) -> None:
+        loops = {
+            "discovery": self.directory.run,
+            "recovery": lambda: self.coordinator.run_recovery(self.stopped),
+        }
+        for name, target in loops.items():
+            thread = threading.Thread(target=target, name=f"{self.config.name}-{name}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.directory.stopped.set()
+        self.transport.close()
+        self.pool.close()
+
+
+def get_runtime() -> PeerRuntime:
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = PeerRuntime(load_config())
+        return _runtime

@@ -1,0 +1,216 @@
+"""HTTP endpoints of a peer. Views validate and hand over to the coordinator/directory; they change nothing
+themselves.
+
+| endpoint | method | statuses |
+|---|---|---|
+| /health | GET | 200 ok, 503 database down |
+| /peer/v1/message | POST | 200 typed answer; 400 malformed; 413 too large |
+| /api/v1/status | GET | 200 |
+| /api/v1/groups | GET | 200 |
+| /api/v1/exec | POST {"sql": str or [str]} | 200 committed; 400 bad SQL or input; 409 conflict (Retry-After); |
+| | | 422 constraint; 503 unreachable peer; 504 timeout |
+| /api/v1/query | POST {"sql": str} | 200 {columns, rows}; 400 |
+| /api/v1/views/<view> | GET | 200 {view, columns, rows, digest}; 404 unknown view |
+| /api/v1/prepared | GET | 200 prepared transactions of this peer's database |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import psycopg
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+from psycopg import sql
+
+from peer.dejima.coordinator import GlobalTxnError, classify
+from peer.dejima.messages import (
+    DecisionQuery,
+    Finish,
+    Hello,
+    Message,
+    MessageError,
+    Prepare,
+    Propagate,
+    parse,
+)
+from peer.dejima.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, kind: str = "bad_request", **extra: Any) -> JsonResponse:
+    return JsonResponse({"status": "error", "kind": kind, "error": message, **extra}, status=status)
+
+
+def _json_body(request: HttpRequest) -> Any:
+    """The request body as JSON, within the size limit. Raises ValueError with a clear message."""
+    limit = get_runtime().config.max_body_bytes
+    length = int(request.headers.get("Content-Length") or 0)
+    if length > limit:
+        raise OverflowError(f"body of {length} bytes is larger than the limit of {limit} bytes")
+    body = request.body
+    if len(body) > limit:
+        raise OverflowError(f"body is larger than the limit of {limit} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed JSON: {exc}") from None
+
+
+def _answer(message: Message) -> JsonResponse:
+    return JsonResponse(message.to_json())
+
+
+@require_GET
+def health(request: HttpRequest) -> JsonResponse:
+    rt = get_runtime()
+    try:
+        with rt.pool.connection(timeout=2) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:  # noqa: BLE001  (any failure means unhealthy; say which)
+        return JsonResponse({"status": "unhealthy", "peer": rt.config.name, "error": str(exc)}, status=503)
+    return JsonResponse({"status": "ok", "peer": rt.config.name, "peer_type": rt.config.peer_type})
+
+
+@csrf_exempt
+@require_POST
+def message(request: HttpRequest) -> HttpResponse:
+    """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello)."""
+    rt = get_runtime()
+    try:
+        msg = parse(_json_body(request))
+    except OverflowError as exc:
+        return _error(413, str(exc))
+    except (ValueError, MessageError) as exc:
+        return _error(400, str(exc))
+    coord = rt.coordinator
+    if isinstance(msg, Propagate):
+        return _answer(coord.on_propagate(msg))
+    if isinstance(msg, Prepare):
+        return _answer(coord.on_prepare(msg))
+    if isinstance(msg, Finish):
+        return _answer(coord.on_finish(msg))
+    if isinstance(msg, DecisionQuery):
+        return _answer(coord.on_decision_query(msg))
+    if isinstance(msg, Hello):
+        rt.directory.learn(msg)
+        return _answer(rt.directory.hello())
+    return _error(400, f"{msg.kind} is not a request")
+
+
+@require_GET
+def status(request: HttpRequest) -> JsonResponse:
+    rt = get_runtime()
+    return JsonResponse(
+        {
+            "peer": rt.config.name,
+            "peer_type": rt.config.peer_type,
+            "url": rt.config.url,
+            "views": sorted(rt.directory.my_views),
+            "groups": rt.directory.groups(),
+            "peer_groups": rt.directory.peer_groups(),
+            "peers": [p.summary() for p in rt.directory.peers.values()],
+            "stats": rt.coordinator.stats,
+            "open_transactions": len(rt.coordinator.gxs),
+        }
+    )
+
+
+@require_GET
+def groups(request: HttpRequest) -> JsonResponse:
+    rt = get_runtime()
+    return JsonResponse({"groups": rt.directory.groups(), "peer_groups": rt.directory.peer_groups()})
+
+
+def _statements(body: Any) -> list[str]:
+    if not isinstance(body, dict) or set(body) - {"sql"}:
+        raise ValueError('expected {"sql": "<statements>"} or {"sql": ["<statement>", …]}')
+    stmts = body.get("sql")
+    if isinstance(stmts, str):
+        stmts = [stmts]
+    if not isinstance(stmts, list) or not stmts or not all(isinstance(s, str) and s.strip() for s in stmts):
+        raise ValueError('"sql" must be a non-empty string or list of non-empty strings')
+    return stmts
+
+
+@csrf_exempt
+@require_POST
+def exec_sql(request: HttpRequest) -> JsonResponse:
+    """Run statements at this peer as one global transaction."""
+    rt = get_runtime()
+    try:
+        statements = _statements(_json_body(request))
+    except OverflowError as exc:
+        return _error(413, str(exc))
+    except ValueError as exc:
+        return _error(400, str(exc))
+    try:
+        outcome = rt.coordinator.run(statements)
+    except GlobalTxnError as exc:
+        resp = _error(exc.status, str(exc), exc.kind)
+        if exc.kind == "conflict":
+            resp["Retry-After"] = "1"
+        return resp
+    return JsonResponse(outcome)
+
+
+@csrf_exempt
+@require_POST
+def query(request: HttpRequest) -> JsonResponse:
+    """Run one read-only query at this peer."""
+    rt = get_runtime()
+    try:
+        statements = _statements(_json_body(request))
+    except OverflowError as exc:
+        return _error(413, str(exc))
+    except ValueError as exc:
+        return _error(400, str(exc))
+    if len(statements) != 1:
+        return _error(400, "query takes exactly one statement")
+    try:
+        with rt.pool.connection(timeout=5) as conn, conn.transaction():
+            conn.execute("SET TRANSACTION READ ONLY")
+            conn.execute(
+                sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{rt.config.statement_timeout_ms}ms"))
+            )
+            cur = conn.execute(statements[0].encode())
+            columns = [d.name for d in cur.description or []]
+            rows = [list(r) for r in cur.fetchall()] if cur.description else []
+    except psycopg.Error as exc:
+        kind = classify(exc)
+        return _error(400 if kind in ("bad_request", "internal") else 409, str(exc).strip(), kind)
+    return JsonResponse({"columns": columns, "rows": rows}, json_dumps_params={"default": str})
+
+
+def view_snapshot(view: str) -> dict[str, Any]:
+    """Rows of a dejima view (sorted by key) and an order-independent digest, for `dejima check`."""
+    rt = get_runtime()
+    spec = rt.ptype.view(view)
+    cols = sql.SQL(", ").join(map(sql.Identifier, spec.columns))
+    q = sql.SQL("SELECT jsonb_build_array({}) FROM {} ORDER BY {}").format(
+        cols, sql.Identifier(view), sql.SQL(", ").join(map(sql.Identifier, spec.key))
+    )
+    with rt.pool.connection(timeout=5) as conn:
+        rows = [r[0] for r in conn.execute(q).fetchall()]
+    digest = hashlib.sha256()
+    for line in sorted(json.dumps(r, sort_keys=True) for r in rows):
+        digest.update(line.encode() + b"\n")
+    return {"view": view, "columns": list(spec.columns), "rows": rows, "digest": digest.hexdigest()}
+
+
+@require_GET
+def view_rows(request: HttpRequest, view: str) -> JsonResponse:
+    rt = get_runtime()
+    if view not in rt.directory.my_views:
+        return _error(404, f"unknown view {view!r}; this peer shares {sorted(rt.directory.my_views)}")
+    return JsonResponse(view_snapshot(view))
+
+
+@require_GET
+def prepared(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"prepared": get_runtime().coordinator.prepared_transactions()})

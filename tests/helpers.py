@@ -1,0 +1,194 @@
+"""Small helpers for the integration tests: read views and base tables, put a view, read raw capture records.
+
+Every statement is composed with `psycopg.sql` (identifiers) and placeholders (values); nothing is formatted into
+SQL text.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from peer.dejima.install import COMMON_SQL, SQL_ROOT
+from peer.dejima.manifest import MANIFEST_NAME, PeerType, View, load_peer_types
+from peer.dejima.sqlgen import write_all
+
+Row = dict[str, Any]
+Conn = psycopg.Connection[Any]
+
+# A peer type with a row filter and defaults, for the tests that need them (the shipped types have neither).
+# students rows with university 'Hosei' are outside both views; dejima_grades does not carry university, so an
+# insert through it takes the default 'Keio' (inside the filter).
+SCHOOL_MANIFEST = """\
+peer_type = "school"
+description = "Test peer type: a row filter and defaults."
+
+[tables.students.columns]
+first_name = "text not null"
+last_name = "text not null"
+university = "text not null"
+grade = "integer"
+note = "text not null"
+enrolled = "date"
+credits = "integer"
+
+[views.dejima_students]
+table = "students"
+columns = ["first_name", "last_name", "university", "grade"]
+key = ["first_name", "last_name"]
+members = ["school"]
+filter = [{ column = "university", op = "<>", value = "Hosei" }]
+defaults = { note = "none" }
+
+[views.dejima_grades]
+table = "students"
+columns = ["first_name", "last_name", "grade"]
+key = ["first_name", "last_name"]
+members = ["school"]
+filter = [{ column = "university", op = "<>", value = "Hosei" }]
+defaults = { university = "Keio", note = "none", enrolled = "2020-04-01", credits = 0 }
+"""
+
+
+def make_peer_type_root(root: Path, manifests: Mapping[str, str]) -> Path:
+    """A folder of peer types (name -> manifest text) with common.sql and freshly generated SQL."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SQL_ROOT / COMMON_SQL, root / COMMON_SQL)
+    for name, text in manifests.items():
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        (folder / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    write_all(root)
+    return root
+
+
+def peer_type(name: str, root: Path = SQL_ROOT) -> PeerType:
+    return load_peer_types(root)[name]
+
+
+def _sort_key(row: Mapping[str, Any], columns: Sequence[str]) -> tuple[tuple[bool, str, str], ...]:
+    # Any deterministic total order will do (tests compare sorted lists): NULLs last, then by type and repr.
+    return tuple((row[c] is None, type(row[c]).__name__, repr(row[c])) for c in columns)
+
+
+def sort_rows(rows: Iterable[Mapping[str, Any]], key: Sequence[str]) -> list[Row]:
+    """Rows sorted by `key` (then by all columns, for rows that share a key)."""
+    out = [dict(r) for r in rows]
+    return sorted(out, key=lambda r: (_sort_key(r, key), _sort_key(r, sorted(r))))
+
+
+def view_rows(conn: Conn, view: str, key: Sequence[str] = ("first_name", "last_name")) -> list[Row]:
+    """The rows of a dejima view (or any relation) as dicts, sorted by `key`."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier("public", view)))
+        return sort_rows(cur.fetchall(), key)
+
+
+def base_rows(conn: Conn, table: str) -> list[Row]:
+    """Every row of a base table (all columns, id included), sorted by id."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier("public", table)))
+        return cur.fetchall()
+
+
+def insert_rows(conn: Conn, relation: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    """INSERT each row (a dict of column -> value) into a table or view."""
+    with conn.cursor() as cur:
+        for row in rows:
+            cols = list(row)
+            cur.execute(
+                sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                    sql.Identifier("public", relation),
+                    sql.SQL(", ").join(map(sql.Identifier, cols)),
+                    sql.SQL(", ").join(sql.Placeholder() * len(cols)),
+                ),
+                [row[c] for c in cols],
+            )
+
+
+def _key_of(row: Mapping[str, Any], key: Sequence[str]) -> tuple[Any, ...]:
+    return tuple(row[k] for k in key)
+
+
+def _where_key(key: Sequence[str]) -> sql.Composable:
+    return sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder()) for k in key)
+
+
+def put_view(conn: Conn, view: str, key: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Make `view` equal `rows` with INSERT/UPDATE/DELETE on the view only (its putback triggers do the rest).
+
+    Keys not in `rows` are deleted, rows whose key exists but whose values differ are updated by key, new keys
+    are inserted. Every statement must touch exactly one view row.
+    """
+    target = {_key_of(r, key): dict(r) for r in rows}
+    current = {_key_of(r, key): r for r in view_rows(conn, view, key)}
+    name = sql.Identifier("public", view)
+    with conn.cursor() as cur:
+        for k in current.keys() - target.keys():
+            cur.execute(sql.SQL("DELETE FROM {} WHERE {}").format(name, _where_key(key)), list(k))
+            assert cur.rowcount == 1, f"DELETE of {k!r} from {view} touched {cur.rowcount} rows"
+        for k in current.keys() & target.keys():
+            new = target[k]
+            if new == current[k]:
+                continue
+            cols = list(new)
+            cur.execute(
+                sql.SQL("UPDATE {} SET {} WHERE {}").format(
+                    name,
+                    sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder()) for c in cols),
+                    _where_key(key),
+                ),
+                [new[c] for c in cols] + list(k),
+            )
+            assert cur.rowcount == 1, f"UPDATE of {k!r} in {view} touched {cur.rowcount} rows"
+    insert_rows(conn, view, (target[k] for k in target.keys() - current.keys()))
+
+
+def touch_view(conn: Conn, view: str, columns: Sequence[str]) -> int:
+    """UPDATE every row of the view setting each column to itself (a putback of the current view). Row count."""
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("UPDATE {} SET {}").format(
+                sql.Identifier("public", view),
+                sql.SQL(", ").join(sql.SQL("{0} = {0}").format(sql.Identifier(c)) for c in columns),
+            )
+        )
+        return cur.rowcount
+
+
+def delta_records(conn: Conn, gxid: str | None = None) -> list[Row]:
+    """The raw content of dejima.delta (one gxid, or all), in capture order, without removing it."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        query = sql.SQL("SELECT gxid, view_name, row_id, old_row, new_row FROM dejima.delta {} ORDER BY seq")
+        if gxid is None:
+            cur.execute(query.format(sql.SQL("")))
+        else:
+            cur.execute(query.format(sql.SQL("WHERE gxid = %s")), (gxid,))
+        return cur.fetchall()
+
+
+def to_json_row(row: Mapping[str, Any]) -> Row:
+    """A view row as the capture triggers record it (jsonb: dates as ISO strings)."""
+    return {k: v.isoformat() if isinstance(v, datetime.date) else v for k, v in row.items()}
+
+
+def project(rows: Iterable[Mapping[str, Any]], view: View) -> list[Row]:
+    """What `view` shows of these base rows (no filter applied), sorted by its key."""
+    return sort_rows(({c: r[c] for c in view.columns} for r in rows), view.key)
+
+
+def relations(conn: Conn) -> list[tuple[str, str, str]]:
+    """Every (schema, name, kind) of tables, views, indexes and sequences outside the system schemas."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'"
+        " ORDER BY 1, 2"
+    ).fetchall()
+    return [(str(a), str(b), str(c)) for a, b, c in rows]

@@ -1,0 +1,401 @@
+"""Change capture on real PostgreSQL: the statement triggers record exactly the view delta of what changed."""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors, sql
+
+from peer.dejima.delta import RowChange, set_gxid, take_changes, to_deltas
+from tests.helpers import (
+    SCHOOL_MANIFEST,
+    base_rows,
+    delta_records,
+    insert_rows,
+    make_peer_type_root,
+    view_rows,
+)
+
+pytestmark = pytest.mark.integration
+
+GX = "gx-capture-1"
+JOHN = {
+    "first_name": "John",
+    "last_name": "Doe",
+    "iban": "DE89",
+    "address": "1 Main St",
+    "phone": "555-0100",
+    "risk_factor": 3,
+}
+JOHN_BANK = {"first_name": "John", "last_name": "Doe", "phone": "555-0100", "address": "1 Main St"}
+JOHN_RISK = {"first_name": "John", "last_name": "Doe", "risk_factor": 3}
+
+
+@pytest.fixture
+def bank(peer_db: Callable[..., str]) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(peer_db("bank"), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def school(peer_db: Callable[..., str], tmp_path: Path) -> Iterator[psycopg.Connection[Any]]:
+    root = make_peer_type_root(tmp_path / "types", {"school": SCHOOL_MANIFEST})
+    with psycopg.connect(peer_db("school", root), autocommit=True) as conn:
+        yield conn
+
+
+def john_id(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT id FROM bank_users WHERE first_name = 'John' AND last_name = 'Doe'").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def with_john(conn: psycopg.Connection[Any]) -> int:
+    """John Doe in bank_users, written outside any global transaction (so not captured)."""
+    insert_rows(conn, "bank_users", [JOHN])
+    return john_id(conn)
+
+
+def test_it_records_an_insert_as_an_insertion_into_every_view_of_the_table(bank: psycopg.Connection[Any]) -> None:
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        insert_rows(bank, "bank_users", [JOHN])
+        rid = john_id(bank)
+        raw = delta_records(bank)
+        assert raw == [
+            {"gxid": GX, "view_name": "dejima_bank", "row_id": rid, "old_row": None, "new_row": JOHN_BANK},
+            {"gxid": GX, "view_name": "dejima_risk", "row_id": rid, "old_row": None, "new_row": JOHN_RISK},
+        ]
+        changes = take_changes(bank, GX)
+        assert changes == [
+            RowChange("dejima_bank", rid, None, JOHN_BANK),
+            RowChange("dejima_risk", rid, None, JOHN_RISK),
+        ]
+        deltas = to_deltas(changes)
+        assert deltas["dejima_bank"].insertions == [JOHN_BANK]
+        assert deltas["dejima_bank"].deletions == []
+        assert delta_records(bank) == []  # taken = removed
+
+
+def test_it_records_a_delete_as_a_deletion_from_every_view(bank: psycopg.Connection[Any]) -> None:
+    rid = with_john(bank)
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        bank.execute("DELETE FROM bank_users WHERE id = %s", (rid,))
+        assert [(r["view_name"], r["old_row"], r["new_row"]) for r in delta_records(bank)] == [
+            ("dejima_bank", JOHN_BANK, None),
+            ("dejima_risk", JOHN_RISK, None),
+        ]
+        assert take_changes(bank, GX) == [
+            RowChange("dejima_bank", rid, JOHN_BANK, None),
+            RowChange("dejima_risk", rid, JOHN_RISK, None),
+        ]
+
+
+def test_it_records_an_update_of_a_view_column_only_in_the_views_that_carry_it(bank: psycopg.Connection[Any]) -> None:
+    rid = with_john(bank)
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        bank.execute("UPDATE bank_users SET phone = '555-0200' WHERE id = %s", (rid,))
+        changes = take_changes(bank, GX)
+        assert changes == [RowChange("dejima_bank", rid, JOHN_BANK, {**JOHN_BANK, "phone": "555-0200"})]
+        delta = to_deltas(changes)["dejima_bank"]
+        assert delta.deletions == [JOHN_BANK]
+        assert delta.insertions == [{**JOHN_BANK, "phone": "555-0200"}]
+
+
+def test_it_records_nothing_for_an_update_of_a_private_column(bank: psycopg.Connection[Any]) -> None:
+    rid = with_john(bank)
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        cur = bank.execute("UPDATE bank_users SET iban = 'GB33' WHERE id = %s", (rid,))
+        assert cur.rowcount == 1
+        assert delta_records(bank) == []
+        assert take_changes(bank, GX) == []
+
+
+def test_it_records_nothing_for_a_no_op_update(bank: psycopg.Connection[Any]) -> None:
+    with_john(bank)
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        cur = bank.execute(
+            "UPDATE bank_users SET first_name = first_name, last_name = last_name, phone = phone,"
+            " address = address, risk_factor = risk_factor, iban = iban"
+        )
+        assert cur.rowcount == 1
+        assert delta_records(bank) == []
+        assert take_changes(bank, GX) == []
+
+
+def test_it_records_nothing_for_a_no_op_update_of_nulls(bank: psycopg.Connection[Any]) -> None:
+    insert_rows(bank, "bank_users", [{"first_name": "Nul", "last_name": "Person"}])
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        bank.execute("UPDATE bank_users SET phone = NULL, address = NULL, risk_factor = NULL")
+        assert delta_records(bank) == []
+
+
+def test_it_folds_an_insert_and_two_updates_into_one_insertion_with_the_final_values(
+    bank: psycopg.Connection[Any],
+) -> None:
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        insert_rows(bank, "bank_users", [JOHN])
+        rid = john_id(bank)
+        bank.execute("UPDATE bank_users SET phone = '555-0200' WHERE id = %s", (rid,))
+        bank.execute("UPDATE bank_users SET address = '9 Side St', risk_factor = 7 WHERE id = %s", (rid,))
+        assert len(delta_records(bank)) == 5  # 2 (insert) + 1 (phone) + 2 (address in bank, risk in risk)
+        changes = take_changes(bank, GX)
+        final_bank = {**JOHN_BANK, "phone": "555-0200", "address": "9 Side St"}
+        assert changes == [
+            RowChange("dejima_bank", rid, None, final_bank),
+            RowChange("dejima_risk", rid, None, {**JOHN_RISK, "risk_factor": 7}),
+        ]
+        assert to_deltas(changes)["dejima_bank"].insertions == [final_bank]
+        assert to_deltas(changes)["dejima_bank"].deletions == []
+
+
+def test_it_folds_an_insert_then_a_delete_into_nothing(bank: psycopg.Connection[Any]) -> None:
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        insert_rows(bank, "bank_users", [JOHN])
+        bank.execute("DELETE FROM bank_users")
+        assert len(delta_records(bank)) == 4
+        assert take_changes(bank, GX) == []
+        assert to_deltas([]) == {}
+        assert delta_records(bank) == []
+
+
+def test_it_folds_an_update_and_its_reversal_into_nothing(bank: psycopg.Connection[Any]) -> None:
+    with_john(bank)
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        bank.execute("UPDATE bank_users SET phone = '555-0999'")
+        bank.execute("UPDATE bank_users SET phone = '555-0100'")
+        assert len(delta_records(bank)) == 2
+        assert take_changes(bank, GX) == []
+
+
+def test_it_records_a_key_change_as_one_row_change_with_the_same_row_id(bank: psycopg.Connection[Any]) -> None:
+    rid = with_john(bank)
+    before = base_rows(bank, "bank_users")
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        cur = bank.execute("UPDATE dejima_bank SET first_name = 'Jon' WHERE first_name = 'John' AND last_name = 'Doe'")
+        assert cur.rowcount == 1
+        changes = take_changes(bank, GX)
+        assert changes == [
+            RowChange("dejima_bank", rid, JOHN_BANK, {**JOHN_BANK, "first_name": "Jon"}),
+            RowChange("dejima_risk", rid, JOHN_RISK, {**JOHN_RISK, "first_name": "Jon"}),
+        ]
+        # the base row was renamed in place: same id, private columns kept
+        assert base_rows(bank, "bank_users") == [{**before[0], "first_name": "Jon"}]
+        assert before[0]["id"] == rid
+
+
+def test_it_records_a_row_moving_into_the_filter_as_an_insertion(school: psycopg.Connection[Any]) -> None:
+    insert_rows(school, "students", [{"first_name": "Ann", "last_name": "Lee", "university": "Hosei", "note": "x"}])
+    rid = base_rows(school, "students")[0]["id"]
+    with school.transaction(force_rollback=True):
+        set_gxid(school, GX)
+        school.execute("UPDATE students SET university = 'Keio'")
+        assert take_changes(school, GX) == [
+            RowChange(
+                "dejima_students",
+                rid,
+                None,
+                {"first_name": "Ann", "last_name": "Lee", "university": "Keio", "grade": None},
+            ),
+            RowChange("dejima_grades", rid, None, {"first_name": "Ann", "last_name": "Lee", "grade": None}),
+        ]
+
+
+def test_it_records_a_row_moving_out_of_the_filter_as_a_deletion(school: psycopg.Connection[Any]) -> None:
+    insert_rows(
+        school, "students", [{"first_name": "Ann", "last_name": "Lee", "university": "Keio", "grade": 2, "note": "x"}]
+    )
+    rid = base_rows(school, "students")[0]["id"]
+    with school.transaction(force_rollback=True):
+        set_gxid(school, GX)
+        school.execute("UPDATE students SET university = 'Hosei', grade = 3")
+        deltas = to_deltas(take_changes(school, GX))
+        assert deltas["dejima_students"].insertions == []
+        assert deltas["dejima_students"].deletions == [
+            {"first_name": "Ann", "last_name": "Lee", "university": "Keio", "grade": 2}
+        ]
+        assert deltas["dejima_grades"].deletions == [{"first_name": "Ann", "last_name": "Lee", "grade": 2}]
+        assert deltas["dejima_grades"].insertions == []
+        assert delta_records(school) == []  # taken = removed
+        assert rid == base_rows(school, "students")[0]["id"]
+
+
+def test_it_records_nothing_for_changes_outside_the_filter(school: psycopg.Connection[Any]) -> None:
+    insert_rows(school, "students", [{"first_name": "Ann", "last_name": "Lee", "university": "Hosei", "note": "x"}])
+    with school.transaction(force_rollback=True):
+        set_gxid(school, GX)
+        school.execute("UPDATE students SET grade = 5, first_name = 'Anna'")
+        insert_rows(school, "students", [{"first_name": "Bo", "last_name": "Li", "university": "Hosei", "note": "y"}])
+        school.execute("DELETE FROM students WHERE first_name = 'Anna'")
+        assert delta_records(school) == []
+
+
+def test_it_records_a_view_column_change_inside_the_filter_only_where_the_column_is_shown(
+    school: psycopg.Connection[Any],
+) -> None:
+    insert_rows(
+        school, "students", [{"first_name": "Ann", "last_name": "Lee", "university": "Keio", "grade": 2, "note": "x"}]
+    )
+    with school.transaction(force_rollback=True):
+        set_gxid(school, GX)
+        school.execute("UPDATE students SET university = 'Waseda', note = 'y'")
+        changes = take_changes(school, GX)
+        assert [c.view for c in changes] == ["dejima_students"]
+        assert changes[0].old is not None
+        assert changes[0].new is not None
+        assert (changes[0].old["university"], changes[0].new["university"]) == ("Keio", "Waseda")
+
+
+def _bulk_load(conn: psycopg.Connection[Any], n: int) -> None:
+    conn.execute(
+        "INSERT INTO bank_users (first_name, last_name, iban, phone, address, risk_factor)"
+        " SELECT 'First' || i, 'Last' || i, 'IBAN' || i, NULL, 'Street ' || i, i %% 10"
+        " FROM generate_series(1, %s) AS i",
+        (n,),
+    )
+
+
+def test_it_records_exactly_the_10000_rows_of_a_10000_row_update(bank: psycopg.Connection[Any]) -> None:
+    _bulk_load(bank, 10_000)
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        cur = bank.execute("UPDATE bank_users SET phone = 'p' || id")
+        assert cur.rowcount == 10_000
+        count = bank.execute(
+            "SELECT count(*), count(DISTINCT row_id), min(view_name), max(view_name) FROM dejima.delta WHERE gxid = %s",
+            (GX,),
+        ).fetchone()
+        assert count == (10_000, 10_000, "dejima_bank", "dejima_bank")
+        changes = take_changes(bank, GX)
+        assert len(changes) == 10_000
+        assert all(c.old is not None and c.new is not None for c in changes)
+        assert all(c.old["phone"] is None and c.new["phone"] == f"p{c.row_id}" for c in changes)  # type: ignore[index]
+        delta = to_deltas(changes)["dejima_bank"]
+        assert len(delta.insertions) == len(delta.deletions) == 10_000
+
+
+def test_it_records_nothing_for_a_10000_row_update_of_a_private_column(bank: psycopg.Connection[Any]) -> None:
+    _bulk_load(bank, 10_000)
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        cur = bank.execute("UPDATE bank_users SET iban = 'X' || id")
+        assert cur.rowcount == 10_000
+        assert bank.execute("SELECT count(*) FROM dejima.delta").fetchone() == (0,)
+        assert take_changes(bank, GX) == []
+
+
+def test_it_records_one_row_when_one_row_of_a_large_table_changes(bank: psycopg.Connection[Any]) -> None:
+    _bulk_load(bank, 10_000)
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, GX)
+        bank.execute("UPDATE bank_users SET risk_factor = 42 WHERE first_name = 'First77'")
+        changes = take_changes(bank, GX)
+        assert [(c.view, c.new["risk_factor"] if c.new else None) for c in changes] == [("dejima_risk", 42)]
+
+
+def test_it_records_nothing_when_no_gxid_is_set(bank: psycopg.Connection[Any]) -> None:
+    with bank.transaction(force_rollback=True):
+        insert_rows(bank, "bank_users", [JOHN])
+        bank.execute("UPDATE bank_users SET phone = '1'")
+        bank.execute("DELETE FROM bank_users")
+        assert delta_records(bank) == []
+    with bank.transaction(force_rollback=True):
+        bank.execute("SELECT set_config('dejima.gxid', '', true)")
+        insert_rows(bank, "bank_users", [JOHN])
+        assert delta_records(bank) == []
+    # the gxid is transaction-local: a later transaction without it records nothing
+    with bank.transaction():
+        set_gxid(bank, GX)
+    insert_rows(bank, "bank_users", [JOHN])
+    assert delta_records(bank) == []
+
+
+def test_it_refuses_an_empty_gxid() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        set_gxid(None, "")  # type: ignore[arg-type]
+
+
+def test_it_takes_only_the_records_of_its_own_gxid(bank: psycopg.Connection[Any]) -> None:
+    with bank.transaction(force_rollback=True):
+        set_gxid(bank, "gx-a")
+        insert_rows(bank, "bank_users", [JOHN])
+        set_gxid(bank, "gx-b")
+        bank.execute("UPDATE bank_users SET phone = '555-0200'")
+        rid = john_id(bank)
+        assert take_changes(bank, "gx-b") == [
+            RowChange("dejima_bank", rid, JOHN_BANK, {**JOHN_BANK, "phone": "555-0200"})
+        ]
+        assert [r["gxid"] for r in delta_records(bank)] == ["gx-a", "gx-a"]
+        assert take_changes(bank, "gx-b") == []
+        assert take_changes(bank, "gx-c") == []
+        assert [c.view for c in take_changes(bank, "gx-a")] == ["dejima_bank", "dejima_risk"]
+
+
+def test_it_keeps_records_of_other_gxids_committed_by_another_transaction(peer_db: Callable[..., str]) -> None:
+    url = peer_db("bank")
+    with psycopg.connect(url, autocommit=True) as other, psycopg.connect(url, autocommit=True) as conn:
+        with other.transaction():
+            set_gxid(other, "gx-other")
+            insert_rows(other, "bank_users", [JOHN])
+        with conn.transaction(force_rollback=True):
+            set_gxid(conn, GX)
+            conn.execute("UPDATE bank_users SET risk_factor = 4")
+            assert [c.view for c in take_changes(conn, GX)] == ["dejima_risk"]
+            assert [r["gxid"] for r in delta_records(conn)] == ["gx-other", "gx-other"]
+
+
+def test_it_refuses_truncate_inside_a_global_transaction(bank: psycopg.Connection[Any]) -> None:
+    with_john(bank)
+    with bank.transaction():
+        set_gxid(bank, GX)
+        with pytest.raises(errors.FeatureNotSupported, match="TRUNCATE") as info, bank.transaction():
+            bank.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier("bank_users")))
+        assert "bank_users" in str(info.value)
+        assert len(view_rows(bank, "dejima_bank")) == 1
+    # outside a global transaction it is the administrator's business
+    bank.execute("TRUNCATE bank_users")
+    assert view_rows(bank, "dejima_bank") == []
+
+
+LEDGER_MANIFEST = """\
+peer_type = "ledger"
+
+[tables.accounts.columns]
+owner = "text not null"
+balance = "numeric"
+
+[views.dejima_accounts]
+table = "accounts"
+columns = ["owner", "balance"]
+key = ["owner"]
+members = ["ledger"]
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: take_changes loads jsonb with json.loads, so numeric view values become floats and lose digits",
+)
+def test_it_keeps_numeric_values_exact_in_the_captured_delta(peer_db: Callable[..., str], tmp_path: Path) -> None:
+    exact = decimal.Decimal("12345678901234567890.123456")
+    root = make_peer_type_root(tmp_path / "types", {"ledger": LEDGER_MANIFEST})
+    with psycopg.connect(peer_db("ledger", root), autocommit=True) as conn, conn.transaction(force_rollback=True):
+        set_gxid(conn, GX)
+        insert_rows(conn, "accounts", [{"owner": "Ann", "balance": exact}])
+        (change,) = take_changes(conn, GX)
+        assert change.new is not None
+        assert decimal.Decimal(str(change.new["balance"])) == exact
