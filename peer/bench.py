@@ -339,7 +339,7 @@ def run_capture(sizes: Sequence[int], runs: int, warmup: int) -> dict[str, Any]:
                     rows[str(size)] = _size_result(_measure(conn, size, runs, warmup, rng), load_s)
         finally:
             if server.kind == "external":
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(PgServerError):  # never hide the real error
                     server.drop_database(BENCH_DATABASE)
         server_kind = server.kind
     return {
@@ -369,6 +369,91 @@ def run_capture(sizes: Sequence[int], runs: int, warmup: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ output and CLI
+
+
+# ------------------------------------------------------------------------------------------------ propagation
+
+PROPAGATION_PEOPLE = 1_000
+
+
+def run_propagation(runs: int, warmup: int) -> dict[str, Any]:
+    """Median/p99 latency, through the peer's REST API, of a 1-row update at bank that reaches government and
+    insurance (address: dejima_bank, then dejima_insurance) against a local-only update (iban: in no view)."""
+    import requests
+
+    from peer.network import LocalNetwork, example_specs
+
+    started = time.perf_counter()
+    rng = random.Random(SEED)  # noqa: S311 - row ids for a benchmark, not security
+    with _server() as server, tempfile.TemporaryDirectory(prefix="dejima-bench-net-") as tmp:
+        net = LocalNetwork(server, Path(tmp), example_specs(base_port=0, prefix="benchprop_"))
+        try:
+            for spec in net.specs.values():
+                server.create_database(spec.database, replace=True)
+            net.start_all()
+            net.wait_ready(timeout=60)
+            values = sql.SQL(", ").join(
+                sql.SQL("({}, 'bench', {})").format(sql.Literal(f"p{i}"), sql.Literal(f"{i} Main St"))
+                for i in range(PROPAGATION_PEOPLE)
+            )
+            load = sql.SQL("INSERT INTO bank_users (first_name, last_name, address) VALUES {}").format(values)
+            status, body = net.exec("bank", load.as_string(None))
+            if status != 200:
+                raise BenchError(f"loading people at bank failed: {body}")
+            session = requests.Session()
+            url = net.specs["bank"].url + "/api/v1/exec"
+            series: dict[str, list[float]] = {"propagated": [], "local_only": []}
+
+            def once(kind: str, i: int) -> None:
+                person = rng.randrange(PROPAGATION_PEOPLE)
+                column = "address" if kind == "propagated" else "iban"
+                stmt = (
+                    sql.SQL("UPDATE bank_users SET {} = {} WHERE first_name = {}")
+                    .format(sql.Identifier(column), sql.Literal(f"{kind} {i}"), sql.Literal(f"p{person}"))
+                    .as_string(None)
+                )
+                t0 = time.perf_counter_ns()
+                resp = session.post(url, json={"sql": stmt}, timeout=30)
+                elapsed = time.perf_counter_ns() - t0
+                answer = resp.json()
+                if resp.status_code != 200 or answer.get("status") != "committed":
+                    raise BenchError(f"{kind} write failed: {resp.status_code} {answer}")
+                expected = ["government", "insurance"] if kind == "propagated" else []
+                if answer.get("participants") != expected:
+                    raise BenchError(f"{kind} write reached {answer.get('participants')}, expected {expected}")
+                if i >= 0:
+                    series[kind].append(elapsed / 1e6)
+
+            for i in range(warmup):
+                once("propagated", -1 - i)
+                once("local_only", -1 - i)
+            for i in range(runs):
+                order = ("propagated", "local_only") if i % 2 == 0 else ("local_only", "propagated")
+                for kind in order:
+                    once(kind, i)
+            session.close()
+        finally:
+            net.stop_all()
+    report: dict[str, Any] = {}
+    for kind, samples in series.items():
+        report[kind] = {
+            "median_ms": round(statistics.median(samples), 3),
+            "p99_ms": round(_percentile(samples, 0.99), 3),
+            "samples": len(samples),
+        }
+    ratio = report["propagated"]["median_ms"] / report["local_only"]["median_ms"]
+    return {
+        **report,
+        "ratio": round(ratio, 2),
+        "target": "propagated median <= 3 x local-only median",
+        "meets_target": ratio <= 3.0,
+        "runs": runs,
+        "warmup": warmup,
+        "cpus": os.cpu_count(),
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "method": "POST /api/v1/exec at bank over a keep-alive session; propagated = UPDATE address (reaches "
+        "government via dejima_bank and insurance via dejima_insurance, 2PC); local-only = UPDATE iban; interleaved",
+    }
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -433,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--sizes", type=_sizes, help="comma-separated table sizes (default 1000,100000,1000000)")
     capture.add_argument("--runs", type=_positive, help=f"measured samples per series (default {DEFAULT_RUNS})")
     capture.add_argument("--warmup", type=_non_negative, help="warm-up rounds per size (default runs/10, 20..200)")
+    prop = sub.add_parser("propagation", help="1-row update at bank reaching government and insurance vs local-only")
+    prop.add_argument("--json", action="store_true", help="print the report as JSON")
+    prop.add_argument("--quick", action="store_true", help="smoke run: 30 runs")
+    prop.add_argument("--runs", type=_positive, help="measured samples per series (default 500)")
+    prop.add_argument("--warmup", type=_non_negative, help="warm-up rounds (default 30)")
     return parser
 
 
@@ -442,11 +532,16 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sizes: tuple[int, ...] = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
-    runs: int = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
-    warmup: int = args.warmup if args.warmup is not None else max(20, min(200, runs // 10))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        if args.bench == "propagation":
+            runs = args.runs or (30 if args.quick else 500)
+            report = run_propagation(runs, args.warmup if args.warmup is not None else (5 if args.quick else 30))
+            print(json.dumps(report, indent=2))
+            return 0
+        sizes: tuple[int, ...] = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+        runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
+        warmup: int = args.warmup if args.warmup is not None else max(20, min(200, runs // 10))
         report = run_capture(sizes, runs, warmup)
     except (BenchError, InstallError, PgServerError, psycopg.Error) as exc:
         print(f"bench: {exc}", file=sys.stderr)

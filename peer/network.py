@@ -175,6 +175,18 @@ class LocalNetwork:
             time.sleep(0.1)
         raise NetworkError("dejima groups did not form in time")
 
+    def exec(self, name: str, statements: str | list[str], timeout: float = 30.0) -> tuple[int, Any]:
+        """Run statements at a peer as one global transaction: (HTTP status, JSON answer)."""
+        resp = requests.post(self.specs[name].url + "/api/v1/exec", json={"sql": statements}, timeout=timeout)
+        return resp.status_code, resp.json()
+
+    def query(self, name: str, statement: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Rows of a read-only query at a peer, as dicts."""
+        resp = requests.post(self.specs[name].url + "/api/v1/query", json={"sql": statement}, timeout=timeout)
+        resp.raise_for_status()
+        body = resp.json()
+        return [dict(zip(body["columns"], row, strict=True)) for row in body["rows"]]
+
     def tail(self, name: str, lines: int = 40) -> str:
         path = self.log_path(name)
         if not path.exists():

@@ -14,13 +14,16 @@ import dataclasses
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import FrameType
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from peer.dejima.install import SQL_ROOT, install
+from peer.network import LocalNetwork, example_specs
 from peer.pgserver import PgServer
 
 MakeDatabase = Callable[[str], str]
@@ -82,3 +85,55 @@ def peer_db(make_database: MakeDatabase) -> PeerDb:
         return url
 
     return make
+
+
+@pytest.fixture(scope="module")
+def example_network(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
+    """The shipped example (government, bank, insurance) as real peer processes on free loopback ports, one per
+    test module. Peer logs are printed when a test of the module fails (see `network`)."""
+    prefix = f"n{uuid.uuid4().hex[:6]}_"
+    net = LocalNetwork(pg_server, tmp_path_factory.mktemp("network"), example_specs(base_port=0, prefix=prefix))
+    try:
+        net.start_all()
+        net.wait_ready(timeout=60)
+        yield net
+    finally:
+        net.stop_all()
+        for spec in net.specs.values():
+            pg_server.drop_database(spec.database)
+
+
+def reset_network(net: LocalNetwork) -> None:
+    """Empty every base table directly (no gxid: nothing is captured or propagated)."""
+    for spec in net.specs.values():
+        with psycopg.connect(net.server.url(spec.database), autocommit=True) as conn:
+            tables = conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = 'public' AND c.relkind = 'r'"
+            ).fetchall()
+            for (table,) in tables:
+                conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+
+
+@pytest.fixture
+def network(example_network: LocalNetwork, request: pytest.FixtureRequest) -> Iterator[LocalNetwork]:
+    """A running example network with empty base tables; restarts peers a previous test stopped."""
+    for name, spec in example_network.specs.items():
+        if not spec.pid:
+            example_network.start(name)
+    example_network.wait_ready(timeout=60)
+    reset_network(example_network)
+    yield example_network
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for name in example_network.specs:
+            print(f"\n----- log of peer {name} -----\n{example_network.tail(name, 80)}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report: pytest.TestReport = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -30,9 +30,11 @@ Pairing inside one delta: an insertion with `$was` = K0 and the deletion of K0 a
 deletion with the same key are an UPDATE; other deletions are deletes, other insertions inserts. Order of work:
 deletes, then renames (a rename onto a key another rename frees goes after it), then updates and inserts.
 
-- DELETE of K: no row at K → nothing (idempotent). A row at K that this gxid touched and whose known values
-  differ from the deletion's → `ApplyConflict` (delete vs update from two branches). Else it is deleted. (view,
-  K) is remembered as deleted.
+- DELETE of K: no row at K → nothing (idempotent). A row at K that this gxid already wrote (touched) →
+  `ApplyConflict` (delete vs update from two branches), whatever its values in this view: an update that
+  changed only columns of another view must conflict too, as it does in the other arrival order (the update finds
+  the key deleted). Else the row is deleted. (view, K) is remembered as deleted; `outgoing` adds the keys the
+  deleted base row had in the peer's other views, so call it after every `apply_delta`.
 - INSERT/UPDATE/RENAME of row I (key K, unknown columns U): the current row R is looked up at `$was` (rename),
   then at K.
   - R absent: an update or rename of a key this gxid deleted → `ApplyConflict`. Else INSERT with I's values; the
@@ -380,23 +382,22 @@ def _delete(state: GxState, io: _ViewIO, row: _Incoming) -> None:
     found = io.read(state.conn, row.key)
     if found is not None:
         row_id, current = found
-        ref = (io.table.name, row_id)
-        if ref in state.touched:
-            marks = state.unknown.get(ref, set())
-            for c in view.columns:
-                if c in marks or c in row.unknown:
-                    continue
-                if current[c] != row.values[c]:
-                    raise ApplyConflict(
-                        state.peer,
-                        view.name,
-                        row.key,
-                        c,
-                        current[c],
-                        row.values[c],
-                        f"deleted by one branch while this global transaction changed it ({c!r} is "
-                        f"{current[c]!r} here, the deletion saw {row.values[c]!r})",
-                    )
+        if (io.table.name, row_id) in state.touched:
+            changed = [c for c in view.columns if c not in row.unknown and current[c] != row.values[c]]
+            detail = (
+                f"{changed[0]!r} is {current[changed[0]]!r} here, the deletion saw {row.values[changed[0]]!r}"
+                if changed
+                else "it was written through another view or by another branch"
+            )
+            raise ApplyConflict(
+                state.peer,
+                view.name,
+                row.key,
+                changed[0] if changed else None,
+                current[changed[0]] if changed else None,
+                row.values[changed[0]] if changed else None,
+                f"deleted by one branch while this global transaction wrote it ({detail})",
+            )
         io.write_delete(state.conn, row.key)
     state.deleted.add((view.name, row.key))
 

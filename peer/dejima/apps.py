@@ -5,3 +5,6 @@ class DejimaConfig(AppConfig):
     name = "peer.dejima"
     label = "dejima"
     verbose_name = "Dejima peer"
+
+    def ready(self) -> None:
+        from peer.dejima import checks  # noqa: F401  (registers the system checks)

@@ -26,7 +26,8 @@ def install_scripts(ptype: PeerType, root: Path) -> list[tuple[str, str]]:
     expected = generate(ptype)
     if not generated.exists() or generated.read_text() != expected:
         raise InstallError(f"{generated} is missing or stale: run `python manage.py dejima_sql`")
-    scripts = [(COMMON_SQL, (root / COMMON_SQL).read_text()), (str(generated), expected)]
+    common = root / COMMON_SQL if (root / COMMON_SQL).exists() else SQL_ROOT / COMMON_SQL  # shared by every root
+    scripts = [(str(common), common.read_text()), (str(generated), expected)]
     scripts += [(str(p), p.read_text()) for p in ptype.extra_sql]
     return scripts
 

@@ -14,6 +14,7 @@ from peer.dejima.manifest import ManifestError
 
 
 class Command(BaseCommand):
+    requires_system_checks: list[str] = []  # works without a configured peer (PEER_TYPE, DEJIMA_*)
     help = "Install a peer type's tables, dejima views and triggers into a database (idempotent)."
 
     def add_arguments(self, parser: ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from peer.dejima.sqlgen import stale_files, write_all
 
 
 class Command(BaseCommand):
+    requires_system_checks: list[str] = []  # works without a configured peer (PEER_TYPE, DEJIMA_*)
     help = "Generate sql_triggers/<type>/generated.sql from the manifests (--check: fail when stale)."
 
     def add_arguments(self, parser: ArgumentParser) -> None:
