@@ -65,7 +65,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     server.start()
     net = _network()
     if not net.specs:
-        net = LocalNetwork(server, STATE_DIR / "network", example_specs())
+        net = LocalNetwork(server, STATE_DIR / "network", example_specs(clients=True))
     for name, spec in net.specs.items():
         if not spec.pid:
             net.start(name)
@@ -75,7 +75,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(f"PostgreSQL ({server.kind}): {server.url('postgres')}")
     for spec in net.specs.values():
-        print(f"  {spec.name:<11} {spec.mode:<6} {spec.url:<24} database {server.url(spec.database)}")
+        where = f"database {server.url(spec.database)}" if spec.mode == "peer" else "web app and REST (/client/api/v1/)"
+        print(f"  {spec.name:<18} {spec.mode:<6} {spec.url:<24} {where}")
     print("\nTry:")
     print(
         '  dejima exec government "INSERT INTO government_users (first_name, last_name, phone, address)'
@@ -90,6 +91,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     net = _network()
     net.stop_all()
+    (STATE_DIR / "network" / "network.json").unlink(missing_ok=True)
     server = _server()
     server.stop()
     print("stopped peers and PostgreSQL" if server.kind != "external" else "stopped peers")

@@ -33,7 +33,14 @@ def on_starting(server: Arbiter) -> None:
 
 
 def post_worker_init(worker: Worker) -> None:
-    """Build the peer (install SQL, pool, discovery and recovery loops) before the first request."""
+    """Build the peer (install SQL, pool, discovery and recovery loops) before the first request.
+
+    In client mode (PEER_MODE=client) there is no database: load the manifest the client app shows instead."""
+    if os.environ.get("PEER_MODE", "").strip() == "client":
+        from peer.client.context import get_context
+
+        get_context()
+        return
     from peer.dejima.runtime import get_runtime
 
     get_runtime()

@@ -79,6 +79,8 @@ class LocalNetwork:
         )
         if self.sql_root is not None:
             env["DEJIMA_SQL_ROOT"] = str(self.sql_root)
+        if spec.mode == "client":  # a client talks only to its peer service (DEJIMA_PEER_URL in spec.env)
+            del env["DEJIMA_DATABASE_URL"], env["DEJIMA_SEEDS"]
         env.update(spec.env)
         return env
 
@@ -162,9 +164,8 @@ class LocalNetwork:
         return True
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        for name, spec in self.specs.items():
-            if spec.mode == "peer":
-                self.wait_healthy(name, timeout)
+        for name in self.specs:
+            self.wait_healthy(name, timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -221,8 +222,9 @@ def _alive(pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
         return False
 
 
-def example_specs(base_port: int | None = None, prefix: str = "") -> list[PeerSpec]:
-    """The shipped example: government, bank, insurance (fixed ports by default, free ports for tests)."""
+def example_specs(base_port: int | None = None, prefix: str = "", clients: bool = False) -> list[PeerSpec]:
+    """The shipped example: government, bank, insurance (fixed ports 8001-8003 by default, free ports for tests),
+    and with `clients` their client apps (ports 8101-8103)."""
     specs = []
     for name, port in EXAMPLE:
         specs.append(
@@ -233,4 +235,16 @@ def example_specs(base_port: int | None = None, prefix: str = "") -> list[PeerSp
                 database=f"{prefix}{name}",
             )
         )
+    if clients:
+        for peer in list(specs):
+            specs.append(
+                PeerSpec(
+                    name=f"{peer.name}-client",
+                    peer_type=peer.peer_type,
+                    port=peer.port + 100 if base_port is None else free_port(),
+                    database="",
+                    mode="client",
+                    env={"DEJIMA_PEER_URL": peer.url},
+                )
+            )
     return specs

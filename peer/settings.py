@@ -37,6 +37,25 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# Client mode (PEER_MODE=client): the person-facing web app and REST API of one organization (peer/client/).
+# It talks only to its peer service (DEJIMA_PEER_URL) and keeps CSRF protection on for its HTML forms.
+PEER_MODE = os.environ.get("PEER_MODE", "").strip() or "peer"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "peer" / "client" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {"context_processors": ["django.template.context_processors.request"]},
+    }
+]
+if PEER_MODE == "client":
+    MIDDLEWARE = [
+        "django.middleware.security.SecurityMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    ]
+    CSRF_FAILURE_VIEW = "peer.client.views.csrf_failure"
+
 # Peer type folders (manifest + generated SQL).
 DEJIMA_SQL_ROOT = Path(os.environ.get("DEJIMA_SQL_ROOT", str(BASE_DIR / "sql_triggers")))
 PEER_TYPE = os.environ.get("PEER_TYPE", "")

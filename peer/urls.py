@@ -1,10 +1,13 @@
-"""URL routes of the peer service (endpoints and statuses: peer/dejima/views.py)."""
+"""URL routes of the peer service (endpoints and statuses: peer/dejima/views.py).
 
-from django.urls import URLPattern, path
+In client mode (PEER_MODE=client) only the client app is served instead (peer/client/urls.py)."""
+
+from django.conf import settings
+from django.urls import URLPattern, URLResolver, path
 
 from peer.dejima import views
 
-urlpatterns: list[URLPattern] = [
+urlpatterns: list[URLPattern | URLResolver] = [
     path("health", views.health),
     path("peer/v1/message", views.message),
     path("api/v1/status", views.status),
@@ -14,3 +17,8 @@ urlpatterns: list[URLPattern] = [
     path("api/v1/views/<str:view>", views.view_rows),
     path("api/v1/prepared", views.prepared),
 ]
+
+if settings.PEER_MODE == "client":
+    from peer.client.urls import urlpatterns as client_urlpatterns
+
+    urlpatterns = client_urlpatterns

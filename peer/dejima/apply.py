@@ -34,31 +34,44 @@ deletes, then renames (a rename onto a key another rename frees goes after it), 
   `ApplyConflict` (delete vs update from two branches), whatever its values in this view: an update that
   changed only columns of another view must conflict too, as it does in the other arrival order (the update finds
   the key deleted). Else the row is deleted. (view, K) is remembered as deleted; `outgoing` adds the keys the
-  deleted base row had in the peer's other views, so call it after every `apply_delta`.
-- INSERT/UPDATE/RENAME of row I (key K, unknown columns U): the current row R is looked up at `$was` (rename),
-  then at K.
+  deleted base row had in the peer's other views, so call it after every `apply_delta`. One exception: when the
+  same delta renames another row onto K ("delete Jane, rename John to Jane") and the row at K was written in
+  this gxid, it is that renamed row (an earlier arrival applied the delta): the deletion is done already.
+- INSERT/UPDATE/RENAME of row I (key K, unknown columns U): the current row R is the row at K; for a rename
+  with no row at K, the row at `$was` = K0 (renamed in place: id and private columns kept). A rename that finds
+  K already here (renamed by an earlier arrival) merges into it, and deletes a row still at K0 only when this
+  gxid has not written it (a row this gxid wrote there took the freed key: "rename Jane to Ann, insert a new
+  Jane" must not lose the new Jane, whichever of the two arrives first).
   - R absent: an update or rename of a key this gxid deleted → `ApplyConflict`. Else INSERT with I's values; the
-    new base row is touched and its unknown columns are U plus the base columns the view does not carry (they got
-    the manifest defaults).
-  - R present, not touched in this gxid (state before the gxid): every known column of I wins; R keeps the
-    columns in U. Pre-existing divergence is repaired, not an abort.
-  - R present and touched: column by column — c in U → R[c]; c unknown in R, known in I → I[c] (no longer
-    unknown); equal → kept; two different known values → `ApplyConflict`.
+    new base row is touched, its known columns are written, and its unknown columns are U plus the base columns
+    the view does not carry (they got the manifest defaults).
+  - R present: column by column — c in U → R[c]; c unknown in R, or not yet written in this gxid (its value
+    is from before the gxid), and known in I → I[c] (now written, no longer unknown); both written and equal →
+    kept; two different known values → `ApplyConflict`. So a row not touched before takes every known column of
+    I (pre-existing divergence is repaired, not an abort).
   The view row is updated only when the merged row differs from R; either way R counts as touched.
+
+  "Written" is per column, not per row: a row touched in this gxid through one column (risk_factor, from bank)
+  must still take a new address arriving from another branch (government) — with a per-row rule the address it
+  had before the gxid would count as known and conflict, in that arrival order only (found by the delivery
+  order simulation in tests/test_apply.py). `outgoing` marks the columns the origin's statements changed.
 
 Unknown values are the sender's defaults: members of a view declare the same defaults for its columns, so an
 unknown still open when propagation is quiet holds the same value at every member.
 
-Limits: a view must be the generated projection + selection of one base table (`View.table`); renames that form a
-cycle inside one delta (swap two keys) are refused as a bad request.
+Renames that form a cycle inside one delta (two rows swap keys) are applied by parking one row at a temporary key
+first (a text key column gets a unique marker string, a number column max + 1); the capture folds the detour away.
+
+Limits: a view must be the generated projection + selection of one base table (`View.table`).
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -122,15 +135,33 @@ class GxState:
     unknown: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     touched: set[tuple[str, int]] = field(default_factory=set)  # base rows written in this gxid
     deleted: set[tuple[str, Key]] = field(default_factory=set)  # (view, key values) deleted in this gxid
+    # (base table, row id) -> base columns given a known value in this gxid (the others hold their value from before
+    # the gxid, or an invented one): the column-level refinement of `touched` that the merge uses
+    written: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     peer: str = ""  # this peer's name, for messages
 
-    def snapshot(self) -> tuple[dict[tuple[str, int], set[str]], set[tuple[str, int]], set[tuple[str, Key]]]:
-        return ({k: set(v) for k, v in self.unknown.items()}, set(self.touched), set(self.deleted))
+    def snapshot(self) -> Snapshot:
+        """A copy of the bookkeeping, for `restore` (apply_delta restores it itself when it fails)."""
+        return Snapshot(
+            {k: set(v) for k, v in self.unknown.items()},
+            set(self.touched),
+            set(self.deleted),
+            {k: set(v) for k, v in self.written.items()},
+        )
 
-    def restore(
-        self, saved: tuple[dict[tuple[str, int], set[str]], set[tuple[str, int]], set[tuple[str, Key]]]
-    ) -> None:
-        self.unknown, self.touched, self.deleted = saved
+    def restore(self, saved: Snapshot) -> None:
+        self.unknown = {k: set(v) for k, v in saved.unknown.items()}
+        self.touched = set(saved.touched)
+        self.deleted = set(saved.deleted)
+        self.written = {k: set(v) for k, v in saved.written.items()}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    unknown: dict[tuple[str, int], set[str]]
+    touched: set[tuple[str, int]]
+    deleted: set[tuple[str, Key]]
+    written: dict[tuple[str, int], set[str]]
 
 
 @dataclass
@@ -149,6 +180,16 @@ class _Incoming:
     unknown: frozenset[str]
     was: Key | None  # old key of a rename
     key: Key
+    base: Row | None = None  # an update's or rename's paired deletion: the sender's row before this change
+    parked: bool = False  # a rename of a cycle: its old key's row was moved to a temporary key first
+
+    def carried(self, column: str) -> bool:
+        """The sender's change left this column as it was: its value is no news (it may be stale)."""
+        return self.base is not None and self.base[column] == self.values[column]
+
+    def strong(self) -> set[str]:
+        """The columns whose value this row asserts: known, and (for an update or rename) changed."""
+        return {c for c in self.values if c not in self.unknown and not self.carried(c)}
 
 
 def key_of(row: Row, key: Sequence[str]) -> Key:
@@ -316,9 +357,10 @@ def _parse_row(io: _ViewIO, where: str, raw: object, insertion: bool) -> _Incomi
 
 @dataclass
 class _Plan:
-    deletes: list[_Incoming] = field(default_factory=list)
+    deletes: list[tuple[_Incoming, bool]] = field(default_factory=list)  # (row, a rename of this delta takes K)
     renames: list[_Incoming] = field(default_factory=list)
     upserts: list[tuple[_Incoming, bool]] = field(default_factory=list)  # (row, is an update)
+    parked: list[Key] = field(default_factory=list)  # old keys of renames that form a cycle (a swap of two keys)
 
 
 def _plan(io: _ViewIO, insertions: list[_Incoming], deletions: list[_Incoming]) -> _Plan:
@@ -343,22 +385,29 @@ def _plan(io: _ViewIO, insertions: list[_Incoming], deletions: list[_Incoming]) 
     renames: list[_Incoming] = []
     for row in insertions:
         if row.was is not None:
-            renames.append(row)
+            base = by_key.get(row.was)
+            renames.append(replace(row, base=base.values) if base is not None else row)
             paired.add(row.was)
     for row in insertions:
         if row.was is None:
             is_update = row.key in by_key and row.key not in paired
             if is_update:
                 paired.add(row.key)
-            plan.upserts.append((row, is_update))
-    plan.deletes = [row for key, row in by_key.items() if key not in paired]
+            plan.upserts.append((replace(row, base=by_key[row.key].values) if is_update else row, is_update))
+    targets = {r.key for r in renames}
+    plan.deletes = [(row, key in targets) for key, row in by_key.items() if key not in paired]
     # a rename onto a key that another rename frees must wait for it
     pending = list(renames)
     sources = {r.was for r in pending}
     while pending:
         ready = [r for r in pending if r.key not in sources]
-        if not ready:
-            raise _bad(name, "insertions", f"renames form a cycle (key {list(pending[0].key)!r})")
+        if not ready:  # a cycle (A→B, B→A): park A's row at a temporary key, which frees A
+            first = pending[0]
+            assert first.was is not None
+            plan.parked.append(first.was)
+            sources.discard(first.was)
+            pending[0] = replace(first, parked=True)
+            continue
         for r in ready:
             plan.renames.append(r)
             pending.remove(r)
@@ -377,12 +426,16 @@ def _view_io(ptype: PeerType, view: str) -> _ViewIO:
     return _ViewIO(ptype, spec)
 
 
-def _delete(state: GxState, io: _ViewIO, row: _Incoming) -> None:
+def _delete(state: GxState, io: _ViewIO, row: _Incoming, displaced: bool) -> None:
     view = io.view
     found = io.read(state.conn, row.key)
     if found is not None:
         row_id, current = found
         if (io.table.name, row_id) in state.touched:
+            if displaced:
+                # "delete K, rename K0 to K" arrives again: the row at K is the renamed one (this gxid wrote it)
+                state.deleted.add((view.name, row.key))
+                return
             changed = [c for c in view.columns if c not in row.unknown and current[c] != row.values[c]]
             detail = (
                 f"{changed[0]!r} is {current[changed[0]]!r} here, the deletion saw {row.values[changed[0]]!r}"
@@ -402,17 +455,24 @@ def _delete(state: GxState, io: _ViewIO, row: _Incoming) -> None:
     state.deleted.add((view.name, row.key))
 
 
-def _merge_touched(state: GxState, io: _ViewIO, ref: tuple[str, int], current: Row, row: _Incoming) -> Row:
+def _merge(state: GxState, io: _ViewIO, ref: tuple[str, int], current: Row, row: _Incoming) -> Row:
+    """The merged view row of current row R and incoming row I; updates the unknown and written marks."""
     marks = state.unknown.get(ref, set())
+    written = state.written.setdefault(ref, set())
     merged: Row = {}
     for c in io.view.columns:
         if c in io.view.key:
             merged[c] = row.values[c]
+            written.add(c)
         elif c in row.unknown:
             merged[c] = current[c]
-        elif c in marks:
+        elif row.carried(c):  # no news: it fills an unknown, never overrides a value
+            merged[c] = row.values[c] if c in marks else current[c]
+            marks.discard(c)
+        elif c in marks or c not in written:
             merged[c] = row.values[c]
             marks.discard(c)
+            written.add(c)
         elif current[c] == row.values[c]:
             merged[c] = current[c]
         else:
@@ -424,28 +484,24 @@ def _merge_touched(state: GxState, io: _ViewIO, ref: tuple[str, int], current: R
 
 def _upsert(state: GxState, io: _ViewIO, row: _Incoming, is_update: bool) -> None:
     conn, view = state.conn, io.view
-    found = at = None
+    found, at = io.read(conn, row.key), row.key
     if row.was is not None:
-        found, at = io.read(conn, row.was), row.was
-        if found is not None and io.read(conn, row.key) is not None:
+        old = io.read(conn, row.was)
+        if found is None:
+            found, at = old, row.was  # rename in place (or nothing there: insert below)
+        elif old is not None and (io.table.name, old[0]) not in state.touched:
+            # the new key is here already (this gxid renamed it, or another branch brought it): the old key's row
+            # from before the gxid goes, as the rename says; a row this gxid wrote there (a new row that took the
+            # freed key) stays
+            io.write_delete(conn, row.was)
+            state.deleted.add((view.name, row.was))
+    if found is None:
+        old_key = row.was if row.was is not None else row.key
+        if (row.was is not None or is_update) and (view.name, old_key) in state.deleted:
             raise ApplyConflict(
                 state.peer,
                 view.name,
-                row.key,
-                None,
-                None,
-                None,
-                f"renaming {list(row.was)!r} to {list(row.key)!r}, but both keys exist here",
-            )
-    if found is None:
-        found, at = io.read(conn, row.key), row.key
-    if found is None:
-        old = row.was if row.was is not None else row.key
-        if (row.was is not None or is_update) and (view.name, old) in state.deleted:
-            raise ApplyConflict(
-                state.peer,
-                view.name,
-                old,
+                old_key,
                 None,
                 None,
                 None,
@@ -456,18 +512,41 @@ def _upsert(state: GxState, io: _ViewIO, row: _Incoming, is_update: bool) -> Non
         marks = set(row.unknown) | io.private
         if marks:
             state.unknown[ref] = marks
+        state.written[ref] = row.strong()
         state.touched.add(ref)
         return
-    assert at is not None
     row_id, current = found
     ref = (io.table.name, row_id)
-    if ref in state.touched:
-        merged = _merge_touched(state, io, ref, current, row)
-    else:
-        merged = {c: current[c] if c in row.unknown else row.values[c] for c in view.columns}
+    merged = _merge(state, io, ref, current, row)
     if merged != current:
         io.write_update(conn, at, merged)
     state.touched.add(ref)
+
+
+def _park(state: GxState, io: _ViewIO, key: Key) -> Key | None:
+    """Move the row at `key` (a rename cycle's source, not yet written in this gxid) to a temporary key."""
+    found = io.read(state.conn, key)
+    if found is None or (io.table.name, found[0]) in state.touched:
+        return None  # gone, or the cycle was applied by an earlier arrival: the renames merge in place
+    view = io.view
+    for i, column in enumerate(view.key):
+        pg_type = io.types[column]
+        temp: Any
+        if pg_type == "text":
+            temp = f"~dejima-parked-{uuid.uuid4().hex}"
+        elif pg_type in ("integer", "bigint", "numeric"):
+            top = state.conn.execute(
+                sql.SQL("SELECT coalesce(max({}), 0) + 1 FROM {}").format(
+                    sql.Identifier(column), sql.Identifier(SCHEMA, io.table.name)
+                )
+            ).fetchone()
+            temp = top[0] if top is not None else 1
+        else:
+            continue
+        temp_key = (*key[:i], temp, *key[i + 1 :])
+        io.write_update(state.conn, key, {**found[1], column: temp})
+        return temp_key
+    raise ApplyBadRequest(f"{view.name}: renames form a cycle and no key column is text or a number to park one on")
 
 
 def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: list[Row]) -> None:
@@ -491,10 +570,12 @@ def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: lis
     saved = state.snapshot()
     conn.execute(sql.SQL("SAVEPOINT {}").format(SAVEPOINT))
     try:
-        for row in plan.deletes:
-            _delete(state, io, row)
+        for row, displaced in plan.deletes:
+            _delete(state, io, row, displaced)
+        parked = {key: _park(state, io, key) for key in plan.parked}
         for row in plan.renames:
-            _upsert(state, io, row, is_update=True)
+            temp = parked.get(row.was) if row.parked and row.was is not None else None
+            _upsert(state, io, replace(row, was=temp) if temp is not None else row, is_update=True)
         for row, is_update in plan.upserts:
             _upsert(state, io, row, is_update)
     except BaseException:
@@ -511,13 +592,19 @@ def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: lis
 def outgoing(state: GxState, changes: Iterable[RowChange]) -> dict[str, Delta]:
     """Wire deltas of captured changes, per view (`ViewDelta`s), annotated with `$unknown` and `$was`.
 
-    Records every changed base row as touched and every key that left a view as deleted.
+    Records every changed base row as touched (and its changed columns as written), every key that left a view as
+    deleted.
     """
     out: dict[str, Delta] = {}
     for change in changes:
         view = state.ptype.view(change.view)
         ref = (view.table, change.row_id)
         state.touched.add(ref)
+        if change.new is not None:  # what the origin's statements (or a putback) gave a value in this gxid
+            marks = state.unknown.get(ref, set())
+            state.written.setdefault(ref, set()).update(
+                c for c in view.columns if c not in marks and (change.old is None or change.old[c] != change.new[c])
+            )
         delta = out.setdefault(change.view, ViewDelta(change.view, key=view.key))
         old_key = key_of(change.old, view.key) if change.old is not None else None
         if change.old is not None:
@@ -558,21 +645,29 @@ def _same(a: Row, b: Row) -> bool:
 def without_echo(delta: Delta, received: Delta) -> Delta:
     """What of `delta` the sender of `received` (a delta of the same view) does not already have.
 
-    Drops insertions identical (values and unknown columns) to one it sent, deletions of keys it sent as
-    deletions, and the deletion paired with a dropped insertion (same key, or the insertion's `$was`): that
-    sender already holds the row's new state, and a lone deletion would read as a delete.
+    Drops insertions identical (values and unknown columns) to one it sent, and deletions of keys it sent as
+    deletions. An update or rename pair stays whole: its deletion goes (or stays) with its insertion, since a
+    lone deletion would read as a delete and a lone insertion loses which columns the change left alone.
     """
     key = _key_columns(delta, received)
-    kept: list[Row] = []
-    dropped: set[Key] = set()
-    for row in delta.insertions:
-        if any(_same(row, sent) for sent in received.insertions):
-            dropped.add(_ident(row, key))
-            was = row.get(WAS)
-            if key is not None and isinstance(was, dict) and set(was) == set(key):
-                dropped.add(key_of(was, key))
-        else:
-            kept.append(row)
     sent_deleted = {_ident(row, key) for row in received.deletions}
-    deletions = [row for row in delta.deletions if _ident(row, key) not in sent_deleted | dropped]
+    kept: list[Row] = []
+    renames: dict[Key, bool] = {}  # deletion identity -> its paired insertion is kept (as apply_delta pairs them:
+    updates: dict[Key, bool] = {}  # a rename's `$was` first, then the same key)
+    for row in delta.insertions:
+        keep = not any(_same(row, sent) for sent in received.insertions)
+        if keep:
+            kept.append(row)
+        if key is not None:
+            was = row.get(WAS)
+            if isinstance(was, dict) and set(was) == set(key):
+                renames[key_of(was, key)] = keep
+            else:
+                updates[key_of(row, key)] = keep
+    pair_of = {**updates, **renames}
+    deletions = []
+    for row in delta.deletions:
+        ident = _ident(row, key)
+        if pair_of.get(ident, ident not in sent_deleted):
+            deletions.append(row)
     return ViewDelta(delta.view, kept, deletions, key=key or ())

@@ -119,13 +119,17 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     name = _get(env, "DEJIMA_PEER_NAME", peer_type)
     if not PEER_NAME_RE.match(name):
         raise ConfigError("DEJIMA_PEER_NAME", f"{name!r}: use lower-case letters, digits, - and _ (at most 40)")
-    database_url = _get(env, "DEJIMA_DATABASE_URL")
-    if urlsplit(database_url).scheme not in ("postgresql", "postgres"):
+    # Client mode talks only to its peer service over HTTP: no database, but DEJIMA_PEER_URL is required.
+    database_url = _get(env, "DEJIMA_DATABASE_URL", "" if mode == "client" else None)
+    if database_url and urlsplit(database_url).scheme not in ("postgresql", "postgres"):
         raise ConfigError("DEJIMA_DATABASE_URL", "must be a postgresql:// URL")
+    if mode == "client" and not env.get("DEJIMA_PEER_URL", "").strip():
+        raise ConfigError("DEJIMA_PEER_URL", "is required in client mode (the URL of this organization's peer service)")
     commit_wait = _get(env, "DEJIMA_COMMIT_WAIT", "all")
     if commit_wait not in ("all", "decision"):
         raise ConfigError("DEJIMA_COMMIT_WAIT", f"{commit_wait!r} must be 'all' or 'decision'")
-    peer_timeout = _float(env, "DEJIMA_PEER_TIMEOUT", 5.0, 0.05, 300.0)
+    # Client mode: the timeout of every call to its peer service; a write waits for a whole global transaction.
+    peer_timeout = _float(env, "DEJIMA_PEER_TIMEOUT", 5.0 if mode == "peer" else 30.0, 0.05, 300.0)
     return PeerConfig(
         peer_type=peer_type,
         mode=mode,

@@ -609,8 +609,11 @@ class Coordinator:
         """Roll back open participant transactions whose deadline passed (their origin has given up)."""
         now = time.monotonic()
         with self.lock:
+            # a branch's deadline may pass while its origin still waits for a slower branch: allow a whole
+            # global transaction's time before deciding that the origin went silent
+            grace = self.config.txn_timeout
             stale = [
-                g for g in self.gxs.values() if g.phase == "open" and g.origin != self.name and g.deadline + 1 < now
+                g for g in self.gxs.values() if g.phase == "open" and g.origin != self.name and g.deadline + grace < now
             ]
             self.tombstones = {k: t for k, t in self.tombstones.items() if t > now}
         for gx in stale:
