@@ -592,19 +592,22 @@ def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: lis
 def outgoing(state: GxState, changes: Iterable[RowChange]) -> dict[str, Delta]:
     """Wire deltas of captured changes, per view (`ViewDelta`s), annotated with `$unknown` and `$was`.
 
-    Records every changed base row as touched (and its changed columns as written), every key that left a view as
-    deleted.
+    Records every changed base row as touched, every key that left a view as deleted, and for rows not touched
+    before (the origin's statements: apply_delta keeps the marks of the rows it writes) the changed columns as
+    written.
     """
     out: dict[str, Delta] = {}
+    touched_before = set(state.touched)
     for change in changes:
         view = state.ptype.view(change.view)
         ref = (view.table, change.row_id)
-        state.touched.add(ref)
-        if change.new is not None:  # what the origin's statements (or a putback) gave a value in this gxid
+        if change.new is not None and ref not in touched_before:
+            # a row the origin's statements changed (apply_delta keeps the marks of the rows it writes itself)
             marks = state.unknown.get(ref, set())
             state.written.setdefault(ref, set()).update(
                 c for c in view.columns if c not in marks and (change.old is None or change.old[c] != change.new[c])
             )
+        state.touched.add(ref)
         delta = out.setdefault(change.view, ViewDelta(change.view, key=view.key))
         old_key = key_of(change.old, view.key) if change.old is not None else None
         if change.old is not None:

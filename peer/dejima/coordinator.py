@@ -25,6 +25,7 @@ answers abort (presumed abort).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import secrets
@@ -46,6 +47,7 @@ from peer.dejima.delta import Delta, take_changes
 from peer.dejima.directory import Directory
 from peer.dejima.manifest import PeerType
 from peer.dejima.messages import (
+    WAS,
     Ack,
     DecisionQuery,
     DecisionReply,
@@ -69,6 +71,8 @@ HTTP_STATUS = {
 }
 APPLY_LOCK_WAIT_MS = 100  # a participant re-decides wait-or-die this often while a row is locked
 TOMBSTONE_SECONDS = 600.0
+ORIGIN_KEYS_LIMIT = 1000  # above this many changed keys the origin does not list them (forwarding stays correct)
+REPLY_MEMORY = 10_000  # answers to propagate remembered by message id (a retry gets the first answer back)
 
 
 class GlobalTxnError(Exception):
@@ -120,9 +124,9 @@ class Gx:
     conn: psycopg.Connection[Any] | None = None
     state: GxState | None = None
     phase: str = "open"  # open | prepared | committed | aborted
-    replies: dict[str, PropagateReply] = field(default_factory=dict)
     reached: set[str] = field(default_factory=set)
     created: float = field(default_factory=time.monotonic)
+    origin_keys: dict[str, list[list[Any]]] = field(default_factory=dict)
 
     @property
     def order(self) -> tuple[int, str]:
@@ -156,6 +160,7 @@ class Coordinator:
         self.tombstones: dict[str, float] = {}
         self.lock = threading.Lock()
         self.pending_finish: dict[str, set[str]] = {}  # gxid -> participants still to be told "commit"
+        self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
         self.stats = {"committed": 0, "aborted": 0, "propagate_sent": 0, "propagate_received": 0}
 
     # ---- helpers --------------------------------------------------------------------------------------------
@@ -246,6 +251,7 @@ class Coordinator:
                     gx.phase = "committed"
                 self.stats["committed"] += 1
                 return {"status": "committed", "gxid": gxid, "participants": [], "ms": _ms(started)}
+            gx.origin_keys = origin_keys(self.ptype, deltas)
             fan = self._fan_out(gx, deltas, received=None)
             participants = fan.reached - {self.name}
             if not fan.ok:
@@ -346,13 +352,22 @@ class Coordinator:
                 out = delta
                 if received is not None and member == received[0] and view == received[1].view:
                     out = without_echo(delta, received[1])
+                if member == gx.origin and view in gx.origin_keys:
+                    out = _without_keys(out, self.ptype.view(view).key, gx.origin_keys[view])
                 if out.is_empty():
                     continue
                 url = self.directory.url_of(member)
                 if url is None:
                     return FanOut(False, set(), f"{self.name}: no address known for {member}", "unreachable")
                 msg = Propagate(
-                    gx.gxid, gx.origin, self.name, view, out.insertions, out.deletions, max(1, int(timeout * 1000))
+                    gx.gxid,
+                    gx.origin,
+                    self.name,
+                    view,
+                    out.insertions,
+                    out.deletions,
+                    max(1, int(timeout * 1000)),
+                    origin_keys=gx.origin_keys,
                 )
                 targets.append((member, url, msg))
         if not targets:
@@ -387,20 +402,34 @@ class Coordinator:
         """Atomicity over availability: every member peer type of the view must be known before we write it."""
         spec = self.ptype.view(view)
         present = {self.ptype.name}
+        refused: list[str] = []
         with self.directory.lock:
             for peer in self.directory.peers.values():
-                if view in peer.catalog and view not in peer.incompatible:
+                if view in peer.incompatible:
+                    refused.append(peer.incompatible[view])
+                elif view in peer.catalog:
                     present.add(peer.peer_type)
         missing = sorted(set(spec.members) - present)
         if missing:
+            why = f" (incompatible: {'; '.join(refused)})" if refused else ""
             raise GlobalTxnError(
-                "unreachable", f"{self.name}: no peer of type {', '.join(missing)} is known yet for {view}"
+                "unreachable", f"{self.name}: no compatible peer of type {', '.join(missing)} for {view}{why}"
             )
 
     def on_propagate(self, msg: Propagate) -> PropagateReply:
         """Apply a delta received from another peer, forward what it changed, vote."""
         self.stats["propagate_received"] += 1
+        first = self.replies.get(msg.message_id)
+        if first is not None:
+            return first
+        reply = self._propagate(msg)
+        with self.lock:
+            self.replies[msg.message_id] = reply
+            while len(self.replies) > REPLY_MEMORY:
+                self.replies.pop(next(iter(self.replies)))
+        return reply
 
+    def _propagate(self, msg: Propagate) -> PropagateReply:
         def no(kind: str, error: str, reached: Iterable[str] = ()) -> PropagateReply:
             return PropagateReply(msg.gxid, self.name, "no", sorted({self.name, *reached}), error, kind)
 
@@ -412,9 +441,10 @@ class Coordinator:
             return no("refused", f"{self.name}: {msg.sender!r} is not a member of {msg.view}'s group")
         if gxid_origin(msg.gxid) != msg.origin:
             return no("bad_request", f"{self.name}: gxid {msg.gxid!r} does not belong to origin {msg.origin!r}")
-        gx = self._get_or_create(msg.gxid, msg.origin, msg.timeout_ms / 1000)
-        if msg.message_id in gx.replies:
-            return gx.replies[msg.message_id]
+        timeout_s = min(msg.timeout_ms / 1000, self.config.txn_timeout)  # a sender cannot hold our locks longer
+        gx = self._get_or_create(msg.gxid, msg.origin, timeout_s)
+        if not gx.origin_keys and msg.origin_keys:
+            gx.origin_keys = msg.origin_keys
         received = Delta(msg.view, msg.insertions, msg.deletions)
         try:
             with gx.lock:
@@ -439,11 +469,9 @@ class Coordinator:
             text = str(exc).strip()
             return no(kind, text if text.startswith(f"{self.name}:") else f"{self.name}: {text}")
         fan = self._fan_out(gx, deltas, received=(msg.sender, received))
-        reply = PropagateReply(
+        return PropagateReply(
             msg.gxid, self.name, "yes" if fan.ok else "no", sorted(fan.reached | {self.name}), fan.error, fan.error_kind
         )
-        gx.replies[msg.message_id] = reply
-        return reply
 
     def _apply_wait_die(self, gx: Gx, msg: Propagate) -> None:
         assert gx.conn is not None and gx.state is not None
@@ -639,6 +667,33 @@ class Coordinator:
                 "SELECT gid, prepared::text FROM pg_prepared_xacts WHERE database = current_database()"
             ).fetchall()
         return [{"gid": gid, "prepared": at} for gid, at in rows]
+
+
+def origin_keys(ptype: PeerType, deltas: dict[str, Delta]) -> dict[str, list[list[Any]]]:
+    """Per view, the identity keys (old and new) of the rows the origin changed; {} when there are too many."""
+    out: dict[str, list[list[Any]]] = {}
+    total = 0
+    for view, delta in deltas.items():
+        key = ptype.view(view).key
+        keys = {json.dumps([row.get(k) for k in key]) for row in [*delta.insertions, *delta.deletions]}
+        keys |= {
+            json.dumps([row[WAS].get(k) for k in key]) for row in delta.insertions if isinstance(row.get(WAS), dict)
+        }
+        total += len(keys)
+        out[view] = [json.loads(k) for k in sorted(keys)]
+    return out if total <= ORIGIN_KEYS_LIMIT else {}
+
+
+def _without_keys(delta: Delta, key: tuple[str, ...], keys: list[list[Any]]) -> Delta:
+    """The delta without rows whose identity key (or old key) is among `keys`."""
+    drop = {json.dumps(k) for k in keys}
+
+    def kept(row: dict[str, Any]) -> bool:
+        was = row.get(WAS)
+        old = json.dumps([was.get(k) for k in key]) if isinstance(was, dict) else None
+        return json.dumps([row.get(k) for k in key]) not in drop and old not in drop
+
+    return Delta(delta.view, [r for r in delta.insertions if kept(r)], [r for r in delta.deletions if kept(r)])
 
 
 def _ms(started: float) -> float:

@@ -72,6 +72,7 @@ class Directory:
         self.my_views = {c["view"]: c for c in self.catalog}
         self.peers: dict[str, KnownPeer] = {}
         self.lock = threading.RLock()
+        self.save_lock = threading.Lock()  # one snapshot written at a time, the latest last
         self.stopped = threading.Event()
         self.greetings = 0  # messages sent, for the discovery benchmark
         self.seed_urls = sorted({u for urls in config.seeds.values() for u in urls if u != config.url})
@@ -239,6 +240,10 @@ class Directory:
                 self.peers[name] = KnownPeer(name, url, peer_type, dict(catalog or {}))
 
     def _save(self) -> None:
+        with self.save_lock:
+            self._save_snapshot()
+
+    def _save_snapshot(self) -> None:
         with self.lock:
             peers = [
                 (p.name, p.url, p.peer_type, json.dumps(p.catalog), p.status, json.dumps(p.incompatible))

@@ -93,6 +93,9 @@ class Propagate(Message):
     deletions: list[Row]
     timeout_ms: int
     message_id: str = field(default_factory=new_message_id)
+    # The identity keys the origin itself changed, per view (omitted when large). The origin sends its own version
+    # of those rows to every member directly, so nobody forwards them back to it.
+    origin_keys: dict[str, list[list[Any]]] = field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
@@ -101,6 +104,10 @@ class Propagate(Message):
                 raise MessageError("propagate: every row must be an object")
         if self.timeout_ms <= 0:
             raise MessageError("propagate: timeout_ms must be positive")
+        if not isinstance(self.origin_keys, dict) or not all(
+            isinstance(v, list) and all(isinstance(k, list) for k in v) for v in self.origin_keys.values()
+        ):
+            raise MessageError("propagate: origin_keys must map views to lists of keys")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class PeerRuntime:
             min_size=2,
             max_size=config.pool_size,
             configure=_configure,
+            check=ConnectionPool.check_connection,  # a connection closed by a database restart is replaced
             kwargs={"connect_timeout": 5},
             timeout=config.txn_timeout,
             name=f"{config.name}-db",

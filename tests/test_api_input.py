@@ -1,0 +1,504 @@
+"""Cluster tier: bad input at a running peer gets a 4xx (or a "no" vote) with a message naming what was wrong, and
+nothing is applied anywhere.
+
+Client API (`/api/v1/exec`, `/api/v1/query`, `/api/v1/views/<view>`) and the peer protocol (`/peer/v1/message`),
+each checked against the databases afterwards: base tables unchanged at every peer, no propagate sent, no global
+transaction left open, no prepared transaction left (`dejima check`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from peer.cli import check_network
+from peer.dejima.config import load_config
+from peer.network import LocalNetwork
+
+pytestmark = pytest.mark.cluster
+
+PEERS = ("government", "bank", "insurance")
+TABLES = {"government": "government_users", "bank": "bank_users", "insurance": "insurance_users"}
+MAX_BODY = load_config({"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://localhost/x"}).max_body_bytes
+PROTOCOL = "dejima/1"
+JSON = {"Content-Type": "application/json"}
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def url(net: LocalNetwork, peer: str, path: str) -> str:
+    return net.specs[peer].url + path
+
+
+def post(net: LocalNetwork, peer: str, path: str, body: Any) -> tuple[int, Any]:
+    """POST `body` (bytes as they are, anything else as JSON); (HTTP status, JSON answer)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = requests.post(url(net, peer, path), data=data, headers=JSON, timeout=30)
+    return resp.status_code, resp.json()
+
+
+def base_rows(net: LocalNetwork) -> dict[str, list[tuple[Any, ...]]]:
+    """Every peer's base table, read straight from its database (committed state only)."""
+    out = {}
+    for peer in PEERS:
+        with psycopg.connect(net.server.url(net.specs[peer].database)) as conn:
+            out[peer] = conn.execute(f"SELECT * FROM {TABLES[peer]} ORDER BY id").fetchall()  # noqa: S608
+    return out
+
+
+def sent_messages(net: LocalNetwork) -> int:
+    return sum(net.get(p, "/api/v1/status")["stats"]["propagate_sent"] for p in PEERS)
+
+
+def assert_nothing_applied(net: LocalNetwork, sent_before: int | None = None) -> None:
+    """Nothing changed anywhere: empty base tables, no global transaction open, none prepared, views identical."""
+    wait_until(
+        lambda: all(net.get(p, "/api/v1/status")["open_transactions"] == 0 for p in PEERS),
+        15,
+        "every global transaction to end",
+    )
+    assert base_rows(net) == {peer: [] for peer in PEERS}
+    if sent_before is not None:
+        assert sent_messages(net) == sent_before, "a propagate was sent for refused input"
+    report = check_network({name: spec.url for name, spec in net.specs.items()})
+    assert report["ok"], report
+
+
+@pytest.fixture
+def net(network: LocalNetwork) -> LocalNetwork:
+    return network
+
+
+def new_gxid(origin: str) -> str:
+    return f"{origin}.{time.time_ns():x}.{uuid.uuid4().hex[:8]}"
+
+
+def envelope(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"protocol": PROTOCOL, "kind": kind, "body": body, "signature": None}
+
+
+def propagate(
+    view: str,
+    insertions: list[dict[str, Any]],
+    sender: str = "bank",
+    origin: str | None = None,
+    deletions: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    origin = origin or sender
+    body = {
+        "gxid": new_gxid(origin),
+        "origin": origin,
+        "sender": sender,
+        "view": view,
+        "insertions": insertions,
+        "deletions": deletions or [],
+        "timeout_ms": 5000,
+        "message_id": uuid.uuid4().hex,
+    }
+    body.update(overrides)
+    return envelope("propagate", body)
+
+
+def person(**values: Any) -> dict[str, Any]:
+    """A dejima_bank row."""
+    return {"first_name": "Eve", "last_name": "Spy", "phone": "555-0666", "address": "6 Dark Rd", **values}
+
+
+# ---- client API: /api/v1/exec and /api/v1/query ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query"])
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"{bad", "malformed JSON"),
+        (b"", "malformed JSON"),
+        (b"\xff\xfe{}", "malformed JSON"),
+        (b'{"sql": "SELECT 1"', "malformed JSON"),
+    ],
+    ids=["broken", "empty-body", "not-utf8", "truncated"],
+)
+def test_it_refuses_malformed_json_with_400(net: LocalNetwork, path: str, body: bytes, says: str) -> None:
+    sent = sent_messages(net)
+    status, answer = post(net, "bank", path, body)
+    assert status == 400, answer
+    assert says in answer["error"], answer
+    assert_nothing_applied(net, sent)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"sql": 5},
+        {"sql": None},
+        {"sql": True},
+        {"sql": [1]},
+        {"sql": {"text": "SELECT 1"}},
+        {"sql": ["SELECT 1", 2]},
+        {},
+        {"statements": "SELECT 1"},
+        {"sql": "SELECT 1", "extra": 1},
+        [],
+        ["SELECT 1"],
+        "SELECT 1",
+        5,
+        None,
+    ],
+    ids=lambda b: json.dumps(b),
+)
+def test_it_refuses_wrong_types_with_400_naming_sql(net: LocalNetwork, path: str, body: Any) -> None:
+    sent = sent_messages(net)
+    status, answer = post(net, "bank", path, body)
+    assert status == 400, answer
+    assert '"sql"' in answer["error"], answer
+    assert_nothing_applied(net, sent)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query"])
+@pytest.mark.parametrize("sql", ["", "   ", "\n\t", [], [""], ["SELECT 1", "  "]], ids=repr)
+def test_it_refuses_empty_statements_with_400(net: LocalNetwork, path: str, sql: Any) -> None:
+    sent = sent_messages(net)
+    status, answer = post(net, "bank", path, {"sql": sql})
+    assert status == 400, answer
+    assert "non-empty" in answer["error"], answer
+    assert_nothing_applied(net, sent)
+
+
+@pytest.mark.parametrize(
+    ("path", "sql", "names"),
+    [
+        ("/api/v1/exec", "INSERT INTO nope (first_name) VALUES ('x')", '"nope"'),
+        ("/api/v1/exec", "UPDATE bank_users SET nope = 1", '"nope"'),
+        ("/api/v1/exec", "INSERT INTO bank_users (first_name, last_name, nope) VALUES ('a', 'b', 1)", '"nope"'),
+        ("/api/v1/exec", "SELECT 1; garbage", '"garbage"'),
+        ("/api/v1/query", "SELECT nope FROM bank_users", '"nope"'),
+        ("/api/v1/query", "SELECT * FROM government_users", '"government_users"'),  # another peer's table
+    ],
+)
+def test_it_refuses_unknown_tables_and_columns_with_400(net: LocalNetwork, path: str, sql: str, names: str) -> None:
+    sent = sent_messages(net)
+    status, answer = post(net, "bank", path, {"sql": sql})
+    assert status == 400, answer
+    assert names in answer["error"], answer
+    assert_nothing_applied(net, sent)
+
+
+def test_it_applies_none_of_several_statements_when_one_is_bad(net: LocalNetwork) -> None:
+    sent = sent_messages(net)
+    status, answer = net.exec(
+        "bank",
+        [
+            "INSERT INTO bank_users (first_name, last_name, phone) VALUES ('Jane', 'Roe', '555-0199')",
+            "INSERT INTO nope VALUES (1)",
+        ],
+    )
+    assert status == 400, answer
+    assert '"nope"' in answer["error"], answer
+    assert_nothing_applied(net, sent)
+
+
+def test_it_refuses_a_write_through_the_query_endpoint(net: LocalNetwork) -> None:
+    sent = sent_messages(net)
+    status, answer = post(
+        net, "bank", "/api/v1/query", {"sql": "INSERT INTO bank_users (first_name, last_name) VALUES ('a', 'b')"}
+    )
+    assert status == 400, answer
+    assert "read-only" in answer["error"], answer
+    assert_nothing_applied(net, sent)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query", "/peer/v1/message"])
+def test_it_refuses_a_body_over_the_limit_with_413(net: LocalNetwork, path: str) -> None:
+    sent = sent_messages(net)
+    body = json.dumps({"sql": "SELECT 1 -- " + "x" * MAX_BODY}).encode()
+    status, answer = post(net, "bank", path, body)
+    assert status == 413, answer
+    assert str(MAX_BODY) in answer["error"], answer
+    assert_nothing_applied(net, sent)
+
+
+def test_it_accepts_a_body_just_under_the_limit(net: LocalNetwork) -> None:
+    stmt = "INSERT INTO bank_users (first_name, last_name) VALUES ('Big', 'Body') -- "
+    padding = MAX_BODY - len(json.dumps({"sql": stmt})) - 16
+    status, answer = post(net, "bank", "/api/v1/exec", {"sql": stmt + "x" * padding})
+    assert (status, answer.get("status")) == (200, "committed"), answer
+    for peer in PEERS:
+        assert [(r[1], r[2]) for r in base_rows(net)[peer]] == [("Big", "Body")], peer
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    for i in range(0, len(data), 64 * 1024):
+        yield data[i : i + 64 * 1024]
+
+
+def test_it_reads_a_chunked_body(net: LocalNetwork) -> None:
+    data = json.dumps({"sql": "SELECT 1 AS one"}).encode()
+    resp = requests.post(url(net, "bank", "/api/v1/query"), data=_chunks(data), headers=JSON, timeout=30)
+    # either it reads the body, or it says plainly that it needs a Content-Length (411)
+    assert resp.status_code in (200, 411), resp.text
+    if resp.status_code == 200:
+        assert resp.json()["rows"] == [[1]]
+
+
+def test_it_refuses_an_oversized_chunked_body_with_413(net: LocalNetwork) -> None:
+    sent = sent_messages(net)
+    data = json.dumps({"sql": "SELECT 1 -- " + "x" * (2 * MAX_BODY)}).encode()
+    resp = requests.post(url(net, "bank", "/api/v1/exec"), data=_chunks(data), headers=JSON, timeout=30)
+    assert resp.status_code in (411, 413), resp.text
+    assert_nothing_applied(net, sent)
+
+
+@pytest.mark.parametrize(
+    ("statements", "names"),
+    [
+        (["INSERT INTO bank_users (first_name) VALUES ('Jane')"], '"last_name"'),
+        (
+            [
+                "INSERT INTO bank_users (first_name, last_name) VALUES ('Jane', 'Roe')",
+                "INSERT INTO bank_users (first_name, last_name) VALUES ('Jane', 'Roe')",
+            ],
+            "(first_name, last_name)=(Jane, Roe) already exists",
+        ),
+    ],
+    ids=["not-null", "duplicate-key"],
+)
+def test_it_answers_422_for_a_constraint_violated_at_the_origin(
+    net: LocalNetwork, statements: list[str], names: str
+) -> None:
+    sent = sent_messages(net)
+    status, answer = net.exec("bank", statements)
+    assert status == 422, answer
+    assert answer["kind"] == "constraint", answer
+    assert names in answer["error"], answer
+    assert answer["error"].startswith("bank:"), answer
+    assert_nothing_applied(net, sent)
+
+
+@pytest.mark.parametrize("view", ["nope", "dejima_insurance", "bank_users"])
+def test_it_answers_404_for_an_unknown_view(net: LocalNetwork, view: str) -> None:
+    resp = requests.get(url(net, "bank", f"/api/v1/views/{view}"), timeout=10)
+    assert resp.status_code == 404, resp.text
+    assert repr(view) in resp.json()["error"], resp.text
+
+
+# ---- peer protocol: /peer/v1/message ---------------------------------------------------------------------------
+
+
+GOOD_PROPAGATE_BODY = propagate("dejima_bank", [person()])["body"]
+
+
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        (b"{bad", "malformed JSON"),
+        (b"", "malformed JSON"),
+        ([], "must be a JSON object"),
+        ("hello", "must be a JSON object"),
+        ({"kind": "propagate", "body": GOOD_PROPAGATE_BODY}, "protocol"),
+        ({"protocol": "dejima/0", "kind": "propagate", "body": GOOD_PROPAGATE_BODY}, "dejima/0"),
+        ({"protocol": PROTOCOL, "kind": "gossip", "body": {}}, "'gossip'"),
+        ({"protocol": PROTOCOL, "body": GOOD_PROPAGATE_BODY}, "kind"),
+        ({"protocol": PROTOCOL, "kind": "propagate"}, "body"),
+        ({"protocol": PROTOCOL, "kind": "propagate", "body": []}, "body"),
+        (envelope("propagate", {k: v for k, v in GOOD_PROPAGATE_BODY.items() if k != "gxid"}), "'gxid'"),
+        (envelope("propagate", {**GOOD_PROPAGATE_BODY, "evil": 1}), "'evil'"),
+        (envelope("propagate", {**GOOD_PROPAGATE_BODY, "timeout_ms": "5000"}), "'timeout_ms'"),
+        (envelope("propagate", {**GOOD_PROPAGATE_BODY, "timeout_ms": 0}), "timeout_ms"),
+        (envelope("propagate", {**GOOD_PROPAGATE_BODY, "insertions": {"first_name": "Eve"}}), "'insertions'"),
+        (envelope("propagate", {**GOOD_PROPAGATE_BODY, "insertions": ["Eve"]}), "row"),
+        (envelope("propagate", {**GOOD_PROPAGATE_BODY, "view": 7}), "'view'"),
+        (envelope("propagate_reply", {"gxid": "x", "peer": "bank", "vote": "yes", "reached": []}), "not a request"),
+    ],
+    ids=[
+        "broken-json",
+        "empty",
+        "array",
+        "string",
+        "no-protocol",
+        "wrong-protocol",
+        "unknown-kind",
+        "no-kind",
+        "no-body",
+        "body-not-object",
+        "missing-field",
+        "unknown-field",
+        "timeout-as-string",
+        "timeout-zero",
+        "insertions-not-list",
+        "row-not-object",
+        "view-not-string",
+        "reply-as-request",
+    ],
+)
+def test_it_refuses_a_malformed_peer_message_with_400(net: LocalNetwork, message: Any, says: str) -> None:
+    status, answer = post(net, "government", "/peer/v1/message", message)
+    assert status == 400, answer
+    assert says in answer["error"], answer
+    assert_nothing_applied(net)
+
+
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        (propagate("dejima_nope", [person()]), "unknown view 'dejima_nope'"),
+        (propagate("dejima_risk", [{"first_name": "Eve", "last_name": "Spy", "risk_factor": 1}]), "dejima_risk"),
+        (propagate("dejima_bank", [person()], sender="insurance"), "'insurance' is not a member of dejima_bank"),
+        (propagate("dejima_bank", [person()], sender="mallory"), "'mallory' is not a member"),
+        (propagate("dejima_bank", [person(iban="DE89")]), "'iban' is not a column of dejima_bank"),
+        (propagate("dejima_bank", [person(birthdate="1980-01-01")]), "'birthdate' is not a column"),
+        (propagate("dejima_bank", [person(phone=5)]), "column 'phone' must be text"),
+        (propagate("dejima_bank", [person(first_name=None)]), "'first_name' may not be null"),
+        (propagate("dejima_bank", [{"first_name": "Eve", "phone": None, "address": None}]), "'last_name' is missing"),
+        (propagate("dejima_bank", [person(**{"$unknown": ["first_name"]})]), "key column 'first_name'"),
+        (propagate("dejima_bank", [person(**{"$bogus": 1})]), "'$bogus'"),
+        (propagate("dejima_bank", [person(), person()]), "inserted twice"),
+        (
+            propagate(
+                "dejima_insurance",
+                [{"first_name": "Eve", "last_name": "Spy", "address": None, "birthdate": "yesterday"}],
+                sender="insurance",
+            ),
+            "'birthdate'",
+        ),
+        (
+            propagate(
+                "dejima_insurance",
+                [{"first_name": "Eve", "last_name": "Spy", "address": None, "birthdate": 19800101}],
+                sender="insurance",
+            ),
+            "'birthdate'",
+        ),
+        (propagate("dejima_bank", [person()], gxid=new_gxid("insurance")), "does not belong to origin"),
+    ],
+    ids=[
+        "unknown-view",
+        "view-not-shared-here",
+        "sender-not-member",
+        "unknown-sender",
+        "column-not-in-view",
+        "column-of-another-view",
+        "text-as-number",
+        "null-key",
+        "missing-key",
+        "unknown-key",
+        "unknown-marker",
+        "same-key-twice",
+        "bad-date",
+        "date-as-number",
+        "forged-origin",
+    ],
+)
+def test_it_votes_no_on_a_bad_propagate_and_applies_nothing(
+    net: LocalNetwork, message: dict[str, Any], says: str
+) -> None:
+    sent = sent_messages(net)
+    status, answer = post(net, "government", "/peer/v1/message", message)
+    if status == 200:
+        assert answer["kind"] == "propagate_reply", answer
+        reply = answer["body"]
+        assert reply["vote"] == "no", reply
+        assert reply["peer"] == "government", reply
+        assert reply["error"].startswith("government:"), reply
+        assert says in reply["error"], reply
+    else:
+        assert status == 400, answer
+        assert says in answer["error"], answer
+    assert_nothing_applied(net, sent)
+
+
+def _finish(net: LocalNetwork, peers: list[str], gxid: str, origin: str, decision: str) -> None:
+    for peer in peers:
+        status, answer = post(
+            net, peer, "/peer/v1/message", envelope("finish", {"gxid": gxid, "origin": origin, "decision": decision})
+        )
+        assert status == 200, answer
+        assert answer["body"]["ok"], answer
+
+
+def test_it_answers_a_duplicate_propagate_with_its_first_answer(net: LocalNetwork) -> None:
+    message = propagate("dejima_bank", [person()])
+    gxid = message["body"]["gxid"]
+    try:
+        first = post(net, "government", "/peer/v1/message", message)
+        again = post(net, "government", "/peer/v1/message", message)
+
+        assert first[0] == 200, first
+        assert first[1]["body"]["vote"] == "yes", first
+        assert again == first
+    finally:
+        # as the origin (bank) would: abort everywhere the propagation reached
+        _finish(net, list(PEERS), gxid, "bank", "abort")
+    assert_nothing_applied(net)
+
+
+def test_it_answers_a_duplicate_of_a_refused_propagate_with_its_first_answer(net: LocalNetwork) -> None:
+    message = propagate("dejima_bank", [person(iban="DE89")])
+    first = post(net, "government", "/peer/v1/message", message)
+    again = post(net, "government", "/peer/v1/message", message)
+    assert first[1]["body"]["vote"] == "no", first
+    assert again[1]["body"]["vote"] == "no", again
+    assert_nothing_applied(net)
+    assert {k: v for k, v in again[1]["body"].items() if k != "message_id"} == {
+        k: v for k, v in first[1]["body"].items() if k != "message_id"
+    }
+
+
+# ---- a delta that violates a base-table constraint at a receiver ------------------------------------------------
+
+
+@pytest.fixture
+def insurance_refuses_nowhere(net: LocalNetwork) -> Iterator[LocalNetwork]:
+    """A constraint only insurance has (its own business rule, added to its base table): no address 'Nowhere'.
+    The shipped schema gives no such case: every member's view columns have the same types, every private column
+    is nullable, and each view sees its whole table, so a valid delta never breaks a receiver's constraint."""
+    dsn = net.server.url(net.specs["insurance"].database)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "ALTER TABLE insurance_users ADD CONSTRAINT test_no_nowhere CHECK (address IS DISTINCT FROM 'Nowhere')"
+        )
+    try:
+        yield net
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE insurance_users DROP CONSTRAINT IF EXISTS test_no_nowhere")
+
+
+@pytest.mark.parametrize(
+    ("origin", "statement"),
+    [
+        (
+            "government",
+            "INSERT INTO government_users (first_name, last_name, address) VALUES ('Con', 'Straint', 'Nowhere')",
+        ),
+        ("bank", "INSERT INTO bank_users (first_name, last_name, address) VALUES ('Con', 'Straint', 'Nowhere')"),
+    ],
+    ids=["one-hop", "two-hops"],
+)
+def test_it_aborts_everywhere_when_a_receiver_violates_a_constraint(
+    insurance_refuses_nowhere: LocalNetwork, origin: str, statement: str
+) -> None:
+    net = insurance_refuses_nowhere
+    status, answer = net.exec(origin, statement)
+    assert status == 422, answer
+    assert answer["kind"] == "constraint", answer
+    assert "insurance:" in answer["error"], answer
+    assert "test_no_nowhere" in answer["error"], answer
+    assert_nothing_applied(net)
