@@ -344,6 +344,9 @@ class Coordinator:
         """Send each changed view's delta to the other members of its group, in parallel; gather the votes."""
         targets: list[tuple[str, str, Propagate]] = []
         timeout = self._remaining(gx)
+        if received is not None:
+            # a forwarded call must give up before its caller does, so the caller hears who really timed out
+            timeout = max(0.05, timeout * 0.8)
         for view, delta in deltas.items():
             self._check_members_known(view)
             for member in self.directory.members(view):

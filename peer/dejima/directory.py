@@ -190,6 +190,8 @@ class Directory:
         for (url, name), result in zip(due, results, strict=True):
             if result.ok and isinstance(result.message, Hello):
                 self.learn(result.message)
+                with self.lock:
+                    self.seed_state.pop(url, None)  # a seed that answered is known by name from now on
                 continue
             self._failed(url, name, result.error)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -32,6 +33,17 @@ def install_scripts(ptype: PeerType, root: Path) -> list[tuple[str, str]]:
     return scripts
 
 
+def _installed_digest(conn: psycopg.Connection[Any], peer_type: str) -> str | None:
+    row = conn.execute(
+        "SELECT to_regclass('dejima.installed') IS NOT NULL",
+    ).fetchone()
+    if row is None or not row[0]:
+        return None
+    found = conn.execute("SELECT sql_sha256 FROM dejima.installed WHERE peer_type = %s", (peer_type,)).fetchone()
+    conn.rollback()
+    return str(found[0]) if found else None
+
+
 def install(conninfo: str, peer_type: str, root: Path = SQL_ROOT, timeout: float = 30.0) -> str:
     """Install `peer_type` (a folder under root) into the database at conninfo. Returns the SQL's sha256."""
     types = load_peer_types(root)
@@ -40,6 +52,10 @@ def install(conninfo: str, peer_type: str, root: Path = SQL_ROOT, timeout: float
     scripts = install_scripts(types[peer_type], root)
     digest = hashlib.sha256("".join(text for _, text in scripts).encode()).hexdigest()
     with psycopg.connect(conninfo, connect_timeout=max(1, int(timeout)), autocommit=False) as conn:
+        if _installed_digest(conn, peer_type) == digest:
+            # Already installed, unchanged: touch nothing. DDL would wait for the locks of prepared transactions
+            # a crashed peer left behind, and the peer must start to recover them.
+            return digest
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(timeout * 1000)}ms")))
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
         conn.execute("CREATE SCHEMA IF NOT EXISTS dejima")

@@ -1,0 +1,532 @@
+"""Test kit: a small threaded TCP proxy on loopback, and a cluster whose peer-to-peer traffic goes through proxies.
+
+`Proxy(target_port)` listens on a free loopback port and forwards every connection to the target:
+
+- `cut()` closes every connection and refuses new ones (the listening socket is closed: connect is refused);
+  `restore()` listens again on the same port and forgets every cut;
+- `cut_from(sender)` closes any connection as soon as it carries a request from `sender` (the request's
+  `X-Dejima-Peer` header): the link between two peers is down, the others are not;
+- `hold()` stops forwarding new data in both directions (it is kept, in order) until `release()`;
+- `delay_from(sender, seconds)` holds each HTTP request whose headers carry `X-Dejima-Peer: <sender>` back for
+  `seconds` before forwarding it (every peer-to-peer request carries that header, see peer/dejima/transport.py);
+  `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut and hold.
+
+Threads own their sockets: other threads only `shutdown()` a socket (which wakes a blocked `recv`/`accept`),
+the owning thread closes it, so a file descriptor is never closed under a thread still using it.
+
+`ProxiedCluster` builds a `LocalNetwork` of the shipped example where each peer advertises the URL of its own
+proxy (`DEJIMA_URL`) and is seeded with the other peers' proxy URLs (`DEJIMA_SEEDS`): other peers learn a peer's
+URL from its greetings (peer/dejima/directory.py), so every peer-to-peer message to peer X passes X's proxy, while
+the tests talk to each peer directly (`spec.url`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import requests
+from psycopg import sql
+
+from peer.cli import check_network
+from peer.network import LocalNetwork, NetworkError, example_specs
+from peer.pgserver import PgServer
+
+LOOPBACK = "127.0.0.1"
+SENDER_HEADER = b"x-dejima-peer"
+MAX_HEAD = 64 * 1024
+
+
+class _Link:
+    """One proxied connection: client socket <-> server socket, two pump threads."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.server: socket.socket | None = None
+        self.closed = threading.Event()
+        self.sender = ""
+        self._lock = threading.Lock()
+        self._owners = 2  # the pump threads; the last one out closes the sockets
+
+    def close(self) -> None:
+        """Wake both pumps (shutdown); the sockets are closed by the last pump thread."""
+        self.closed.set()
+        for sock in (self.client, self.server):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def done(self, owners: int = 1) -> bool:
+        """A pump thread is finished with the link; the last one closes the sockets and returns True."""
+        with self._lock:
+            self._owners -= owners
+            last = self._owners <= 0
+        if last:
+            self.closed.set()
+            for sock in (self.client, self.server):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+        return last
+
+
+class Proxy:
+    """A threaded TCP proxy from a free loopback port to `target_host:target_port`."""
+
+    def __init__(self, target_port: int, target_host: str = LOOPBACK, name: str = "") -> None:
+        self.target = (target_host, target_port)
+        self.name = name or f"proxy->{target_port}"
+        self.port = 0
+        self._lock = threading.Lock()
+        self._links: set[_Link] = set()
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._delays: dict[str, float] = {}
+        self._cut_senders: set[str] = set()
+        self._refusing = False
+        self._stopped = threading.Event()
+        self._listening = threading.Event()  # the acceptor's listener state, acknowledged to cut()/restore()
+        self._acceptor: threading.Thread | None = None
+        self.requests_seen: dict[str, int] = {}  # sender -> HTTP requests forwarded (or cut)
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> Proxy:
+        listener = self._listen(0)
+        self.port = listener.getsockname()[1]
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, args=(listener,), name=f"{self.name}-accept", daemon=True
+        )
+        self._acceptor.start()
+        self._wait(self._listening, True)
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._refusing = True
+        self._flowing.set()
+        self._close_links(lambda link: True)
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=5)
+
+    def __enter__(self) -> Proxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- faults ---------------------------------------------------------------------------------------------
+    def cut(self) -> None:
+        """Close every connection and refuse new ones until `restore()`."""
+        with self._lock:
+            self._refusing = True
+        self._close_links(lambda link: True)
+        self._wait(self._listening, False)
+
+    def restore(self) -> None:
+        """Accept connections again (same port) and forget every cut."""
+        with self._lock:
+            self._refusing = False
+            self._cut_senders.clear()
+        self._wait(self._listening, True)
+
+    def cut_from(self, sender: str) -> None:
+        """Drop every connection carrying requests from `sender` (now or later) until `restore()`."""
+        with self._lock:
+            self._cut_senders.add(sender)
+        self._close_links(lambda link: link.sender == sender)
+
+    def hold(self) -> None:
+        """Stop forwarding new data (both directions) until `release()`; nothing is lost."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    def delay_from(self, sender: str, seconds: float) -> None:
+        """Hold back each HTTP request from peer `sender` for `seconds` (0: no delay)."""
+        with self._lock:
+            if seconds > 0:
+                self._delays[sender] = seconds
+            else:
+                self._delays.pop(sender, None)
+
+    def clear(self) -> None:
+        """No delay, no hold, no cut."""
+        with self._lock:
+            self._delays.clear()
+        self.release()
+        self.restore()
+
+    # ---- internals ------------------------------------------------------------------------------------------
+    def _wait(self, event: threading.Event, state: bool, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while event.is_set() != state:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: listener did not become {'open' if state else 'closed'}")
+            time.sleep(0.005)
+
+    def _listen(self, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
+        sock.listen(128)
+        sock.settimeout(0.05)
+        return sock
+
+    def _accept_loop(self, listener: socket.socket | None) -> None:
+        """Owns the listening socket: closes it while refusing, listens again on the same port after."""
+        try:
+            while not self._stopped.is_set():
+                if self._refusing:
+                    if listener is not None:
+                        listener.close()
+                        listener = None
+                    self._listening.clear()
+                    time.sleep(0.01)
+                    continue
+                if listener is None:
+                    try:
+                        listener = self._listen(self.port)
+                    except OSError:
+                        time.sleep(0.05)
+                        continue
+                self._listening.set()
+                try:
+                    client, _ = listener.accept()
+                    client.settimeout(None)
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:  # a timeout, or a client gone already: the loop must go on
+                    continue
+                link = _Link(client)
+                with self._lock:
+                    refused = self._refusing
+                    if not refused:
+                        self._links.add(link)
+                if refused:
+                    client.close()
+                    continue
+                threading.Thread(target=self._run_link, args=(link,), name=f"{self.name}-link", daemon=True).start()
+        finally:
+            if listener is not None:
+                listener.close()
+            self._listening.clear()
+
+    def _close_links(self, which: Callable[[_Link], bool]) -> None:
+        with self._lock:
+            links = [link for link in self._links if which(link)]
+        for link in links:
+            link.close()
+
+    def _run_link(self, link: _Link) -> None:
+        try:
+            server = socket.create_connection(self.target, timeout=3)
+            server.settimeout(None)
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # target down: the client sees the connection closed
+            link.done(owners=2)
+            self._forget(link)
+            return
+        link.server = server
+        if link.closed.is_set():  # cut while connecting
+            link.close()
+        threading.Thread(target=self._pump_down, args=(link,), name=f"{self.name}-down", daemon=True).start()
+        self._pump_up(link)
+
+    def _forget(self, link: _Link) -> None:
+        with self._lock:
+            self._links.discard(link)
+
+    def _send(self, link: _Link, sock: socket.socket, data: bytes) -> bool:
+        """Forward `data` once the proxy is not held; False when the link closed meanwhile."""
+        while not self._flowing.wait(0.05):
+            if link.closed.is_set():
+                return False
+        if link.closed.is_set():
+            return False
+        try:
+            sock.sendall(data)
+        except OSError:
+            link.close()
+            return False
+        return True
+
+    def _pump_down(self, link: _Link) -> None:
+        """server -> client, raw bytes."""
+        assert link.server is not None
+        try:
+            while True:
+                try:
+                    data = link.server.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    with contextlib.suppress(OSError):
+                        link.client.shutdown(socket.SHUT_WR)
+                    return
+                if not self._send(link, link.client, data):
+                    return
+        finally:
+            self._done(link)
+
+    def _pump_up(self, link: _Link) -> None:
+        """client -> server, request by request (HTTP/1.1 with Content-Length), so that requests can be delayed or
+        cut by sender; anything else (chunked bodies, not HTTP) is forwarded as raw bytes."""
+        assert link.server is not None
+        buf = b""
+        raw = False
+        try:
+            while True:
+                if not raw:
+                    end = buf.find(b"\r\n\r\n")
+                    if end >= 0:
+                        request, rest, raw = self._take_request(link, buf, end)
+                        if request is not None:
+                            buf = rest
+                            if not self._forward_request(link, request):
+                                return
+                            continue
+                    elif len(buf) > MAX_HEAD:
+                        raw = True
+                if raw and buf:
+                    if not self._send(link, link.server, buf):
+                        return
+                    buf = b""
+                try:
+                    data = link.client.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    if buf and not self._send(link, link.server, buf):
+                        return
+                    with contextlib.suppress(OSError):
+                        link.server.shutdown(socket.SHUT_WR)
+                    return
+                buf += data
+        finally:
+            self._done(link)
+
+    def _done(self, link: _Link) -> None:
+        if link.done():
+            self._forget(link)
+
+    def _take_request(self, link: _Link, buf: bytes, end: int) -> tuple[bytes | None, bytes, bool]:
+        """Split one complete request off `buf`: (request, or None while incomplete; the rest; raw from now on)."""
+        headers: dict[bytes, bytes] = {}
+        for line in buf[:end].split(b"\r\n")[1:]:
+            name, sep, value = line.partition(b":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        link.sender = headers.get(SENDER_HEADER, b"").decode("latin-1")
+        try:
+            length = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            length = -1
+        if headers.get(b"transfer-encoding", b"identity").lower() != b"identity" or length < 0:
+            return buf, b"", True  # forward what came (delay and cut still apply), the rest raw
+        total = end + 4 + length
+        if len(buf) < total:
+            return None, buf, False
+        return buf[:total], buf[total:], False
+
+    def _forward_request(self, link: _Link, request: bytes) -> bool:
+        sender = link.sender
+        with self._lock:
+            self.requests_seen[sender] = self.requests_seen.get(sender, 0) + 1
+            cut = sender in self._cut_senders
+            delay = self._delays.get(sender, 0.0)
+        if cut:
+            link.close()
+            return False
+        if delay and link.closed.wait(delay):
+            return False
+        return self._send(link, link.server, request) if link.server is not None else False
+
+
+# ---- a cluster of the shipped example, peer-to-peer traffic through proxies ------------------------------------
+FAST_ENV = {
+    "DEJIMA_DISCOVERY_INTERVAL": "0.2",
+    "DEJIMA_DISCOVERY_MAX_BACKOFF": "1",
+    "DEJIMA_RECOVERY_INTERVAL": "0.5",
+}
+
+
+class ProxiedCluster:
+    """The shipped example (government, bank, insurance) on loopback; with `proxied`, every peer sits behind its
+    own `Proxy` for peer-to-peer traffic. `env` applies to every peer, `peer_env[name]` to one peer."""
+
+    def __init__(
+        self,
+        pg_server: PgServer,
+        state_dir: Path,
+        env: dict[str, str] | None = None,
+        peer_env: dict[str, dict[str, str]] | None = None,
+        proxied: bool = True,
+    ) -> None:
+        prefix = f"f{uuid.uuid4().hex[:8]}_"
+        specs = example_specs(base_port=0, prefix=prefix)
+        self.proxies: dict[str, Proxy] = {}
+        if proxied:
+            for spec in specs:
+                self.proxies[spec.name] = Proxy(spec.port, name=f"proxy-{spec.name}").start()
+        for spec in specs:
+            spec.env.update(FAST_ENV)
+            spec.env.update(env or {})
+            spec.env.update((peer_env or {}).get(spec.name, {}))
+            if proxied:
+                spec.env["DEJIMA_URL"] = self.proxies[spec.name].url
+                spec.env["DEJIMA_SEEDS"] = ",".join(self.proxies[o.name].url for o in specs if o.name != spec.name)
+        self.net = LocalNetwork(pg_server, state_dir, specs)
+        self.server = pg_server
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> ProxiedCluster:
+        """Start every peer; wait until they are healthy and their groups formed (the logs are in the error)."""
+        try:
+            self.net.start_all()
+            self.net.wait_ready(timeout=timeout)
+            self.check_routing()
+        except (NetworkError, AssertionError, requests.RequestException) as exc:
+            raise NetworkError(f"the network did not start: {exc}\n{self.status_dump()}\n{self.logs()}") from exc
+        return self
+
+    def status_dump(self) -> str:
+        """What each running peer knows (groups and peers), for failure messages."""
+        lines = []
+        for name in self.net.specs:
+            try:
+                st = self.net.get(name, "/api/v1/status", timeout=2)
+            except (requests.RequestException, ValueError) as exc:
+                lines.append(f"{name}: no status ({exc})")
+                continue
+            peers = [(p["name"], p["url"], p["status"], p["views"]) for p in st.get("peers", [])]
+            lines.append(f"{name}: groups {st.get('groups')} peers {peers}")
+        return "\n".join(lines)
+
+    def check_routing(self) -> None:
+        """Every peer knows every other peer by its proxy URL (so messages really pass the proxies)."""
+        if not self.proxies:
+            return
+        for name in self.net.specs:
+            status = self.net.get(name, "/api/v1/status")
+            urls = {p["name"]: p["url"] for p in status["peers"]}
+            expected = {o: self.proxies[o].url for o in self.net.specs if o != name}
+            assert urls == expected, f"{name} reaches its peers at {urls}, not through the proxies {expected}"
+
+    def close(self) -> None:
+        try:
+            for proxy in self.proxies.values():  # first: open keep-alive links would slow the peers' shutdown
+                proxy.stop()
+            self.net.stop_all()
+        finally:
+            for spec in self.net.specs.values():
+                with contextlib.suppress(Exception):
+                    self.server.drop_database(spec.database)
+
+    def restart(
+        self, name: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = (), timeout: float = 15.0
+    ) -> None:
+        """Kill a peer (if it runs), change its settings, start it again and wait until it answers (a peer starts
+        in 1-2 s; NetworkError after `timeout`)."""
+        spec = self.net.specs[name]
+        self.net.kill(name)
+        for key in drop:
+            spec.env.pop(key, None)
+        spec.env.update(env or {})
+        self.net.start(name)
+        self.net.wait_healthy(name, timeout=timeout)
+
+    def logs(self, lines: int = 120) -> str:
+        return "\n".join(f"----- log of peer {name} -----\n{self.net.tail(name, lines)}" for name in self.net.specs)
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    @property
+    def urls(self) -> dict[str, str]:
+        return {name: spec.url for name, spec in self.net.specs.items()}
+
+    def exec(self, peer: str, statements: str | list[str], timeout: float = 30.0) -> tuple[int, Any]:
+        return self.net.exec(peer, statements, timeout=timeout)
+
+    def rows(self, peer: str, table: str, order: tuple[str, ...] = ("first_name", "last_name")) -> list[dict[str, Any]]:
+        """Base-table rows read straight from the peer's database (works while the peer service is down); values as
+        text (None for NULL), in `order`."""
+        query = sql.SQL("SELECT * FROM {} ORDER BY {}").format(
+            sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, order))
+        )
+        with psycopg.connect(self.server.url(self.net.specs[peer].database), autocommit=True) as conn:
+            cur = conn.execute(query)
+            cols = [d.name for d in cur.description or []]
+            return [dict(zip(cols, (None if v is None else str(v) for v in r), strict=True)) for r in cur]
+
+    def prepared(self) -> list[str]:
+        """gids of prepared transactions of this cluster's databases (read from PostgreSQL directly)."""
+        dbs = [s.database for s in self.net.specs.values()]
+        with psycopg.connect(self.server.url("postgres"), autocommit=True) as conn:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT gid FROM pg_prepared_xacts WHERE database = ANY(%s) ORDER BY gid", (dbs,)
+                ).fetchall()
+            ]
+
+    def open_transactions(self) -> dict[str, int]:
+        return {name: int(self.net.get(name, "/api/v1/status")["open_transactions"]) for name in self.net.specs}
+
+    def check(self) -> dict[str, Any]:
+        return check_network(self.urls)
+
+    def quiet(self) -> bool:
+        """No open global transaction at any peer and no prepared transaction left."""
+        try:
+            return not any(self.open_transactions().values()) and not self.prepared()
+        except (requests.RequestException, NetworkError):
+            return False
+
+    def reset(self) -> None:
+        """Empty every base table directly (no gxid: nothing is captured or propagated)."""
+        for spec in self.net.specs.values():
+            with psycopg.connect(self.server.url(spec.database), autocommit=True) as conn:
+                tables = conn.execute(
+                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = 'public' AND c.relkind = 'r'"
+                ).fetchall()
+                for (table,) in tables:
+                    conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = condition()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def proxied_cluster(
+    pg_server: PgServer,
+    state_dir: Path,
+    env: dict[str, str] | None = None,
+    peer_env: dict[str, dict[str, str]] | None = None,
+    proxied: bool = True,
+) -> Iterator[ProxiedCluster]:
+    cluster = ProxiedCluster(pg_server, state_dir, env, peer_env, proxied)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()

@@ -1,0 +1,239 @@
+"""Cluster tier: the commit protocol under faults (DESIGN.md "The write path", steps 4-6).
+
+Each test builds its own network of the shipped example (government, bank, insurance) on loopback, with the
+peer-to-peer traffic going through the test kit's proxies where the test needs to interfere with it, and crash
+points (`DEJIMA_FAULT_POINT`) set on one peer where it needs a crash. Recovery runs every 0.5 s. Every wait has a
+deadline; the peer logs are printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from peer.pgserver import PgServer
+from tests.proxy import ProxiedCluster, wait_until
+
+pytestmark = pytest.mark.cluster
+
+MakeCluster = Callable[..., ProxiedCluster]
+TABLES = {"government": "government_users", "bank": "bank_users", "insurance": "insurance_users"}
+A1 = (
+    "INSERT INTO government_users (first_name, last_name, phone, address, birthdate)"
+    " VALUES ('Jane', 'Roe', '555-0199', '2 Elm St', '1980-05-17')"
+)
+SETTLE = 20.0  # seconds: deadline for recovery to finish what a fault left behind
+
+
+@pytest.fixture
+def make_cluster(pg_server: PgServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MakeCluster]:
+    """make_cluster(env=…, peer_env=…, proxied=…) -> a started cluster; stopped, databases dropped afterwards."""
+    made: list[ProxiedCluster] = []
+
+    def make(
+        env: dict[str, str] | None = None,
+        peer_env: dict[str, dict[str, str]] | None = None,
+        proxied: bool = True,
+    ) -> ProxiedCluster:
+        cluster = ProxiedCluster(pg_server, tmp_path / f"net{len(made)}", env, peer_env, proxied)
+        made.append(cluster)
+        return cluster.start()
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for cluster in made:
+        try:
+            if report is not None and report.failed:
+                print(f"\n{cluster.logs()}")
+        finally:
+            cluster.close()
+
+
+def janes(cluster: ProxiedCluster) -> dict[str, int]:
+    """How many Jane Roe rows each peer's base table holds (read from the databases directly)."""
+    return {
+        peer: sum(1 for r in cluster.rows(peer, table) if (r["first_name"], r["last_name"]) == ("Jane", "Roe"))
+        for peer, table in TABLES.items()
+    }
+
+
+def everywhere(n: int) -> dict[str, int]:
+    return dict.fromkeys(TABLES, n)
+
+
+def settled(cluster: ProxiedCluster) -> dict[str, Any]:
+    """Wait until no global transaction is open and no transaction is prepared anywhere; the check report."""
+    wait_until(cluster.quiet, SETTLE, "no open and no prepared transaction at any peer")
+    report = cluster.check()
+    assert report["ok"], report
+    return report
+
+
+def exec_lost(cluster: ProxiedCluster, peer: str, statement: str) -> None:
+    """Run a write at a peer that crashes while answering: the client gets no answer."""
+    with pytest.raises(requests.ConnectionError):
+        cluster.exec(peer, statement)
+
+
+def assert_fault_reached(cluster: ProxiedCluster, peer: str, step: str) -> None:
+    wait_until(lambda: f"fault point {step} reached" in cluster.net.tail(peer, 400), 10, f"{peer} to crash at {step}")
+
+
+def assert_jane_committed(cluster: ProxiedCluster) -> None:
+    bank = [r for r in cluster.rows("bank", "bank_users") if r["first_name"] == "Jane"]
+    assert [(r["phone"], r["address"]) for r in bank] == [("555-0199", "2 Elm St")]
+    insurance = [r for r in cluster.rows("insurance", "insurance_users") if r["first_name"] == "Jane"]
+    assert [(r["address"], r["birthdate"]) for r in insurance] == [("2 Elm St", "1980-05-17")]
+
+
+# ---- a participant that does not answer in time ----------------------------------------------------------------
+def test_it_aborts_a_write_whose_participant_times_out_and_the_same_write_succeeds_later(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = make_cluster(env={"DEJIMA_PEER_TIMEOUT": "1", "DEJIMA_TXN_TIMEOUT": "2"})
+    insurance = cluster.proxies["insurance"]
+    insurance.hold()  # every message to insurance is held back past the timeouts
+    try:
+        started = time.monotonic()
+        status, body = cluster.exec("government", A1)
+        elapsed = time.monotonic() - started
+        assert status in (503, 504), body
+        assert body["kind"] in ("timeout", "unreachable"), body
+        assert "insurance" in body["error"], body
+        assert elapsed < 8, f"the write took {elapsed:.1f}s with peer timeout 1s and transaction timeout 2s"
+        assert janes(cluster) == everywhere(0)
+    finally:
+        insurance.release()  # the late messages now reach insurance: they must not revive the transaction
+    settled(cluster)
+    assert janes(cluster) == everywhere(0)
+
+    status, body = cluster.exec("government", A1)
+    assert (status, body.get("status")) == (200, "committed"), body
+    assert janes(cluster) == everywhere(1)
+    assert_jane_committed(cluster)
+    settled(cluster)
+
+
+# ---- crashes at each step of the commit protocol --------------------------------------------------------------
+def test_it_rolls_back_a_participant_killed_right_after_prepare_once_it_restarts(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(
+        env={"DEJIMA_TXN_TIMEOUT": "3"},
+        peer_env={"insurance": {"DEJIMA_FAULT_POINT": "participant_after_prepare"}},
+        proxied=False,
+    )
+    status, body = cluster.exec("government", A1)
+    # insurance prepared, then died before acknowledging: the origin cannot know, so it aborts
+    assert status == 503, body
+    assert "insurance" in body["error"], body
+    assert_fault_reached(cluster, "insurance", "participant_after_prepare")
+    cluster.restart("insurance", drop=("DEJIMA_FAULT_POINT",))
+    # insurance's recovery asks government, which has no decision row: presumed abort
+    settled(cluster)
+    assert janes(cluster) == everywhere(0)
+
+    status, body = cluster.exec("government", A1)
+    assert (status, body.get("status")) == (200, "committed"), body
+    assert_jane_committed(cluster)
+    settled(cluster)
+
+
+def test_it_commits_at_the_participants_when_the_origin_dies_after_its_decision(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(
+        env={"DEJIMA_TXN_TIMEOUT": "3"},
+        peer_env={"government": {"DEJIMA_FAULT_POINT": "origin_after_decision"}},
+        proxied=False,
+    )
+    exec_lost(cluster, "government", A1)
+    assert_fault_reached(cluster, "government", "origin_after_decision")
+    prepared = cluster.prepared()
+    assert sorted(g.rsplit(":", 1)[1] for g in prepared) == ["bank", "insurance"], prepared
+    assert janes(cluster)["government"] == 1, "the decision (government's own commit) is durable"
+    cluster.restart("government", drop=("DEJIMA_FAULT_POINT",))
+    # the participants' recovery asks government, which finds its decision row: commit
+    settled(cluster)
+    assert janes(cluster) == everywhere(1)
+    assert_jane_committed(cluster)
+
+
+def test_it_rolls_back_the_participants_when_the_origin_dies_before_its_decision(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(
+        env={"DEJIMA_TXN_TIMEOUT": "3"},
+        peer_env={"government": {"DEJIMA_FAULT_POINT": "origin_before_decision"}},
+        proxied=False,
+    )
+    exec_lost(cluster, "government", A1)
+    assert_fault_reached(cluster, "government", "origin_before_decision")
+    prepared = cluster.prepared()
+    assert sorted(g.rsplit(":", 1)[1] for g in prepared) == ["bank", "insurance"], prepared
+    cluster.restart("government", drop=("DEJIMA_FAULT_POINT",))
+    # no decision row at government: the participants roll back (presumed abort)
+    settled(cluster)
+    assert janes(cluster) == everywhere(0)
+
+    status, body = cluster.exec("government", A1)
+    assert (status, body.get("status")) == (200, "committed"), body
+    assert_jane_committed(cluster)
+    settled(cluster)
+
+
+def test_it_commits_at_a_participant_killed_before_commit_prepared_once_it_restarts(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = make_cluster(
+        env={"DEJIMA_TXN_TIMEOUT": "3"},
+        peer_env={"bank": {"DEJIMA_FAULT_POINT": "participant_before_commit"}},
+        proxied=False,
+    )
+    status, body = cluster.exec("government", A1)
+    # the decision was durable before bank died: the client is told "committed"
+    assert (status, body.get("status")) == (200, "committed"), body
+    assert_fault_reached(cluster, "bank", "participant_before_commit")
+    cluster.restart("bank", drop=("DEJIMA_FAULT_POINT",))
+    settled(cluster)
+    assert janes(cluster) == everywhere(1)
+    assert_jane_committed(cluster)
+
+
+# ---- a cut link between peers ---------------------------------------------------------------------------------
+def test_it_refuses_a_write_while_a_peer_is_cut_off_and_accepts_it_after_restore(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster()
+    cluster.proxies["insurance"].cut()  # no peer can reach insurance
+    try:
+        status, body = cluster.exec("government", A1)
+        assert status == 503, body
+        assert body["kind"] == "unreachable", body
+        assert "insurance" in body["error"], body
+    finally:
+        cluster.proxies["insurance"].restore()
+    settled(cluster)
+    assert janes(cluster) == everywhere(0)
+
+    status, body = cluster.exec("government", A1)
+    assert (status, body.get("status")) == (200, "committed"), body
+    assert_jane_committed(cluster)
+    settled(cluster)
+
+
+def test_it_refuses_a_write_while_the_link_between_two_peers_is_cut(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster()
+    # only bank -> insurance is down: government reaches both, but bank's forward on dejima_risk cannot pass
+    cluster.proxies["insurance"].cut_from("bank")
+    try:
+        status, body = cluster.exec("government", A1)
+        assert status == 503, body
+        assert body["kind"] == "unreachable", body
+        assert "insurance" in body["error"], body
+    finally:
+        cluster.proxies["insurance"].restore()
+    settled(cluster)
+    assert janes(cluster) == everywhere(0)
+
+    status, body = cluster.exec("government", A1)
+    assert (status, body.get("status")) == (200, "committed"), body
+    assert_jane_committed(cluster)
+    settled(cluster)
