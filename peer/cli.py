@@ -179,8 +179,11 @@ def check_network(urls: dict[str, str]) -> dict[str, Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    net = _network()
-    urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
+    if args.peer:
+        urls = {url: url.rstrip("/") for url in args.peer}
+    else:
+        net = _network()
+        urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
     if not urls:
         raise CliError("no peers known; run `dejima up`")
     report = check_network(urls)
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     qry.set_defaults(func=cmd_query)
     chk = sub.add_parser("check", help="compare every dejima view across its group; list leftover prepared txns")
     chk.add_argument("--json", action="store_true")
+    chk.add_argument("--peer", action="append", metavar="URL", help="check these peers (default: `dejima up`'s)")
     chk.set_defaults(func=cmd_check)
     bench = sub.add_parser("bench", help="benchmarks (JSON output); see `dejima bench --help`", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
