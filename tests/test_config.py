@@ -1,0 +1,73 @@
+"""Settings: validated at start; a bad value stops the peer with a message naming the setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peer.dejima.config import ConfigError, load_config, parse_seeds
+
+GOOD = {"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/bank"}
+
+
+@pytest.mark.unit
+def test_it_reads_defaults_for_a_minimal_peer() -> None:
+    config = load_config(GOOD)
+    assert (config.name, config.mode, config.peer_timeout, config.commit_wait) == ("bank", "peer", 5.0, "all")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("PEER_TYPE", "bakery"),
+        ("PEER_MODE", "admin"),
+        ("DEJIMA_PEER_NAME", "Bad Name"),
+        ("DEJIMA_URL", "ftp://x"),
+        ("DEJIMA_DATABASE_URL", "mysql://x/y"),
+        ("DEJIMA_PEER_TIMEOUT", "soon"),
+        ("DEJIMA_TXN_TIMEOUT", "-1"),
+        ("DEJIMA_LOCK_TIMEOUT_MS", "1.5"),
+        ("DEJIMA_COMMIT_WAIT", "never"),
+        ("DEJIMA_SEEDS", "dejima_bank=not-a-url"),
+        ("DEJIMA_MAX_BODY_BYTES", "10"),
+    ],
+)
+def test_it_rejects_a_bad_value_naming_the_setting(setting: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config({**GOOD, setting: value})
+    assert err.value.setting == setting
+    assert str(err.value).startswith(f"{setting}: ")
+
+
+@pytest.mark.unit
+def test_it_requires_a_peer_type() -> None:
+    with pytest.raises(ConfigError, match=r"^PEER_TYPE: is required"):
+        load_config({"DEJIMA_DATABASE_URL": GOOD["DEJIMA_DATABASE_URL"]})
+
+
+@pytest.mark.unit
+def test_it_parses_seeds_per_view_and_for_every_view() -> None:
+    seeds = parse_seeds("DEJIMA_SEEDS", "dejima_bank=http://a:1,http://b:2; http://c:3")
+    assert seeds == {"dejima_bank": ("http://a:1", "http://b:2"), "*": ("http://c:3",)}
+
+
+@pytest.mark.integration
+def test_it_refuses_to_start_a_peer_with_a_bad_setting() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJIMA_", "PEER_"))}
+    env.update({**GOOD, "DEJIMA_PEER_TIMEOUT": "soon", "DEJIMA_BIND": "127.0.0.1:0"})
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "DEJIMA_PEER_TIMEOUT: 'soon' is not a number" in done.stderr
