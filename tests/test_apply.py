@@ -7,23 +7,28 @@ holds (sender, receiver, view, delta) messages; delivering one = `apply_delta` a
 sender on the same view); until the queue is empty. Deltas cross a JSON round trip, as on the wire.
 
 Delivery order: `explore` tries EVERY order (depth first, savepoints in all three databases between steps, so each
-order costs only its own deliveries); Hypothesis draws random orders for larger transactions. Every order must
-end in the same state at every peer, with every dejima view identical across its members, and terminate.
+order costs only its own deliveries); Hypothesis draws random transactions (inserts, updates, deletes, renames at
+a random origin) and each is explored in every order too. Every order must end in the same state at every peer,
+with every dejima view identical across its members, terminate, never echo a row back on the view it came from,
+and use each (sender, receiver, view) edge at most once.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 
 from peer.dejima.apply import (
     ApplyBadRequest,
@@ -38,7 +43,7 @@ from peer.dejima.delta import Delta, RowChange, set_gxid, take_changes
 from peer.dejima.install import SQL_ROOT
 from peer.dejima.manifest import load_peer_types
 from peer.dejima.messages import UNKNOWN, WAS
-from tests.helpers import base_rows, view_rows
+from tests.helpers import SCHOOL_MANIFEST, base_rows, make_peer_type_root, view_rows
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +54,7 @@ MEMBERS = {v.name: v.members for t in TYPES.values() for v in t.views}
 VIEWS = {p: tuple(v.name for v in TYPES[p].views) for p in PEERS}
 KEY = ("first_name", "last_name")
 MAX_DELIVERIES = 200
-Statement = tuple[str, Sequence[Any]]
+Statement = tuple[str | sql.SQL | sql.Composed, Sequence[Any]]
 
 JANE = ("Jane", "Roe")
 JOHN = ("John", "Doe")
@@ -74,6 +79,7 @@ class Outcome:
     ids: dict[str, dict[tuple[Any, ...], int]]
     messages: list[Message]
     conflict: str | None = None
+    orders: int = 1  # how many delivery orders `all_orders` explored
 
     def edges(self) -> Counter[tuple[str, str, str]]:
         return Counter((m.sender, m.receiver, m.view) for m in self.messages)
@@ -85,6 +91,7 @@ class Network:
     states: dict[str, GxState] = field(default_factory=dict)
     messages: list[Message] = field(default_factory=list)
     step: int = 0
+    after_origin: list[dict[str, Any]] = field(default_factory=list)  # the origin's table right after its SQL
 
     # ---- one global transaction
     def begin(self) -> str:
@@ -121,7 +128,8 @@ class Network:
     def originate(self, origin: str, statements: Sequence[Statement]) -> list[Message]:
         state = self.states[origin]
         for text, params in statements:
-            state.conn.execute(text.encode(), params)
+            state.conn.execute(text.encode() if isinstance(text, str) else text, params)
+        self.after_origin = base_rows(state.conn, TABLE[origin])
         return self.fan_out(origin, outgoing(state, take_changes(state.conn, state.gxid)), None)
 
     def deliver(self, msg: Message) -> list[Message]:
@@ -159,20 +167,28 @@ class Network:
         self.begin()
         conflict = None
         try:
-            queue = self.originate(origin, statements)
-            while queue:
-                assert self.step < MAX_DELIVERIES, "propagation did not terminate"
-                queue.extend(self.deliver(queue.pop(choose(len(queue)))))
-        except ApplyConflict as exc:
-            conflict = str(exc)
-        outcome = self.snapshot(self.messages, conflict)
+            try:
+                queue = self.originate(origin, statements)
+                while queue:
+                    assert self.step < MAX_DELIVERIES, "propagation did not terminate"
+                    queue.extend(self.deliver(queue.pop(choose(len(queue)))))
+            except ApplyConflict as exc:
+                conflict = str(exc)
+            outcome = self.snapshot(self.messages, conflict)
+        except BaseException:
+            self.end(False)
+            raise
         self.end(commit and conflict is None)
         return outcome
 
     def explore(self, origin: str, statements: Sequence[Statement], limit: int = 5000) -> list[Outcome]:
         """Every delivery order (up to `limit` orders); rolled back at the end."""
         self.begin()
-        queue = self.originate(origin, statements)
+        try:
+            queue = self.originate(origin, statements)
+        except BaseException:
+            self.end(False)
+            raise
         outcomes: list[Outcome] = []
 
         def dfs(queue: list[Message]) -> None:
@@ -201,8 +217,10 @@ class Network:
                 self.step = saved[2]
                 msg.delivered = None
 
-        dfs(queue)
-        self.end(False)
+        try:
+            dfs(queue)
+        finally:
+            self.end(False)
         return outcomes
 
 
@@ -217,17 +235,11 @@ def net(peer_db: Callable[..., str]) -> Iterator[Network]:
 
 
 def all_orders(net: Network, origin: str, statements: Sequence[Statement], *, commit: bool = True) -> Outcome:
-    """Explore every delivery order, check they agree and are echo-free, then run it once (FIFO) for real."""
-    outcomes = net.explore(origin, statements)
-    assert outcomes
-    first = outcomes[0]
-    for o in outcomes:
-        assert o.conflict is None, o.conflict
-        assert o.state == first.state, "the delivery order changed the final state"
-        assert_no_echo(o.messages)
+    """`check_every_order`, then run the transaction once more (FIFO) for real: committed unless told otherwise."""
+    outcomes = check_every_order(net, origin, list(statements))
     final = net.run(origin, statements, commit=commit)
-    assert final.state == first.state
-    final.orders = len(outcomes)  # type: ignore[attr-defined]
+    assert final.state == outcomes[0].state
+    final.orders = len(outcomes)
     return final
 
 
@@ -246,13 +258,13 @@ def assert_no_echo(messages: list[Message]) -> None:
             assert row not in earlier, f"{m.sender} echoed {row} back to {m.receiver} on {m.view}"
 
 
-A1 = ("government", [
+A1: tuple[str, list[Statement]] = ("government", [
     (
         "INSERT INTO government_users (first_name, last_name, phone, address, birthdate) VALUES (%s, %s, %s, %s, %s)",
         ["Jane", "Roe", "555-0199", "2 Elm St", "1980-05-17"],
     )
 ])  # fmt: skip
-A2 = ("bank", [
+A2: tuple[str, list[Statement]] = ("bank", [
     (
         "INSERT INTO bank_users (first_name, last_name, iban, address, phone) VALUES (%s, %s, %s, %s, %s)",
         ["John", "Doe", "DE89", "1 Main St", "555-0100"],
@@ -260,18 +272,26 @@ A2 = ("bank", [
 ])  # fmt: skip
 
 
+WHERE_KEY = sql.SQL("first_name = %s AND last_name = %s")
+
+
 def update(peer: str, key: tuple[str, str], **values: Any) -> tuple[str, list[Statement]]:
-    sets = ", ".join(f"{c} = %s" for c in values)  # column names are constants of this test
-    return peer, [(f"UPDATE {TABLE[peer]} SET {sets} WHERE first_name = %s AND last_name = %s", [*values.values(), *key])]
+    sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in values)
+    text = sql.SQL("UPDATE {} SET {} WHERE {}").format(sql.Identifier(TABLE[peer]), sets, WHERE_KEY)
+    return peer, [(text, [*values.values(), *key])]
 
 
 def delete(peer: str, key: tuple[str, str]) -> tuple[str, list[Statement]]:
-    return peer, [(f"DELETE FROM {TABLE[peer]} WHERE first_name = %s AND last_name = %s", list(key))]
+    return peer, [(sql.SQL("DELETE FROM {} WHERE {}").format(sql.Identifier(TABLE[peer]), WHERE_KEY), list(key))]
 
 
 def row(outcome: Outcome, peer: str, key: tuple[str, str]) -> dict[str, Any] | None:
     assert outcome.state is not None
-    rows = [dict(r) for r in outcome.state[peer]["base"] if dict(r)["first_name"] == key[0] and dict(r)["last_name"] == key[1]]
+    rows = [
+        dict(r)
+        for r in outcome.state[peer]["base"]
+        if dict(r)["first_name"] == key[0] and dict(r)["last_name"] == key[1]
+    ]
     assert len(rows) <= 1, f"{peer} has {len(rows)} rows for {key}"
     return rows[0] if rows else None
 
@@ -299,7 +319,7 @@ def test_a1_government_insert_reaches_bank_and_insurance_in_every_order(net: Net
 
 def test_a2_diamond_one_row_at_insurance_with_the_address_in_every_order(net: Network) -> None:
     out = all_orders(net, *A2)
-    assert out.orders >= 5  # type: ignore[attr-defined]  # the diamond really has several interleavings
+    assert out.orders >= 5  # the diamond really has several interleavings
     gov = row(out, "government", JOHN)
     assert gov is not None
     assert (gov["phone"], gov["address"], gov["birthdate"]) == ("555-0100", "1 Main St", "None")
@@ -421,7 +441,7 @@ def test_a14_message_counts_over_a1_to_a6(net: Network) -> None:
 
 # ---------------------------------------------------------------------------------------------- random orders
 
-BIG = {
+BIG: dict[str, list[Statement]] = {
     "bank": [
         (
             "INSERT INTO bank_users (first_name, last_name, iban, address, phone, risk_factor)"
@@ -444,7 +464,10 @@ BIG = {
             "INSERT INTO insurance_users (first_name, last_name, address, risk_factor) VALUES (%s, %s, %s, %s)",
             ["Dee", "Fox", "4 Way", 2],
         ),
-        ("UPDATE insurance_users SET risk_factor = %s, birthdate = %s WHERE first_name = %s", [9, "1981-02-03", "Jane"]),
+        (
+            "UPDATE insurance_users SET risk_factor = %s, birthdate = %s WHERE first_name = %s",
+            [9, "1981-02-03", "Jane"],
+        ),
         ("UPDATE insurance_users SET last_name = %s WHERE first_name = %s", ["Doe-Smith", "John"]),
     ],
 }
@@ -457,20 +480,117 @@ def populated(net: Network) -> Network:
     return net
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_random_orders_of_multi_row_transactions_agree(populated: Network, data: st.DataObject) -> None:
-    origin = data.draw(st.sampled_from(sorted(BIG)), label="origin")
-    picked = data.draw(st.lists(st.integers(0, len(BIG[origin]) - 1), min_size=1, max_size=3, unique=True))
-    statements = [BIG[origin][i] for i in picked]
-    reference = populated.run(origin, statements, commit=False)
-    assert reference.conflict is None, reference.conflict
-    seeds = data.draw(st.lists(st.integers(0, 2**16), min_size=MAX_DELIVERIES, max_size=MAX_DELIVERIES))
-    picks = iter(seeds)
-    out = populated.run(origin, statements, lambda n: next(picks) % n, commit=False)
-    assert out.conflict is None, out.conflict
-    assert out.state == reference.state
-    assert_no_echo(out.messages)
+@pytest.mark.parametrize("origin", sorted(BIG))
+def test_every_order_of_every_combination_of_multi_row_statements_agrees(populated: Network, origin: str) -> None:
+    statements = BIG[origin]
+    for n in range(1, len(statements) + 1):
+        for combo in itertools.combinations(statements, n):
+            check_every_order(populated, origin, list(combo))
+
+
+def check_every_order(net: Network, origin: str, statements: list[Statement]) -> list[Outcome]:
+    """Single origin, consistent start: no order conflicts, all agree, nothing echoes, each edge used once."""
+    outcomes = net.explore(origin, statements)
+    after_origin = net.after_origin
+    for o in outcomes:
+        assert o.conflict is None, o.conflict
+        assert o.state == outcomes[0].state, "the delivery order changed the final state"
+        assert_no_echo(o.messages)
+        assert max(o.edges().values(), default=0) <= 1, o.edges()
+    assert outcomes[0].state is not None
+    # the origin's own rows end as its statements left them (nothing it knew was overwritten by an echo)
+    assert outcomes[0].state[origin]["base"] == sorted(
+        tuple(sorted((k, str(v)) for k, v in r.items() if k != "id")) for r in after_origin
+    )
+    return outcomes
+
+
+VALUES: dict[str, list[Any]] = {
+    "phone": [None, "555-1", "555-2"],
+    "address": [None, "A St", '1 "Quote" St; DROP TABLE x'],
+    "birthdate": [None, "1980-01-01", "1990-12-31"],
+    "risk_factor": [None, 0, 5],
+    "iban": [None, "DE1"],
+    "insurance_number": [None, "I-1"],
+}
+NAMES = [JANE, JOHN, ("Ann", "Lee"), ("Bob", "Kim"), ("Cy", "O'Neil")]
+
+
+@st.composite
+def transactions(draw: st.DrawFn) -> tuple[str, list[Statement]]:
+    """A random origin and 1-4 valid statements there (insert, update, delete, rename), from the A1+A2 state."""
+    origin = draw(st.sampled_from(PEERS))
+    table = sql.Identifier(TABLE[origin])
+    columns = [c.name for c in TYPES[origin].table(TABLE[origin]).columns if c.name not in KEY]
+    present = {JANE, JOHN}
+    statements: list[Statement] = []
+    for _ in range(draw(st.integers(1, 4))):
+        absent = [n for n in NAMES if n not in present]
+        kind = draw(st.sampled_from(["insert", "update", "delete", "rename"]))
+        if kind == "insert" and absent:
+            name = draw(st.sampled_from(absent))
+            cols = draw(st.lists(st.sampled_from(columns), unique=True))
+            values = [draw(st.sampled_from(VALUES[c])) for c in cols]
+            text = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                table,
+                sql.SQL(", ").join(map(sql.Identifier, [*KEY, *cols])),
+                sql.SQL(", ").join(sql.Placeholder() * (len(cols) + 2)),
+            )
+            statements.append((text, [*name, *values]))
+            present.add(name)
+        elif kind == "update" and present:
+            name = draw(st.sampled_from(sorted(present)))
+            cols = draw(st.lists(st.sampled_from(columns), min_size=1, unique=True))
+            values = [draw(st.sampled_from(VALUES[c])) for c in cols]
+            sets: sql.Composable = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in cols)
+            statements.append((sql.SQL("UPDATE {} SET {} WHERE {}").format(table, sets, WHERE_KEY), [*values, *name]))
+        elif kind == "delete" and present:
+            name = draw(st.sampled_from(sorted(present)))
+            statements.append((sql.SQL("DELETE FROM {} WHERE {}").format(table, WHERE_KEY), list(name)))
+            present.discard(name)
+        elif kind == "rename" and present and absent:
+            old, new = draw(st.sampled_from(sorted(present))), draw(st.sampled_from(absent))
+            sets = sql.SQL("first_name = %s, last_name = %s")
+            statements.append((sql.SQL("UPDATE {} SET {} WHERE {}").format(table, sets, WHERE_KEY), [*new, *old]))
+            present.discard(old)
+            present.add(new)
+    return origin, statements
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tx=transactions())
+def test_random_transactions_agree_in_every_delivery_order(populated: Network, tx: tuple[str, list[Statement]]) -> None:
+    check_every_order(populated, *tx)
+
+
+def test_swapped_keys_are_renamed_in_place_everywhere_in_every_order(populated: Network) -> None:
+    """John and Jane swap keys in one transaction (a rename cycle): every peer parks one row at a temporary key."""
+    before = populated.run("bank", [], commit=False)
+    steps = [
+        update("bank", JOHN, first_name="Tmp"),
+        update("bank", JANE, first_name="John", last_name="Doe"),
+        update("bank", ("Tmp", "Doe"), first_name="Jane", last_name="Roe"),
+    ]
+    out = all_orders(populated, "bank", [statement for _, (statement,) in steps])
+    for peer in PEERS:
+        assert (out.ids[peer][JOHN], out.ids[peer][JANE]) == (before.ids[peer][JANE], before.ids[peer][JOHN])
+    gov = row(out, "government", JANE)  # the former John Doe: phone and address went with his row
+    assert gov is not None
+    assert (gov["phone"], gov["address"], gov["birthdate"]) == ("555-0100", "1 Main St", "None")
+
+
+def test_pre_existing_divergence_is_repaired_in_every_order(net: Network) -> None:
+    """Insurance holds Eve Ray (address X St) that nobody else has; bank inserts her with 1 Main St."""
+    ins = net.conns["insurance"]
+    ins.execute(
+        "INSERT INTO insurance_users (first_name, last_name, address, risk_factor) VALUES ('Eve', 'Ray', 'X St', 4)"
+    )
+    ins.commit()  # outside a global transaction: not captured, not propagated
+    eve = ("Eve", "Ray")
+    insert = "INSERT INTO bank_users (first_name, last_name, address, phone) VALUES (%s, %s, %s, %s)"
+    out = all_orders(net, "bank", [(insert, [*eve, "1 Main", "9"])])
+    got = row(out, "insurance", eve)
+    assert got is not None and (got["address"], got["risk_factor"]) == ("1 Main", "None")
 
 
 # ---------------------------------------------------------------------------------------------- one peer
@@ -522,7 +642,7 @@ def test_a_new_row_merges_unknown_columns_from_a_later_branch(gov: psycopg.Conne
     out = outgoing(state, take_changes(gov, state.gxid))
     assert out["dejima_bank"].insertions == [{**ann, "phone": None, "address": None, UNKNOWN: ["address", "phone"]}]
     apply_delta(state, "dejima_bank", [{**ann, "phone": "1", "address": "X"}], [])
-    assert [r for r in view_rows(gov, "dejima_insurance") if r["first_name"] == "Ann"][0]["address"] == "X"
+    assert next(r for r in view_rows(gov, "dejima_insurance") if r["first_name"] == "Ann")["address"] == "X"
     # now known: a different known value is a conflict
     with pytest.raises(ApplyConflict):
         apply_delta(state, "dejima_insurance", [{**ann, "address": "Y", "birthdate": None}], [])
@@ -546,15 +666,24 @@ def test_delete_vs_update_from_two_branches_conflicts_in_both_orders(
         steps[1]()
 
 
-def test_delete_is_idempotent_and_an_update_that_changes_nothing_forwards_nothing(gov: psycopg.Connection[Any]) -> None:
+def test_an_update_that_changes_nothing_forwards_nothing(gov: psycopg.Connection[Any]) -> None:
     state = gx(gov)
     apply_delta(state, "dejima_bank", [jane_bank()], [jane_bank()])
+    assert outgoing(state, take_changes(gov, state.gxid)) == {}
+    apply_delta(state, "dejima_bank", [jane_bank()], [jane_bank()])  # and again
     assert take_changes(gov, state.gxid) == []
+
+
+def test_a_delete_is_idempotent(gov: psycopg.Connection[Any]) -> None:
+    state = gx(gov)
     apply_delta(state, "dejima_insurance", [], [jane_ins()])
-    apply_delta(state, "dejima_bank", [], [jane_bank()])  # second arrival of the deletion: nothing
-    changes = take_changes(gov, state.gxid)
-    assert {c.view for c in changes} == {"dejima_bank", "dejima_insurance"}
+    out = outgoing(state, take_changes(gov, state.gxid))
+    assert out["dejima_bank"].deletions == [jane_bank()]
+    apply_delta(state, "dejima_bank", [], [jane_bank()])  # the same deletion along the other view: nothing
+    apply_delta(state, "dejima_insurance", [], [jane_ins()])  # a duplicate: nothing
+    assert take_changes(gov, state.gxid) == []
     assert view_rows(gov, "dejima_bank") == []
+    assert state.deleted == {("dejima_bank", JANE), ("dejima_insurance", JANE)}
 
 
 def test_rename_keeps_id_and_private_columns(gov: psycopg.Connection[Any]) -> None:
@@ -567,11 +696,13 @@ def test_rename_keeps_id_and_private_columns(gov: psycopg.Connection[Any]) -> No
     assert out["dejima_bank"].deletions == [jane_bank()]
     (after,) = base_rows(gov, "government_users")
     assert (after["id"], after["first_name"], after["phone"]) == (jane_id, "Janet", "555-0199")
-    apply_delta(state, "dejima_bank", [jane_bank(first_name="Janet", **{WAS: dict(zip(KEY, JANE))})], [jane_bank()])
+    apply_delta(
+        state, "dejima_bank", [jane_bank(first_name="Janet", **{WAS: dict(zip(KEY, JANE, strict=True))})], [jane_bank()]
+    )
     assert take_changes(gov, state.gxid) == []  # the second branch's rename finds it done
 
 
-BAD = {
+BAD: dict[str, tuple[str, list[Any], list[Any], str]] = {
     "unknown column": ("dejima_bank", [jane_bank(iban="DE1")], [], "'iban' is not a column"),
     "missing key": ("dejima_bank", [{"first_name": "Jane", "phone": None, "address": None}], [], "key column"),
     "missing column": ("dejima_bank", [{"first_name": "Jane", "last_name": "Roe", "phone": None}], [], "'address'"),
@@ -581,7 +712,7 @@ BAD = {
     "unknown view": ("dejima_risk", [], [], "unknown view"),
     "unknown key column": ("dejima_bank", [jane_bank(**{UNKNOWN: ["last_name"]})], [], "key is always known"),
     "unknown marker": ("dejima_bank", [jane_bank(**{"$x": 1})], [], "unknown marker"),
-    "was on a deletion": ("dejima_bank", [], [jane_bank(**{WAS: dict(zip(KEY, JANE))})], "unknown marker"),
+    "was on a deletion": ("dejima_bank", [], [jane_bank(**{WAS: dict(zip(KEY, JANE, strict=True))})], "unknown marker"),
     "bad was": ("dejima_bank", [jane_bank(**{WAS: {"first_name": "X"}})], [], "key columns"),
     "twice": ("dejima_bank", [jane_bank(), jane_bank(phone="1")], [], "inserted twice"),
     "not a row": ("dejima_bank", ["Jane"], [], "must be an object"),
@@ -598,7 +729,7 @@ def test_bad_rows_are_refused_and_change_nothing(gov: psycopg.Connection[Any], c
         apply_delta(state, view, [ok, *insertions] if view == "dejima_bank" else insertions, deletions)
     assert {v: view_rows(gov, v) for v in VIEWS["government"]} == before
     assert take_changes(gov, state.gxid) == []
-    assert (state.touched, state.unknown, state.deleted) == (set(), {}, set())
+    assert (state.touched, state.unknown, state.deleted, state.written) == (set(), {}, set(), {})
 
 
 def test_a_conflict_midway_rolls_back_the_whole_delta(gov: psycopg.Connection[Any]) -> None:
@@ -611,8 +742,36 @@ def test_a_conflict_midway_rolls_back_the_whole_delta(gov: psycopg.Connection[An
         apply_delta(state, "dejima_bank", [ann, jane_bank(address="B St")], [jane_bank()])
     assert [r["first_name"] for r in view_rows(gov, "dejima_bank")] == ["Jane"]
     assert take_changes(gov, state.gxid) == []
-    assert (state.unknown, state.touched, state.deleted) == saved
+    assert state.snapshot() == saved
     apply_delta(state, "dejima_bank", [ann], [])  # the transaction is still usable
+
+
+def test_a_filtered_view_with_defaults(peer_db: Callable[..., str], tmp_path: Path) -> None:
+    """Putback defaults are unknown, a known value replaces them; a row outside the filter is refused intact."""
+    root = make_peer_type_root(tmp_path / "types", {"school": SCHOOL_MANIFEST})
+    ptype = load_peer_types(root)["school"]
+    with psycopg.connect(peer_db("school", root)) as conn:
+        set_gxid(conn, "g-school")
+        state = GxState(gxid="g-school", ptype=ptype, conn=conn, peer="school")
+        ann = {"first_name": "Ann", "last_name": "Lee"}
+        apply_delta(state, "dejima_grades", [{**ann, "grade": 3}], [])
+        (created,) = base_rows(conn, "students")
+        assert (created["university"], created["note"], created["credits"]) == ("Keio", "none", 0)
+        assert state.unknown[("students", created["id"])] == {"university", "note", "enrolled", "credits"}
+        out = outgoing(state, take_changes(conn, "g-school"))
+        assert out["dejima_students"].insertions == [{**ann, "university": "Keio", "grade": 3, UNKNOWN: ["university"]}]
+        apply_delta(state, "dejima_students", [{**ann, "university": "Todai", "grade": 3}], [])
+        assert base_rows(conn, "students")[0]["university"] == "Todai"
+        assert "university" not in state.unknown[("students", created["id"])]
+        take_changes(conn, "g-school")
+        saved = state.snapshot()
+        bob = {"first_name": "Bob", "last_name": "Kim", "university": "Hosei", "grade": 1}
+        cid = {"first_name": "Cid", "last_name": "Ray", "university": "Todai", "grade": 2}
+        with pytest.raises(psycopg.errors.CheckViolation):
+            apply_delta(state, "dejima_students", [cid, bob], [])
+        assert state.snapshot() == saved
+        assert [r["grade"] for r in base_rows(conn, "students")] == [3]  # the first row was rolled back too
+        assert take_changes(conn, "g-school") == []
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -642,7 +801,8 @@ def test_without_echo_drops_what_the_sender_has_and_keeps_pairs_together() -> No
     assert (echo.insertions, echo.deletions) == ([c], [])
     # same values but the sender's row had x unknown: not the same row, it is sent
     assert without_echo(mine, Delta("v", [{**a1, UNKNOWN: ["x"]}], [])).insertions == [a1, c]
-    # the sender deleted A itself
-    assert without_echo(mine, Delta("v", [], [a0])).deletions == []
+    # the sender deleted A itself: a lone deletion goes; one paired with a kept insertion stays with it
+    assert without_echo(ViewDelta("v", [c], [a0], key=KEY), Delta("v", [], [a0])).deletions == []
+    assert without_echo(mine, Delta("v", [], [a0])).deletions == [a0]
     renamed = {**a1, "first_name": "Z", WAS: {"first_name": "A", "last_name": "B"}}
     assert without_echo(ViewDelta("v", [renamed], [a0], key=KEY), Delta("v", [dict(renamed)], [])).is_empty()

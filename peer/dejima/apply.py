@@ -26,9 +26,10 @@ Rows are compared in their JSON form (the current row is read as `jsonb_build_ob
 the capture triggers; incoming dates are normalised to ISO form).
 
 Pairing inside one delta: an insertion with `$was` = K0 and the deletion of K0 are a RENAME (an insertion with
-`$was` and no such deletion is a rename too: the receiver looks at K0 first); otherwise an insertion and a
-deletion with the same key are an UPDATE; other deletions are deletes, other insertions inserts. Order of work:
-deletes, then renames (a rename onto a key another rename frees goes after it), then updates and inserts.
+`$was` and no such deletion is a rename too); otherwise an insertion and a deletion with the same key are an
+UPDATE; other deletions are deletes, other insertions inserts. Order of work: deletes, then renames (a rename onto
+a key another rename frees goes after it; a cycle, two rows swapping keys, parks one row at a temporary key first),
+then updates and inserts.
 
 - DELETE of K: no row at K → nothing (idempotent). A row at K that this gxid already wrote (touched) →
   `ApplyConflict` (delete vs update from two branches), whatever its values in this view: an update that
@@ -41,26 +42,32 @@ deletes, then renames (a rename onto a key another rename frees goes after it), 
   with no row at K, the row at `$was` = K0 (renamed in place: id and private columns kept). A rename that finds
   K already here (renamed by an earlier arrival) merges into it, and deletes a row still at K0 only when this
   gxid has not written it (a row this gxid wrote there took the freed key: "rename Jane to Ann, insert a new
-  Jane" must not lose the new Jane, whichever of the two arrives first).
+  Jane" must not lose the new Jane, whichever arrives first).
   - R absent: an update or rename of a key this gxid deleted → `ApplyConflict`. Else INSERT with I's values; the
-    new base row is touched, its known columns are written, and its unknown columns are U plus the base columns
-    the view does not carry (they got the manifest defaults).
-  - R present: column by column — c in U → R[c]; c unknown in R, or not yet written in this gxid (its value
-    is from before the gxid), and known in I → I[c] (now written, no longer unknown); both written and equal →
-    kept; two different known values → `ApplyConflict`. So a row not touched before takes every known column of
-    I (pre-existing divergence is repaired, not an abort).
+    new base row is touched, the columns I asserts (below) are written, and its unknown columns are U plus the
+    base columns the view does not carry (they got the manifest defaults).
+  - R present: column by column, c in U → R[c] (an unknown never replaces anything); c *carried* by I → I[c]
+    only if c is unknown in R (it fills the gap), else R[c]; c *asserted* by I → I[c] if c is unknown in R or
+    not yet written in this gxid (its value is from before the gxid), the same value if both are written and
+    equal, and two different written values are a real conflict → `ApplyConflict`. I[c] is asserted when it is
+    known and, for an update or rename, changed (differs from the paired deletion's value); it is carried when
+    the sender's change left it as it was. Columns taken from I (and the key) count as written. A row not
+    touched before thus takes every column I changes (divergence in those columns is repaired, not an abort).
   The view row is updated only when the merged row differs from R; either way R counts as touched.
 
-  "Written" is per column, not per row: a row touched in this gxid through one column (risk_factor, from bank)
-  must still take a new address arriving from another branch (government) — with a per-row rule the address it
-  had before the gxid would count as known and conflict, in that arrival order only (found by the delivery
-  order simulation in tests/test_apply.py). `outgoing` marks the columns the origin's statements changed.
+Why per column, and why carried values never override (both found by the delivery-order simulation in
+tests/test_apply.py, which explores every order): a row touched through one column (risk_factor, from bank) must
+still take a new address from another branch (government) — a per-row "touched = known" rule conflicts in that
+order only; and a peer that renamed a row before hearing of its new phone forwards the rename with the *old* phone
+— carried, not asserted — which must not conflict with the new phone at a peer that already has it. `outgoing`
+marks the columns the origin's statements changed as written; `without_echo` never splits an update or rename
+pair, so a receiver always sees what a change left alone.
 
 Unknown values are the sender's defaults: members of a view declare the same defaults for its columns, so an
 unknown still open when propagation is quiet holds the same value at every member.
 
-Renames that form a cycle inside one delta (two rows swap keys) are applied by parking one row at a temporary key
-first (a text key column gets a unique marker string, a number column max + 1); the capture folds the detour away.
+A rename cycle is applied by parking one row at a temporary key first (a text key column gets a unique marker
+string, a number column max + 1); the capture folds the detour away.
 
 Limits: a view must be the generated projection + selection of one base table (`View.table`).
 """
