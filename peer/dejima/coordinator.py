@@ -24,7 +24,6 @@ answers abort (presumed abort).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from psycopg import errors as pgerr
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from peer.dejima.apply import ApplyBadRequest, ApplyConflict, GxState, apply_delta, outgoing, without_echo
+from peer.dejima.apply import ApplyConflict, ApplyError, GxState, apply_delta, outgoing, without_echo
 from peer.dejima.config import PeerConfig
 from peer.dejima.delta import Delta, take_changes
 from peer.dejima.directory import Directory
@@ -457,16 +456,11 @@ class Coordinator:
                 self._apply_wait_die(gx, msg)
                 assert gx.conn is not None and gx.state is not None
                 deltas = outgoing(gx.state, take_changes(gx.conn, gx.gxid))
-        except (ApplyConflict, ApplyBadRequest, psycopg.Error, GlobalTxnError) as exc:
-            kind = (
-                "conflict"
-                if isinstance(exc, ApplyConflict)
-                else "bad_request"
-                if isinstance(exc, ApplyBadRequest)
-                else exc.kind
-                if isinstance(exc, GlobalTxnError)
-                else classify(exc)
-            )
+        except (ApplyError, psycopg.Error, GlobalTxnError) as exc:
+            if isinstance(exc, ApplyError):
+                kind = "conflict" if isinstance(exc, ApplyConflict) else "bad_request"
+            else:
+                kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)
             log.info("gxid %s: %s voting no: %s", msg.gxid, self.name, exc)
             self._local_abort(gx)
             text = str(exc).strip()
@@ -482,18 +476,14 @@ class Coordinator:
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{APPLY_LOCK_WAIT_MS}ms")))
         try:
             while True:
-                saved = (copy.deepcopy(state.unknown), set(state.touched), set(state.deleted))
-                conn.execute("SAVEPOINT dejima_apply")
                 try:
-                    apply_delta(state, msg.view, msg.insertions, msg.deletions)
-                    conn.execute("RELEASE SAVEPOINT dejima_apply")
+                    apply_delta(state, msg.view, msg.insertions, msg.deletions)  # undoes itself when it fails
                     return
                 except pgerr.LockNotAvailable:
-                    conn.execute("ROLLBACK TO SAVEPOINT dejima_apply")
-                    state.unknown, state.touched, state.deleted = saved
                     if self._older_open(gx):
                         raise GlobalTxnError(
-                            "conflict", f"{self.name}: {msg.view} rows are locked by an older global transaction"
+                            "conflict",
+                            f"{self.name}: {msg.view} rows are locked and an older global transaction runs here",
                         ) from None
                     if time.monotonic() > gx.deadline:
                         raise GlobalTxnError("timeout", f"{self.name}: {msg.view} rows stayed locked") from None
