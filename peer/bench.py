@@ -376,7 +376,7 @@ def run_capture(sizes: Sequence[int], runs: int, warmup: int) -> dict[str, Any]:
 PROPAGATION_PEOPLE = 1_000
 
 
-def run_propagation(runs: int, warmup: int) -> dict[str, Any]:
+def run_propagation(runs: int, warmup: int, commit_wait: str = "all") -> dict[str, Any]:
     """Median/p99 latency, through the peer's REST API, of a 1-row update at bank that reaches government and
     insurance (address: dejima_bank, then dejima_insurance) against a local-only update (iban: in no view)."""
     import requests
@@ -386,7 +386,10 @@ def run_propagation(runs: int, warmup: int) -> dict[str, Any]:
     started = time.perf_counter()
     rng = random.Random(SEED)  # noqa: S311 - row ids for a benchmark, not security
     with _server() as server, tempfile.TemporaryDirectory(prefix="dejima-bench-net-") as tmp:
-        net = LocalNetwork(server, Path(tmp), example_specs(base_port=0, prefix="benchprop_"))
+        specs = example_specs(base_port=0, prefix="benchprop_")
+        for spec in specs:
+            spec.env["DEJIMA_COMMIT_WAIT"] = commit_wait
+        net = LocalNetwork(server, Path(tmp), specs)
         try:
             for spec in net.specs.values():
                 server.create_database(spec.database, replace=True)
@@ -449,6 +452,7 @@ def run_propagation(runs: int, warmup: int) -> dict[str, Any]:
         "meets_target": ratio <= 3.0,
         "runs": runs,
         "warmup": warmup,
+        "commit_wait": commit_wait,
         "cpus": os.cpu_count(),
         "elapsed_s": round(time.perf_counter() - started, 1),
         "method": "POST /api/v1/exec at bank over a keep-alive session; propagated = UPDATE address (reaches "
@@ -523,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("--quick", action="store_true", help="smoke run: 30 runs")
     prop.add_argument("--runs", type=_positive, help="measured samples per series (default 500)")
     prop.add_argument("--warmup", type=_non_negative, help="warm-up rounds (default 30)")
+    prop.add_argument(
+        "--commit-wait", choices=("all", "decision"), default="all", help="the peers' DEJIMA_COMMIT_WAIT (default all)"
+    )
     return parser
 
 
@@ -535,13 +542,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.bench == "propagation":
-            runs = args.runs or (30 if args.quick else 500)
-            report = run_propagation(runs, args.warmup if args.warmup is not None else (5 if args.quick else 30))
+            runs: int = args.runs or (30 if args.quick else 500)
+            warmup: int = args.warmup if args.warmup is not None else (5 if args.quick else 30)
+            report = run_propagation(runs, warmup, args.commit_wait)
             print(json.dumps(report, indent=2))
             return 0
         sizes: tuple[int, ...] = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
         runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
-        warmup: int = args.warmup if args.warmup is not None else max(20, min(200, runs // 10))
+        warmup = args.warmup if args.warmup is not None else max(20, min(200, runs // 10))
         report = run_capture(sizes, runs, warmup)
     except (BenchError, InstallError, PgServerError, psycopg.Error) as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -250,13 +250,17 @@ class Coordinator:
                     gx.phase = "committed"
                 self.stats["committed"] += 1
                 return {"status": "committed", "gxid": gxid, "participants": [], "ms": _ms(started)}
+            phases = {"local_ms": _ms(started)}
             gx.origin_keys = origin_keys(self.ptype, deltas)
             fan = self._fan_out(gx, deltas, received=None)
+            phases["propagate_ms"] = _ms(started) - phases["local_ms"]
             participants = fan.reached - {self.name}
             if not fan.ok:
                 raise GlobalTxnError(fan.error_kind or "internal", fan.error)
             self.fault("origin_before_prepare")
+            mark = _ms(started)
             self._prepare_all(gx, sorted(participants))
+            phases["prepare_ms"] = _ms(started) - mark
             self.fault("origin_before_decision")
             with gx.lock:
                 assert gx.conn is not None
@@ -267,11 +271,19 @@ class Coordinator:
                 gx.phase = "committed"
             self.stats["committed"] += 1
             self.fault("origin_after_decision")
+            mark = _ms(started)
             if self.config.commit_wait == "all":
                 self._finish_commit(gxid, participants)
             else:
                 self.transport.pool.submit(self._finish_commit, gxid, participants)
-            return {"status": "committed", "gxid": gxid, "participants": sorted(participants), "ms": _ms(started)}
+            phases["finish_ms"] = _ms(started) - mark
+            return {
+                "status": "committed",
+                "gxid": gxid,
+                "participants": sorted(participants),
+                "ms": _ms(started),
+                "phases": {k: round(v, 3) for k, v in phases.items()},
+            }
         except GlobalTxnError:
             self._abort(gx, participants)
             raise
