@@ -18,13 +18,12 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import FrameType
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from peer.dejima.install import SQL_ROOT, install
 from peer.network import LocalNetwork, example_specs
 from peer.pgserver import PgServer
+from tests.helpers import empty_base_tables
 
 MakeDatabase = Callable[[str], str]
 
@@ -106,13 +105,8 @@ def example_network(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactor
 def reset_network(net: LocalNetwork) -> None:
     """Empty every base table directly (no gxid: nothing is captured or propagated)."""
     for spec in net.specs.values():
-        with psycopg.connect(net.server.url(spec.database), autocommit=True) as conn:
-            tables = conn.execute(
-                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = 'public' AND c.relkind = 'r'"
-            ).fetchall()
-            for (table,) in tables:
-                conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+        if spec.mode == "peer":
+            empty_base_tables(net.server.url(spec.database))
 
 
 @pytest.fixture

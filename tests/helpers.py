@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +193,65 @@ def relations(conn: Conn) -> list[tuple[str, str, str]]:
         " ORDER BY 1, 2"
     ).fetchall()
     return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = condition()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+def empty_base_tables(conninfo: str) -> None:
+    """Empty every base table of one peer database directly (no gxid: nothing is captured or propagated)."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'public' AND c.relkind = 'r'"
+        ).fetchall()
+        for (table,) in tables:
+            conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+
+
+# Two peer types sharing a selection view (only students not at Hosei), for tests that add types as data.
+UNIVERSITY = """\
+peer_type = "university"
+description = "A university registry; shares only the students not at Hosei."
+
+[tables.student.columns]
+first_name = "text not null"
+last_name = "text not null"
+university = "text"
+email = "text not null"
+
+[views.dejima_students]
+table = "student"
+columns = ["first_name", "last_name", "university"]
+key = ["first_name", "last_name"]
+members = ["university", "agency"]
+filter = [{ column = "university", op = "<>", value = "Hosei" }]
+defaults = { email = "unknown@example.org" }
+"""
+
+AGENCY = """\
+peer_type = "agency"
+description = "A recruiting agency: applicants and their university."
+
+[tables.applicant.columns]
+first_name = "text not null"
+last_name = "text not null"
+university = "text"
+phone = "text"
+
+[views.dejima_students]
+table = "applicant"
+columns = ["first_name", "last_name", "university"]
+key = ["first_name", "last_name"]
+members = ["university", "agency"]
+"""

@@ -38,6 +38,7 @@ from psycopg import sql
 from peer.cli import check_network
 from peer.network import LocalNetwork, NetworkError, example_specs
 from peer.pgserver import PgServer
+from tests.helpers import empty_base_tables
 
 LOOPBACK = "127.0.0.1"
 SENDER_HEADER = b"x-dejima-peer"
@@ -495,26 +496,7 @@ class ProxiedCluster:
     def reset(self) -> None:
         """Empty every base table directly (no gxid: nothing is captured or propagated)."""
         for spec in self.net.specs.values():
-            with psycopg.connect(self.server.url(spec.database), autocommit=True) as conn:
-                tables = conn.execute(
-                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " WHERE n.nspname = 'public' AND c.relkind = 'r'"
-                ).fetchall()
-                for (table,) in tables:
-                    conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = condition()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
+            empty_base_tables(self.server.url(spec.database))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -21,6 +21,7 @@ import requests
 from peer.cli import check_network
 from peer.dejima.config import load_config
 from peer.network import LocalNetwork
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -32,14 +33,6 @@ JSON = {"Content-Type": "application/json"}
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def url(net: LocalNetwork, peer: str, path: str) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from peer.pgserver import PgServer
-from tests.proxy import ProxiedCluster, wait_until
+from tests.helpers import wait_until
+from tests.proxy import ProxiedCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -17,7 +17,8 @@ import pytest
 import requests
 
 from peer.pgserver import PgServer
-from tests.proxy import ProxiedCluster, wait_until
+from tests.helpers import wait_until
+from tests.proxy import ProxiedCluster
 
 pytestmark = pytest.mark.cluster
 

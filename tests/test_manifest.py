@@ -17,48 +17,13 @@ from django.core.management import CommandError, call_command
 
 from peer.dejima.manifest import ManifestError, load_manifest, load_peer_types
 from peer.dejima.sqlgen import GENERATED_NAME, generate_all, stale_files, write_all
+from tests.helpers import AGENCY, UNIVERSITY
 
 pytestmark = pytest.mark.unit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = REPO_ROOT / "sql_triggers"
 SHIPPED_TYPES = ("bank", "government", "insurance")
-
-UNIVERSITY = """\
-peer_type = "university"
-description = "A university registry; shares only the students not at Hosei."
-
-[tables.student.columns]
-first_name = "text not null"
-last_name = "text not null"
-university = "text"
-email = "text not null"
-
-[views.dejima_students]
-table = "student"
-columns = ["first_name", "last_name", "university"]
-key = ["first_name", "last_name"]
-members = ["university", "agency"]
-filter = [{ column = "university", op = "<>", value = "Hosei" }]
-defaults = { email = "unknown@example.org" }
-"""
-
-AGENCY = """\
-peer_type = "agency"
-description = "A recruiting agency: applicants and their university."
-
-[tables.applicant.columns]
-first_name = "text not null"
-last_name = "text not null"
-university = "text"
-phone = "text"
-
-[views.dejima_students]
-table = "applicant"
-columns = ["first_name", "last_name", "university"]
-key = ["first_name", "last_name"]
-members = ["university", "agency"]
-"""
 
 
 def write_types(root: Path, **manifests: str) -> Path:

@@ -23,46 +23,12 @@ from peer.dejima.delta import RowChange, set_gxid, take_changes, to_deltas
 from peer.dejima.install import COMMON_SQL, SQL_ROOT, InstallError, install
 from peer.dejima.sqlgen import GENERATED_NAME, write_all
 from tests.conftest import MakeDatabase, PeerDb
+from tests.helpers import AGENCY, UNIVERSITY
 
 pytestmark = pytest.mark.integration
 
 Conn = psycopg.Connection[Any]
 
-UNIVERSITY = """\
-peer_type = "university"
-description = "A university registry; shares only the students not at Hosei."
-
-[tables.student.columns]
-first_name = "text not null"
-last_name = "text not null"
-university = "text"
-email = "text not null"
-
-[views.dejima_students]
-table = "student"
-columns = ["first_name", "last_name", "university"]
-key = ["first_name", "last_name"]
-members = ["university", "agency"]
-filter = [{ column = "university", op = "<>", value = "Hosei" }]
-defaults = { email = "unknown@example.org" }
-"""
-
-AGENCY = """\
-peer_type = "agency"
-description = "A recruiting agency: applicants and their university."
-
-[tables.applicant.columns]
-first_name = "text not null"
-last_name = "text not null"
-university = "text"
-phone = "text"
-
-[views.dejima_students]
-table = "applicant"
-columns = ["first_name", "last_name", "university"]
-key = ["first_name", "last_name"]
-members = ["university", "agency"]
-"""
 
 ADA = {"first_name": "Ada", "last_name": "Lovelace", "university": "Keio"}
 TARO = {"first_name": "Taro", "last_name": "Yamada", "university": "Hosei"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from peer.dejima.install import SQL_ROOT
 from peer.dejima.manifest import load_peer_types
 from peer.network import LocalNetwork
 from peer.pgserver import PgServer
+from tests.helpers import wait_until
 from tests.proxy import ProxiedCluster
 
 pytestmark = pytest.mark.cluster
@@ -52,14 +53,6 @@ def default_of(peer_type: str, view: str, column: str) -> Any:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def write(net: LocalNetwork, peer: str, statements: str | list[str]) -> dict[str, Any]:

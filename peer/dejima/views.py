@@ -16,9 +16,11 @@ themselves.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -47,22 +49,45 @@ def _error(status: int, message: str, kind: str = "bad_request", **extra: Any) -
     return JsonResponse({"status": "error", "kind": kind, "error": message, **extra}, status=status)
 
 
+class BadInput(Exception):
+    """The request is malformed or too large; nothing was done."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
 def _json_body(request: HttpRequest) -> Any:
-    """The request body as JSON, within the size limit. Raises ValueError with a clear message."""
+    """The request body as JSON, within the size limit. Raises BadInput with a clear message."""
     limit = get_runtime().config.max_body_bytes
     length = int(request.headers.get("Content-Length") or 0)
     if length > limit:
-        raise OverflowError(f"body of {length} bytes is larger than the limit of {limit} bytes")
+        raise BadInput(413, f"body of {length} bytes is larger than the limit of {limit} bytes")
     if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
         body = request.META["wsgi.input"].read(limit + 1)  # Django reads Content-Length bodies only
     else:
         body = request.body
     if len(body) > limit:
-        raise OverflowError(f"body is larger than the limit of {limit} bytes")
+        raise BadInput(413, f"body is larger than the limit of {limit} bytes")
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"malformed JSON: {exc}") from None
+        raise BadInput(400, f"malformed JSON: {exc}") from None
+
+
+def rejects_bad_input(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+    """A body too large is answered 413, a malformed one 400; nothing is done."""
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest) -> HttpResponse:
+        try:
+            return view(request)
+        except BadInput as exc:
+            return _error(exc.status, str(exc))
+        except MessageError as exc:
+            return _error(400, str(exc))
+
+    return wrapped
 
 
 def _answer(message: Message) -> JsonResponse:
@@ -82,15 +107,11 @@ def health(request: HttpRequest) -> JsonResponse:
 
 @csrf_exempt
 @require_POST
+@rejects_bad_input
 def message(request: HttpRequest) -> HttpResponse:
     """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello)."""
     rt = get_runtime()
-    try:
-        msg = parse(_json_body(request))
-    except OverflowError as exc:
-        return _error(413, str(exc))
-    except (ValueError, MessageError) as exc:
-        return _error(400, str(exc))
+    msg = parse(_json_body(request))
     coord = rt.coordinator
     if isinstance(msg, Propagate):
         return _answer(coord.on_propagate(msg))
@@ -132,26 +153,22 @@ def groups(request: HttpRequest) -> JsonResponse:
 
 def _statements(body: Any) -> list[str]:
     if not isinstance(body, dict) or set(body) - {"sql"}:
-        raise ValueError('expected {"sql": "<statements>"} or {"sql": ["<statement>", …]}')
+        raise BadInput(400, 'expected {"sql": "<statements>"} or {"sql": ["<statement>", …]}')
     stmts = body.get("sql")
     if isinstance(stmts, str):
         stmts = [stmts]
     if not isinstance(stmts, list) or not stmts or not all(isinstance(s, str) and s.strip() for s in stmts):
-        raise ValueError('"sql" must be a non-empty string or list of non-empty strings')
+        raise BadInput(400, '"sql" must be a non-empty string or list of non-empty strings')
     return stmts
 
 
 @csrf_exempt
 @require_POST
+@rejects_bad_input
 def exec_sql(request: HttpRequest) -> JsonResponse:
     """Run statements at this peer as one global transaction."""
     rt = get_runtime()
-    try:
-        statements = _statements(_json_body(request))
-    except OverflowError as exc:
-        return _error(413, str(exc))
-    except ValueError as exc:
-        return _error(400, str(exc))
+    statements = _statements(_json_body(request))
     try:
         outcome = rt.coordinator.run(statements)
     except GlobalTxnError as exc:
@@ -164,15 +181,11 @@ def exec_sql(request: HttpRequest) -> JsonResponse:
 
 @csrf_exempt
 @require_POST
+@rejects_bad_input
 def query(request: HttpRequest) -> JsonResponse:
     """Run one read-only query at this peer."""
     rt = get_runtime()
-    try:
-        statements = _statements(_json_body(request))
-    except OverflowError as exc:
-        return _error(413, str(exc))
-    except ValueError as exc:
-        return _error(400, str(exc))
+    statements = _statements(_json_body(request))
     if len(statements) != 1:
         return _error(400, "query takes exactly one statement")
     try:
