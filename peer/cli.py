@@ -152,9 +152,16 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def check_network(urls: dict[str, str]) -> dict[str, Any]:
-    """Compare every dejima view across its group; list leftover prepared transactions."""
+    """Compare every dejima view across its group; verify every peer's transaction log (hash chain); list leftover
+    prepared transactions.
+
+    A view's digest (GET /api/v1/views/<view>) is order-independent: the sha256 of the sorted canonical JSON lines of
+    its rows, so peers agree whatever their physical row order. A chain is verified by its peer (GET
+    /api/v1/txlog?verify=1 recomputes every hash in its database); `broken_at` is the first seq that does not verify.
+    """
     views: dict[str, dict[str, str]] = {}
     prepared: dict[str, list[Any]] = {}
+    chains: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
     for name, url in urls.items():
         try:
@@ -162,17 +169,30 @@ def check_network(urls: dict[str, str]) -> dict[str, Any]:
             for view in status.get("views", []):
                 _, snap = _api(url, f"/api/v1/views/{view}")
                 views.setdefault(view, {})[name] = snap["digest"]
+            code, log = _api(url, "/api/v1/txlog?verify=1&limit=0")
+            if code != 200 or "verify" not in log:
+                raise CliError(f"transaction log unavailable ({code}): {log.get('error', log)}")
+            verdict = log["verify"]
+            chains[str(status.get("peer") or name)] = {  # by peer name, also when checked by URL
+                "ok": bool(verdict["ok"]),
+                "length": verdict["length"] if verdict["ok"] else log.get("length"),
+                "broken_at": verdict["broken_at"],
+                "reason": verdict.get("reason", ""),
+            }
             _, prep = _api(url, "/api/v1/prepared")
             prepared[name] = prep.get("prepared", [])
         except (CliError, KeyError) as exc:
             errors.append(f"{name}: {exc}")
     divergent = sorted(v for v, digests in views.items() if len(set(digests.values())) > 1)
+    broken = sorted(name for name, chain in chains.items() if not chain["ok"])
     # several peers may share one PostgreSQL cluster: count each prepared transaction once
     leftover = sorted({p["gid"] for items in prepared.values() for p in items})
     return {
-        "ok": not divergent and not leftover and not errors,
+        "ok": not divergent and not leftover and not errors and not broken,
         "views": {v: {"identical": v not in divergent, "digests": d} for v, d in sorted(views.items())},
         "divergent_views": divergent,
+        "chains": chains,
+        "broken_chains": broken,
         "prepared_transactions": leftover,
         "errors": errors,
     }
@@ -192,6 +212,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         for view, info in report["views"].items():
             print(f"{view:<18} {'identical' if info['identical'] else 'DIVERGENT'} across {', '.join(info['digests'])}")
+        for peer, chain in report["chains"].items():
+            if chain["ok"]:
+                print(f"txlog {peer:<12} ok ({chain['length']} entries)")
+            else:
+                print(f"txlog {peer:<12} BROKEN at seq {chain['broken_at']}: {chain['reason']}")
         for gid in report["prepared_transactions"]:
             print(f"leftover prepared transaction {gid}")
         for err in report["errors"]:
@@ -225,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     qry.add_argument("sql")
     qry.add_argument("--json", action="store_true")
     qry.set_defaults(func=cmd_query)
-    chk = sub.add_parser("check", help="compare every dejima view across its group; list leftover prepared txns")
+    chk = sub.add_parser(
+        "check",
+        help="compare every dejima view across its group, verify every transaction log; list leftover prepared txns",
+    )
     chk.add_argument("--json", action="store_true")
     chk.add_argument("--peer", action="append", metavar="URL", help="check these peers (default: `dejima up`'s)")
     chk.set_defaults(func=cmd_check)

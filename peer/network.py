@@ -2,6 +2,10 @@
 
 Used by `dejima up`/`down` and by the cluster tests. Processes run in their own session, their pids are kept in
 `<state dir>/network.json`, so `dejima down` (another process) stops exactly what `up` started.
+
+Authenticated peers: each peer's key pair is created up front in `<state dir>/<name>.key` (mode 0600, kept across
+restarts) and every peer is given the public keys of all the others (DEJIMA_KEY_FILE, DEJIMA_TRUSTED_KEYS), so the
+network works with no manual step. Tests sign their own peer messages with these files (`LocalNetwork.key`).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from peer.dejima.auth import load_or_create_key, public_b64
 from peer.pgserver import PgServer
 
 EXAMPLE = (("government", 8001), ("bank", 8002), ("insurance", 8003))
@@ -60,6 +67,18 @@ class LocalNetwork:
         self.sql_root = sql_root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
+    # ---- keys -----------------------------------------------------------------------------------------------
+    def key_path(self, name: str) -> Path:
+        return self.state_dir / f"{name}.key"
+
+    def key(self, name: str) -> Ed25519PrivateKey:
+        """The private key of a peer of this network (created when it has none yet)."""
+        return load_or_create_key(self.key_path(name))
+
+    def public_keys(self) -> dict[str, str]:
+        """name -> base64 public key of every peer (not client) of this network."""
+        return {name: public_b64(self.key(name)) for name, s in self.specs.items() if s.mode == "peer"}
+
     # ---- processes ------------------------------------------------------------------------------------------
     def env_for(self, spec: PeerSpec) -> dict[str, str]:
         seeds = ",".join(s.url for s in self.specs.values() if s.name != spec.name and s.mode == "peer")
@@ -79,8 +98,17 @@ class LocalNetwork:
         )
         if self.sql_root is not None:
             env["DEJIMA_SQL_ROOT"] = str(self.sql_root)
+        if spec.mode == "peer":
+            keys = self.public_keys()
+            env["DEJIMA_KEY_FILE"] = str(self.key_path(spec.name))
+            env["DEJIMA_TRUSTED_KEYS"] = ",".join(f"{n}={k}" for n, k in sorted(keys.items()) if n != spec.name)
         if spec.mode == "client":  # a client talks only to its peer service (DEJIMA_PEER_URL in spec.env)
             del env["DEJIMA_DATABASE_URL"], env["DEJIMA_SEEDS"]
+        secret = self.state_dir / "secret_key"  # a generated secret (outside debug a peer refuses the default)
+        if not secret.exists():
+            secret.touch(mode=0o600)
+            secret.write_text(secrets.token_urlsafe(50))
+        env["DEJIMA_SECRET_KEY_FILE"] = str(secret)
         env.update(spec.env)
         return env
 

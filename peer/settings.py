@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from peer.dejima.config import DEV_SECRET_KEY, ConfigError, secret_key
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DEBUG = os.environ.get("DEJIMA_DEBUG", "") == "1"
-SECRET_KEY = os.environ.get("DEJIMA_SECRET_KEY", "dev-only-not-secret")
+DEBUG = os.environ.get("DEJIMA_DEBUG", "").strip() == "1"
+try:
+    SECRET_KEY = secret_key(os.environ)
+except ConfigError:
+    # A peer or client refuses to start (gunicorn's on_starting runs load_config, which raises this same error) and
+    # `manage.py check` reports it; other management commands (dejima_sql, …) need no secret.
+    SECRET_KEY = DEV_SECRET_KEY
 ALLOWED_HOSTS = ["*"]
 
 INSTALLED_APPS = [

@@ -16,6 +16,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("api/v1/query", views.query),
     path("api/v1/views/<str:view>", views.view_rows),
     path("api/v1/prepared", views.prepared),
+    path("api/v1/txlog", views.txlog_view),
 ]
 
 if settings.PEER_MODE == "client":

@@ -46,3 +46,17 @@ CREATE TABLE IF NOT EXISTS dejima.decisions (
     participants text[] NOT NULL,
     decided_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Tamper evidence (peer/dejima/txlog.py): a hash-chained log of the global transactions this peer committed that
+-- changed its data. Written inside the transaction that commits the change (origin: with the decision row;
+-- participant: before PREPARE TRANSACTION). hash = sha256(prev_hash || canonical entry); `dejima check` verifies it.
+CREATE TABLE IF NOT EXISTS dejima.txlog (
+    seq bigint PRIMARY KEY,
+    gxid text NOT NULL UNIQUE,
+    origin text NOT NULL,
+    role text NOT NULL CHECK (role IN ('origin', 'participant')),
+    views jsonb NOT NULL,
+    committed_at timestamptz NOT NULL,
+    prev_hash text NOT NULL,
+    hash text NOT NULL
+);

@@ -17,9 +17,11 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from peer.dejima.auth import sign_envelope
 from peer.dejima.install import COMMON_SQL, SQL_ROOT
 from peer.dejima.manifest import MANIFEST_NAME, PeerType, View, load_peer_types
 from peer.dejima.sqlgen import write_all
+from peer.network import LocalNetwork
 
 Row = dict[str, Any]
 Conn = psycopg.Connection[Any]
@@ -255,3 +257,19 @@ columns = ["first_name", "last_name", "university"]
 key = ["first_name", "last_name"]
 members = ["university", "agency"]
 """
+
+
+def claimed_sender(envelope: Mapping[str, Any]) -> str | None:
+    """The peer a raw peer message says it comes from (sender, origin, asker or peer of its body)."""
+    body = envelope.get("body")
+    if not isinstance(body, dict):
+        return None
+    for field in ("sender", "origin", "asker", "peer"):
+        if isinstance(body.get(field), str):
+            return str(body[field])
+    return None
+
+
+def sign_as(net: LocalNetwork, peer: str, envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """A raw peer message signed with the key of `peer` of a LocalNetwork (the key file the network made)."""
+    return sign_envelope(envelope, peer, net.key(peer))

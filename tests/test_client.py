@@ -97,7 +97,7 @@ def empty_everywhere(network: LocalNetwork) -> None:
 
 # ---- settings -------------------------------------------------------------------------------------------------
 def test_client_mode_needs_the_peer_url_and_no_database() -> None:
-    env = {"PEER_TYPE": "government", "PEER_MODE": "client"}
+    env = {"PEER_TYPE": "government", "PEER_MODE": "client", "DEJIMA_DEBUG": "1"}
     with pytest.raises(ConfigError, match="DEJIMA_PEER_URL: is required in client mode"):
         load_config(env)
     config = load_config({**env, "DEJIMA_PEER_URL": "http://127.0.0.1:8001/"})

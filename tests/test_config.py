@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from peer.dejima.config import ConfigError, load_config, parse_seeds
+from peer.dejima.config import ConfigError, load_config, parse_seeds, secret_key
 
-GOOD = {"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/bank"}
+GOOD = {
+    "PEER_TYPE": "bank",
+    "DEJIMA_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/bank",
+    "DEJIMA_SECRET_KEY": "a-test-secret-that-is-not-a-default",
+}
 
 
 @pytest.mark.unit
@@ -71,3 +75,48 @@ def test_it_refuses_to_start_a_peer_with_a_bad_setting() -> None:
     )
     assert done.returncode != 0
     assert "DEJIMA_PEER_TIMEOUT: 'soon' is not a number" in done.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("secret", ["", "  ", "dev-only-not-secret", "changeme", "django-insecure-abc"])
+@pytest.mark.parametrize("mode", ["peer", "client"])
+def test_outside_debug_it_refuses_an_empty_or_default_secret_key(secret: str, mode: str) -> None:
+    env = {**GOOD, "DEJIMA_SECRET_KEY": secret, "PEER_MODE": mode, "DEJIMA_PEER_URL": "http://127.0.0.1:8001"}
+    with pytest.raises(ConfigError) as err:
+        load_config(env)
+    assert err.value.setting == "DEJIMA_SECRET_KEY"
+    assert "DEJIMA_DEBUG=1" in str(err.value)
+    assert secret_key({**env, "DEJIMA_DEBUG": "1"})  # debug: the development default is accepted
+
+
+@pytest.mark.unit
+def test_the_secret_key_may_come_from_a_file_and_is_checked_there_too(tmp_path: Path) -> None:
+    env = {k: v for k, v in GOOD.items() if k != "DEJIMA_SECRET_KEY"}
+    path = tmp_path / "secret"
+    path.write_text("a-long-random-secret-from-a-docker-secret\n")
+    assert secret_key({**env, "DEJIMA_SECRET_KEY_FILE": str(path)}) == "a-long-random-secret-from-a-docker-secret"
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match=r"^DEJIMA_SECRET_KEY_FILE: is empty"):
+        load_config({**env, "DEJIMA_SECRET_KEY_FILE": str(path)})
+    with pytest.raises(ConfigError, match=r"^DEJIMA_SECRET_KEY_FILE: cannot read"):
+        load_config({**env, "DEJIMA_SECRET_KEY_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match=r"^DEJIMA_SECRET_KEY_FILE: give the secret once"):
+        load_config({**GOOD, "DEJIMA_SECRET_KEY_FILE": str(path)})
+
+
+@pytest.mark.integration
+def test_it_refuses_to_start_a_peer_without_a_secret_key_outside_debug() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJIMA_", "PEER_"))}
+    env.update({k: v for k, v in GOOD.items() if k != "DEJIMA_SECRET_KEY"})
+    env["DEJIMA_BIND"] = "127.0.0.1:0"
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "DEJIMA_SECRET_KEY: is empty" in done.stderr

@@ -19,7 +19,9 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from peer.dejima.auth import public_b64, sign_envelope
 from peer.dejima.directory import catalog_of
 from peer.dejima.install import SQL_ROOT
 from peer.dejima.manifest import load_peer_types
@@ -288,10 +290,15 @@ def test_it_finds_a_peer_again_that_comes_back_at_another_address(whole: LocalNe
 # ---- persistence ------------------------------------------------------------------------------------------------
 
 
+# The peers the tests play (greeting a lone government): their keys, trusted by that government.
+PLAYED = ["bank", "insurance", *(f"bank-{burst}-{i}" for burst in range(5) for i in range(16))]
+PLAYED_KEYS = {name: Ed25519PrivateKey.generate() for name in PLAYED}
+
+
 def hello_from(peer_type: str, name: str, url: str) -> dict[str, Any]:
-    """The greeting a peer of `peer_type` named `name` at `url` sends (its real catalog)."""
+    """The greeting a peer of `peer_type` named `name` at `url` sends (its real catalog), signed with its key."""
     body = {"peer": name, "url": url, "peer_type": peer_type, "catalog": catalog_of(TYPES[peer_type]), "known": []}
-    return {"protocol": "dejima/1", "kind": "hello", "body": body, "signature": None}
+    return sign_envelope({"protocol": "dejima/1", "kind": "hello", "body": body}, name, PLAYED_KEYS[name])
 
 
 def greet(net: LocalNetwork, peer: str, message: dict[str, Any]) -> None:
@@ -301,9 +308,13 @@ def greet(net: LocalNetwork, peer: str, message: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def lone_government(make_network: NetworkFactory) -> LocalNetwork:
-    """Only the government peer runs (no seeds); the test plays the other peers by greeting it."""
+def lone_government(make_network: NetworkFactory, tmp_path: Path) -> LocalNetwork:
+    """Only the government peer runs (no seeds); the test plays the other peers by greeting it (it trusts their keys:
+    DEJIMA_TRUSTED_KEYS_FILE)."""
     specs = [s for s in example_specs(base_port=0, prefix=f"g{uuid.uuid4().hex[:6]}_") if s.name == "government"]
+    trusted = tmp_path / "trusted_keys"
+    trusted.write_text("".join(f"{name} {public_b64(key)}\n" for name, key in PLAYED_KEYS.items()))
+    specs[0].env["DEJIMA_TRUSTED_KEYS_FILE"] = str(trusted)
     net = make_network(specs)
     net.start("government")
     net.wait_healthy("government")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from peer.dejima.auth import KeyFormatError, parse_private_key, parse_public_key, read_key_file
+
 PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 DEFAULT_SQL_ROOT = Path(__file__).resolve().parents[2] / "sql_triggers"
 
@@ -45,6 +47,12 @@ class PeerConfig:
     pool_size: int
     peer_url_for_client: str = ""  # client mode: the peer service this client talks to
     fault_point: str = ""  # test-only: crash the process at this step of the commit protocol
+    # authenticated peers (peer.dejima.auth): this peer's private key (PEM or base64, from DEJIMA_PRIVATE_KEY[_FILE];
+    # empty: kept in key_file, created at first start), the public keys it trusts (name -> base64), the replay window
+    private_key: str = field(default="", repr=False)
+    key_file: Path = Path("peer.key")
+    trusted_keys: dict[str, str] = field(default_factory=dict)
+    replay_window: float = 60.0
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -104,6 +112,104 @@ def parse_seeds(name: str, raw: str) -> dict[str, tuple[str, ...]]:
     return seeds
 
 
+def _read_file(name: str, raw: str) -> str:
+    try:
+        return Path(raw).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, f"cannot read {raw}: {exc}") from None
+
+
+def parse_trusted_keys(name: str, raw: str, lines: bool = False) -> dict[str, str]:
+    """Trusted public keys: `name=base64,name2=base64`, or with `lines` one `name base64` a line (blank lines and
+    `#` comments skipped)."""
+    expected = "a line 'name base64key'" if lines else "name=base64key"
+    keys: dict[str, str] = {}
+    parts = [p.split("#", 1)[0] for p in raw.splitlines()] if lines else raw.split(",")
+    for part in filter(None, (p.strip() for p in parts)):
+        fields = part.split() if lines else [f.strip() for f in part.split("=", 1)]
+        if len(fields) != 2 or not PEER_NAME_RE.match(fields[0]) or not fields[1]:
+            raise ConfigError(name, f"{part[:60]!r} is not {expected} (names: lower-case letters, digits, - and _)")
+        peer, key = fields
+        try:
+            parse_public_key(key)
+        except KeyFormatError as exc:
+            raise ConfigError(name, f"the key of {peer!r}: {exc}") from None
+        if keys.get(peer, key) != key:
+            raise ConfigError(name, f"{peer!r} is given two different keys")
+        keys[peer] = key
+    return keys
+
+
+def _private_key(env: Mapping[str, str]) -> str:
+    """DEJIMA_PRIVATE_KEY or the content of DEJIMA_PRIVATE_KEY_FILE (validated); "" when neither is set."""
+    private_key = ""
+    for setting in ("DEJIMA_PRIVATE_KEY", "DEJIMA_PRIVATE_KEY_FILE"):
+        raw = env.get(setting, "").strip()
+        if not raw:
+            continue
+        if private_key:
+            raise ConfigError(setting, "give the private key once: DEJIMA_PRIVATE_KEY or DEJIMA_PRIVATE_KEY_FILE")
+        private_key = _read_file(setting, raw) if setting.endswith("_FILE") else raw
+        try:
+            parse_private_key(private_key)
+        except KeyFormatError as exc:
+            raise ConfigError(setting, str(exc)) from None
+    return private_key
+
+
+def _key_file(env: Mapping[str, str], name: str, check: bool) -> Path:
+    """DEJIMA_KEY_FILE (default ~/.dejima/<name>.key); when it exists and `check`: a valid key, mode 0600."""
+    key_file = Path(_get(env, "DEJIMA_KEY_FILE", str(Path.home() / ".dejima" / f"{name}.key"))).expanduser()
+    if check and key_file.exists():
+        try:
+            read_key_file(key_file)
+        except (OSError, KeyFormatError) as exc:
+            raise ConfigError("DEJIMA_KEY_FILE", str(exc)) from None
+    return key_file
+
+
+def _trusted_keys(env: Mapping[str, str]) -> dict[str, str]:
+    trusted = parse_trusted_keys("DEJIMA_TRUSTED_KEYS", env.get("DEJIMA_TRUSTED_KEYS", ""))
+    path = env.get("DEJIMA_TRUSTED_KEYS_FILE", "").strip()
+    if path:
+        text = _read_file("DEJIMA_TRUSTED_KEYS_FILE", path)
+        for peer, key in parse_trusted_keys("DEJIMA_TRUSTED_KEYS_FILE", text, lines=True).items():
+            if trusted.get(peer, key) != key:
+                raise ConfigError("DEJIMA_TRUSTED_KEYS_FILE", f"{peer!r} has another key in DEJIMA_TRUSTED_KEYS")
+            trusted[peer] = key
+    return trusted
+
+
+DEV_SECRET_KEY = "dev-only-not-secret"  # noqa: S105  (debug only: DEJIMA_DEBUG=1)
+DEFAULT_SECRET_KEYS = frozenset({DEV_SECRET_KEY, "changeme", "change-me", "secret", "secret-key", "insecure"})
+
+
+def secret_key(env: Mapping[str, str]) -> str:
+    """Django's SECRET_KEY from DEJIMA_SECRET_KEY or the file DEJIMA_SECRET_KEY_FILE (docker secrets). Outside
+    debug (DEJIMA_DEBUG != 1) an empty or default secret is refused: ConfigError naming the setting."""
+    setting, value = "DEJIMA_SECRET_KEY", env.get("DEJIMA_SECRET_KEY", "").strip()
+    path = env.get("DEJIMA_SECRET_KEY_FILE", "").strip()
+    if path:
+        if value:
+            raise ConfigError(setting + "_FILE", "give the secret once: DEJIMA_SECRET_KEY or DEJIMA_SECRET_KEY_FILE")
+        setting = "DEJIMA_SECRET_KEY_FILE"
+        try:
+            value = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(setting, f"cannot read {path}: {exc}") from None
+    weak = not value or value in DEFAULT_SECRET_KEYS or value.startswith("django-insecure")
+    if not weak:
+        return value
+    if env.get("DEJIMA_DEBUG", "").strip() == "1":
+        return value or DEV_SECRET_KEY
+    what = "empty" if not value else "a well-known default"
+    raise ConfigError(
+        setting,
+        f"is {what}; outside debug (DEJIMA_DEBUG=1) the peer needs a long random secret, e.g. from"
+        " `python -c 'import secrets; print(secrets.token_urlsafe(50))'`",
+    )
+
+
 def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     env = os.environ if env is None else env
     sql_root = Path(_get(env, "DEJIMA_SQL_ROOT", str(DEFAULT_SQL_ROOT)))
@@ -130,6 +236,8 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         raise ConfigError("DEJIMA_COMMIT_WAIT", f"{commit_wait!r} must be 'all' or 'decision'")
     # Client mode: the timeout of every call to its peer service; a write waits for a whole global transaction.
     peer_timeout = _float(env, "DEJIMA_PEER_TIMEOUT", 5.0 if mode == "peer" else 30.0, 0.05, 300.0)
+    secret_key(env)  # outside debug: no default or empty secret (Django's SECRET_KEY, read by peer/settings.py)
+    private_key = _private_key(env)
     return PeerConfig(
         peer_type=peer_type,
         mode=mode,
@@ -152,4 +260,8 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
             _http_url("DEJIMA_PEER_URL", env["DEJIMA_PEER_URL"]) if env.get("DEJIMA_PEER_URL", "").strip() else ""
         ),
         fault_point=env.get("DEJIMA_FAULT_POINT", "").strip(),
+        private_key=private_key,
+        key_file=_key_file(env, name, check=mode == "peer" and not private_key),
+        trusted_keys=_trusted_keys(env),
+        replay_window=_float(env, "DEJIMA_REPLAY_WINDOW", 60.0, 1.0, 3600.0),
     )

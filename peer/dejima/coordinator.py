@@ -20,6 +20,12 @@ of waits can form, so exactly one of two conflicting writes commits and the othe
 Recovery (`recover_once`, at start and periodically): every prepared transaction of this peer whose origin is not
 finishing it asks the origin for the decision; an origin without a decision row for a gxid it no longer runs
 answers abort (presumed abort).
+
+Tamper evidence (`peer.dejima.txlog`): the transaction that commits a change also appends its entry to this peer's
+hash chain — the origin with its decision row, a participant just before PREPARE. Appends are serialized by an
+advisory lock taken last (after every row lock, once propagation is over) and held to the commit (a participant:
+to COMMIT PREPARED). Waiting for it follows wait-die too (`_lock_chain`): an older global transaction waits for a
+younger holder, a younger one gives up with a conflict, so waits for the chain lock never form a cycle across peers.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ from psycopg import errors as pgerr
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from peer.dejima import txlog
 from peer.dejima.apply import ApplyConflict, ApplyError, GxState, apply_delta, outgoing, without_echo
 from peer.dejima.config import PeerConfig
-from peer.dejima.delta import Delta, take_changes
+from peer.dejima.delta import Delta, RowChange, take_changes
 from peer.dejima.directory import Directory
 from peer.dejima.manifest import PeerType
 from peer.dejima.messages import (
@@ -68,6 +75,8 @@ HTTP_STATUS = {
     "timeout": 504,
     "internal": 500,
 }
+CHAIN_LOCK_POLL_S = 0.002  # how often a waiter for the txlog lock tries again
+CHAIN_UNKNOWN_HOLDER_S = 0.05  # the txlog lock held by no transaction we know (a recovered prepared one): give up
 APPLY_LOCK_WAIT_MS = 100  # a participant re-decides wait-or-die this often while a row is locked
 TOMBSTONE_SECONDS = 600.0
 ORIGIN_KEYS_LIMIT = 1000  # above this many changed keys the origin does not list them (forwarding stays correct)
@@ -126,6 +135,8 @@ class Gx:
     reached: set[str] = field(default_factory=set)
     created: float = field(default_factory=time.monotonic)
     origin_keys: dict[str, list[list[Any]]] = field(default_factory=dict)
+    changes: dict[tuple[str, int], RowChange] = field(default_factory=dict)  # net change here, for the txlog entry
+    chain_locked: bool = False  # holds this peer's txlog lock (until its commit / COMMIT PREPARED)
 
     @property
     def order(self) -> tuple[int, str]:
@@ -243,7 +254,9 @@ class Coordinator:
                         gx.conn.execute(statement.encode())
                     except psycopg.Error as exc:
                         raise GlobalTxnError(classify(exc), f"{self.name}: {exc}".strip()) from None
-                deltas = outgoing(gx.state, take_changes(gx.conn, gxid))
+                changes = take_changes(gx.conn, gxid)
+                txlog.fold_into(gx.changes, changes)
+                deltas = outgoing(gx.state, changes)
             if not deltas:
                 with gx.lock:
                     self._release(gx, "COMMIT")
@@ -267,6 +280,7 @@ class Coordinator:
                 gx.conn.execute(
                     "INSERT INTO dejima.decisions (gxid, participants) VALUES (%s, %s)", (gxid, sorted(participants))
                 )
+                self._append_txlog(gx, "origin")
                 self._release(gx, "COMMIT")  # the commit point
                 gx.phase = "committed"
             self.stats["committed"] += 1
@@ -467,7 +481,9 @@ class Coordinator:
                 self._open(gx)
                 self._apply_wait_die(gx, msg)
                 assert gx.conn is not None and gx.state is not None
-                deltas = outgoing(gx.state, take_changes(gx.conn, gx.gxid))
+                changes = take_changes(gx.conn, gx.gxid)
+                txlog.fold_into(gx.changes, changes)
+                deltas = outgoing(gx.state, changes)
         except (ApplyError, psycopg.Error, GlobalTxnError) as exc:
             if isinstance(exc, ApplyError):
                 kind = "conflict" if isinstance(exc, ApplyConflict) else "bad_request"
@@ -502,6 +518,49 @@ class Coordinator:
         finally:
             conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.config.lock_timeout_ms}ms")))
 
+    # ---- tamper evidence: the txlog entry, written in the committing transaction ----------------------------
+    def _append_txlog(self, gx: Gx, role: str) -> None:
+        """Append this gxid's entry to the peer's hash chain, in gx's transaction (caller holds gx.lock), when
+        it changed this peer's data. Takes the chain lock first (`_lock_chain`)."""
+        views = txlog.summary(gx.changes.values())
+        if not views:
+            return
+        assert gx.conn is not None
+        self._lock_chain(gx)
+        txlog.append(gx.conn, gx.gxid, gx.origin, role, views)
+
+    def _lock_chain(self, gx: Gx) -> None:
+        """Take the txlog lock in gx's transaction, never blocking inside PostgreSQL. Wait-die: while a younger
+        global transaction holds it, wait (it is prepared or committing: its end does not depend on us); while an
+        older one holds it, give up with a conflict. Either way not past the deadline."""
+        assert gx.conn is not None
+        unknown_since: float | None = None
+        while True:
+            row = gx.conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (txlog.CHAIN_LOCK,)).fetchone()
+            if row is not None and row[0]:
+                gx.chain_locked = True
+                return
+            with self.lock:
+                holders = [
+                    o for o in self.gxs.values() if o is not gx and o.chain_locked and o.phase in ("open", "prepared")
+                ]
+            now = time.monotonic()
+            if any(h.order < gx.order for h in holders):  # an older holder: the younger dies
+                raise GlobalTxnError(
+                    "conflict", f"{self.name}: the transaction log is busy with an older global transaction"
+                )
+            if not holders:
+                unknown_since = now if unknown_since is None else unknown_since
+                if now - unknown_since > CHAIN_UNKNOWN_HOLDER_S:
+                    raise GlobalTxnError(
+                        "conflict", f"{self.name}: the transaction log is locked by a transaction being recovered"
+                    )
+            else:
+                unknown_since = None
+            if now > gx.deadline:
+                raise GlobalTxnError("timeout", f"{self.name}: the transaction log stayed locked")
+            time.sleep(CHAIN_LOCK_POLL_S)
+
     def _local_abort(self, gx: Gx) -> None:
         with gx.lock:
             if gx.phase in ("open",):
@@ -525,6 +584,18 @@ class Coordinator:
                 return Ack(msg.gxid, self.name, True)
             if gx.phase != "open" or gx.conn is None:
                 return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} is {gx.phase}", "refused")
+            try:
+                self._append_txlog(gx, "participant")
+            except (GlobalTxnError, psycopg.Error) as exc:
+                kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)
+                try:
+                    self._release(gx, "ROLLBACK")
+                except psycopg.Error as rollback_exc:
+                    log.warning("gxid %s: rollback failed: %s", gx.gxid, rollback_exc)
+                gx.phase = "aborted"
+                text = str(exc).strip()
+                text = text if text.startswith(f"{self.name}:") else f"{self.name}: {text}"
+                return Ack(msg.gxid, self.name, False, text, kind)
             try:
                 self._release(
                     gx, sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(self.gid(msg.gxid))).as_string(None)

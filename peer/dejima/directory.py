@@ -5,6 +5,9 @@ answers greetings the same way. A peer that does not answer is greeted again wit
 capped), so start order never matters and a restarted or unreachable peer is found again. A view with the same
 name but a different definition (schema hash) is refused on both sides: logged as an error, shown in the API, and
 that peer is kept out of the view's group. Known peers and groups are persisted in `dejima.peers`/`dejima.groups`.
+
+Greetings are signed like every peer message (`peer.dejima.auth`): a greeting, or an answer to ours, from a key this
+peer does not trust is refused (401) and teaches nothing; peers named in a greeting are added only when trusted.
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ class Directory:
             self.peers[hello.peer] = peer
             for entry in hello.known:
                 name, url = entry.get("name", ""), entry.get("url", "")
-                if name and url and name != self.config.name and name not in self.peers:
+                if name and url and name != self.config.name and name not in self.peers and self._trusted(name):
                     self.peers[name] = KnownPeer(name, url, entry.get("peer_type", ""))
                     changed = True
             if hello.url in self.seed_state:
@@ -171,6 +174,10 @@ class Directory:
         if changed:
             self._save()
         return errors
+
+    def _trusted(self, name: str) -> bool:
+        """Only peers whose key this peer trusts are greeted (the greeting of any other would be refused)."""
+        return name in self.config.trusted_keys
 
     def _due(self) -> list[tuple[str, str | None]]:
         now = time.monotonic()

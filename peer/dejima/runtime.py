@@ -14,7 +14,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from peer.dejima.config import PeerConfig, load_config
+from peer.dejima.auth import Authenticator, KeyFormatError, load_or_create_key, parse_private_key, trusted_keys
+from peer.dejima.config import ConfigError, PeerConfig, load_config
 from peer.dejima.coordinator import Coordinator
 from peer.dejima.directory import Directory
 from peer.dejima.install import install
@@ -48,7 +49,8 @@ class PeerRuntime:
             open=True,
         )
         self.pool.wait(timeout=30)
-        self.transport = Transport(config.name)
+        self.auth = make_authenticator(config)
+        self.transport = Transport(config.name, self.auth)
         self.directory = Directory(config, self.ptype, self.pool, self.transport)
         self.coordinator = Coordinator(config, self.ptype, self.pool, self.directory, self.transport)
         self.stopped = threading.Event()
@@ -72,6 +74,26 @@ class PeerRuntime:
         self.directory.stopped.set()
         self.transport.close()
         self.pool.close()
+
+
+def make_authenticator(config: PeerConfig) -> Authenticator:
+    """This peer's key (given, or kept in DEJIMA_KEY_FILE and created at first start) and the keys it trusts."""
+    if config.private_key:
+        key = parse_private_key(config.private_key)
+    else:
+        try:
+            key = load_or_create_key(config.key_file)
+        except (OSError, KeyFormatError) as exc:
+            raise ConfigError("DEJIMA_KEY_FILE", f"cannot read or create {config.key_file}: {exc}") from None
+    try:
+        auth = Authenticator(config.name, key, trusted_keys(config.trusted_keys), config.replay_window)
+    except ValueError as exc:
+        raise ConfigError("DEJIMA_TRUSTED_KEYS", str(exc)) from None
+    others = sorted(set(auth.trusted) - {config.name})
+    if not others:
+        log.warning("peer %s trusts no other peer's key (DEJIMA_TRUSTED_KEYS): it refuses every message", config.name)
+    log.info("peer %s public key %s; trusts %s", config.name, auth.public_key, ", ".join(others) or "nobody")
+    return auth
 
 
 def get_runtime() -> PeerRuntime:

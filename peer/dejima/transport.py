@@ -2,7 +2,8 @@
 a value (`CallResult`), never an exception. Keep-alive connections are pooled; Nagle is off (urllib3's default
 socket options set TCP_NODELAY).
 
-Signing is the one seam for authenticated peers: `sign` fills the envelope's signature, `verify` checks it.
+Authenticated peers (`peer.dejima.auth`): every request is signed by this peer (`sign`), and an answer counts only
+when it is signed by a trusted peer and bound to the request (`verify_answer`); otherwise the call fails (refused).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from peer.dejima.auth import Authenticator, AuthError, authorize, signature_id
 from peer.dejima.messages import Message, MessageError, parse
 
 log = logging.getLogger(__name__)
@@ -36,14 +38,22 @@ class CallResult:
         return self.message is not None and not self.error
 
 
-def sign(envelope: dict[str, Any]) -> dict[str, Any]:
-    """Seam for authenticated peers (reliability issue): today messages go unsigned."""
-    return envelope
+def sign(auth: Authenticator, envelope: dict[str, Any]) -> dict[str, Any]:
+    """The envelope of a request, signed by this peer."""
+    return auth.sign(envelope)
+
+
+def verify_answer(auth: Authenticator, envelope: Any, request_id: str, answer: Message) -> None:
+    """An answer counts only when signed by a trusted peer, bound to our request, from the peer it names."""
+    if not isinstance(envelope, dict):
+        raise AuthError(401, "the answer is not a signed envelope")
+    authorize(auth.verify_reply(envelope, request_id), answer)
 
 
 class Transport:
-    def __init__(self, peer_name: str, max_parallel: int = 64) -> None:
+    def __init__(self, peer_name: str, auth: Authenticator, max_parallel: int = 64) -> None:
         self.peer_name = peer_name
+        self.auth = auth
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=64, pool_maxsize=max_parallel, max_retries=0)
         self.session.mount("http://", adapter)
@@ -53,7 +63,8 @@ class Transport:
 
     def call(self, url: str, message: Message, timeout: float) -> CallResult:
         """POST one message to a peer; the answer (or the failure) as a value."""
-        body = json.dumps(sign(message.to_json()), separators=(",", ":"))
+        envelope = sign(self.auth, message.to_json())
+        body = json.dumps(envelope, separators=(",", ":"))
         try:
             resp = self.session.post(url + MESSAGE_PATH, data=body, timeout=(min(timeout, 3.0), timeout))
         except requests.Timeout:
@@ -61,11 +72,17 @@ class Transport:
         except requests.RequestException as exc:
             return CallResult(url, None, error=f"{url} is unreachable ({type(exc).__name__})", error_kind="unreachable")
         try:
-            answer = parse(resp.json())
+            raw = resp.json()
+            answer = parse(raw)
         except (ValueError, MessageError) as exc:
             kind = "refused" if 400 <= resp.status_code < 500 else "internal"
             detail = resp.text[:300] if resp.text else str(exc)
             return CallResult(url, None, resp.status_code, f"{url} answered {resp.status_code}: {detail}", kind)
+        try:
+            verify_answer(self.auth, raw, signature_id(envelope), answer)
+        except AuthError as exc:
+            log.warning("refusing the answer of %s to a %s: %s", url, message.kind, exc)
+            return CallResult(url, None, resp.status_code, f"{url}: answer refused: {exc}", "refused")
         if resp.status_code >= 400:
             err = getattr(answer, "error", "") or f"HTTP {resp.status_code}"
             kind = getattr(answer, "error_kind", "") or "refused"

@@ -4,7 +4,9 @@ themselves.
 | endpoint | method | statuses |
 |---|---|---|
 | /health | GET | 200 ok, 503 database down |
-| /peer/v1/message | POST | 200 typed answer; 400 malformed; 413 too large |
+| /peer/v1/message | POST | 200 typed answer (signed); 400 malformed; 401 unsigned, forged, untrusted, stale or |
+| | | replayed; 403 signed by another peer than it claims, or a propagate from outside the view's group; |
+| | | 413 too large |
 | /api/v1/status | GET | 200 |
 | /api/v1/groups | GET | 200 |
 | /api/v1/exec | POST {"sql": str or [str]} | 200 committed; 400 bad SQL or input; 409 conflict (Retry-After); |
@@ -12,6 +14,7 @@ themselves.
 | /api/v1/query | POST {"sql": str} | 200 {columns, rows}; 400 |
 | /api/v1/views/<view> | GET | 200 {view, columns, rows, digest}; 404 unknown view |
 | /api/v1/prepared | GET | 200 prepared transactions of this peer's database |
+| /api/v1/txlog | GET ?verify=1&limit=N | 200 {peer, length, head, entries, verify?}; 400 bad limit |
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 from psycopg import sql
 
+from peer.dejima import txlog
+from peer.dejima.auth import AuthError, authorize, signature_id
 from peer.dejima.coordinator import GlobalTxnError, classify
 from peer.dejima.messages import (
     DecisionQuery,
@@ -90,8 +95,23 @@ def rejects_bad_input(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[
     return wrapped
 
 
-def _answer(message: Message) -> JsonResponse:
-    return JsonResponse(message.to_json())
+def _answer(message: Message, reply_to: str) -> JsonResponse:
+    """An answer to a peer's request, signed by this peer and bound to the request (`reply_to`)."""
+    return JsonResponse(get_runtime().auth.sign(message.to_json(), reply_to=reply_to))
+
+
+REQUESTS = (Propagate, Prepare, Finish, DecisionQuery, Hello)
+
+
+def _authenticate(envelope: dict[str, Any], msg: Message) -> None:
+    """Who signed it, that it is who it claims to be, and (propagate) that it may write the view. Raises AuthError:
+    401 unsigned, forged, untrusted, stale or replayed; 403 not who it claims, or not a member of the view's group."""
+    rt = get_runtime()
+    signer = rt.auth.verify_request(envelope)
+    authorize(signer, msg)
+    views = rt.directory.my_views
+    if isinstance(msg, Propagate) and msg.view in views and msg.sender not in rt.directory.members(msg.view):
+        raise AuthError(403, f"{msg.sender!r} is not a member of {msg.view}'s group")
 
 
 @require_GET
@@ -111,20 +131,37 @@ def health(request: HttpRequest) -> JsonResponse:
 def message(request: HttpRequest) -> HttpResponse:
     """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello)."""
     rt = get_runtime()
-    msg = parse(_json_body(request))
+    envelope = _json_body(request)
+    msg = parse(envelope)
+    if not isinstance(msg, REQUESTS):
+        return _error(400, f"{msg.kind} is not a request")
+    try:
+        _authenticate(envelope, msg)
+    except AuthError as exc:
+        sig = envelope.get("signature")
+        signer = sig.get("peer") if isinstance(sig, dict) else None
+        log.warning(
+            "refused a %s (signed by %r) from %s with %d: %s",
+            msg.kind,
+            signer,
+            request.META.get("REMOTE_ADDR"),
+            exc.status,
+            exc,
+        )
+        kind = "unauthenticated" if exc.status == 401 else "refused"
+        return _error(exc.status, f"{rt.config.name}: {exc}", kind)
+    reply_to = signature_id(envelope)
     coord = rt.coordinator
     if isinstance(msg, Propagate):
-        return _answer(coord.on_propagate(msg))
+        return _answer(coord.on_propagate(msg), reply_to)
     if isinstance(msg, Prepare):
-        return _answer(coord.on_prepare(msg))
+        return _answer(coord.on_prepare(msg), reply_to)
     if isinstance(msg, Finish):
-        return _answer(coord.on_finish(msg))
+        return _answer(coord.on_finish(msg), reply_to)
     if isinstance(msg, DecisionQuery):
-        return _answer(coord.on_decision_query(msg))
-    if isinstance(msg, Hello):
-        rt.directory.learn(msg)
-        return _answer(rt.directory.hello())
-    return _error(400, f"{msg.kind} is not a request")
+        return _answer(coord.on_decision_query(msg), reply_to)
+    rt.directory.learn(msg)
+    return _answer(rt.directory.hello(), reply_to)
 
 
 @require_GET
@@ -230,3 +267,30 @@ def view_rows(request: HttpRequest, view: str) -> JsonResponse:
 @require_GET
 def prepared(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"prepared": get_runtime().coordinator.prepared_transactions()})
+
+
+@require_GET
+def txlog_view(request: HttpRequest) -> JsonResponse:
+    """This peer's hash-chained transaction log: its head, the last `limit` entries (default 20, at most 1000) and,
+    with `verify=1`, the verdict of recomputing every hash of the chain (`ok`, `broken_at`: the first broken seq)."""
+    rt = get_runtime()
+    try:
+        limit = int(request.GET.get("limit", "20"))
+    except ValueError:
+        return _error(400, "limit must be a whole number")
+    if not 0 <= limit <= 1000:
+        return _error(400, "limit must be between 0 and 1000")
+    with rt.pool.connection(timeout=5) as conn:
+        entries = txlog.recent(conn, max(limit, 1))
+        verdict = txlog.verify(conn) if request.GET.get("verify") in ("1", "true", "yes") else None
+        length = conn.execute("SELECT count(*) FROM dejima.txlog").fetchone()
+    head = entries[0] if entries else None
+    body: dict[str, Any] = {
+        "peer": rt.config.name,
+        "length": int(length[0]) if length else 0,
+        "head": {k: head[k] for k in ("seq", "gxid", "hash", "committed_at")} if head else None,
+        "entries": entries[:limit],
+    }
+    if verdict is not None:
+        body["verify"] = verdict.to_json()
+    return JsonResponse(body)

@@ -1,0 +1,155 @@
+"""Tamper evidence: a hash-chained log of the global transactions this peer committed (`dejima.txlog`).
+
+One entry per committed global transaction that changed this peer's data (its dejima views): gxid, origin, this
+peer's role (`origin` | `participant`), a summary of the net change per view (insertions, deletions and an
+order-independent digest of the rows) and the commit time. Entries are numbered 1, 2, … (`seq`) and chained:
+
+    hash = sha256(prev_hash || canonical entry)        prev_hash of seq 1 = GENESIS (64 zeros)
+
+where the canonical entry is the JSON of {seq, gxid, origin, role, views, committed_at} with sorted keys and no
+spaces (`canonical`). Changing, deleting or inserting a row breaks the chain at that seq (`verify`).
+
+The entry is written inside the transaction that commits the change: at the origin in the transaction holding
+the decision row, at a participant in the transaction it then PREPAREs, so it commits or rolls back with the data.
+Appends are serialized per peer by a transaction-level advisory lock (`CHAIN_LOCK`) that the coordinator takes last,
+just before the decision / PREPARE, with `pg_try_advisory_xact_lock` under its wait-die rule (see coordinator).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from peer.dejima.delta import RowChange
+
+GENESIS = "0" * 64
+CHAIN_LOCK = 0x64656A696D6174  # "dejimat": the advisory lock key that serializes appends to this peer's chain
+VERIFY_BATCH = 5000
+
+HEAD_SQL = "SELECT seq, hash FROM dejima.txlog ORDER BY seq DESC LIMIT 1"
+INSERT_SQL = (
+    "INSERT INTO dejima.txlog (seq, gxid, origin, role, views, committed_at, prev_hash, hash)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def fold_into(acc: dict[tuple[str, int], RowChange], changes: Iterable[RowChange]) -> None:
+    """Accumulate a gxid's captured changes (several batches) into its net change per (view, base row)."""
+    for change in changes:
+        key = (change.view, change.row_id)
+        first = acc.get(key)
+        acc[key] = change if first is None else RowChange(change.view, change.row_id, first.old, change.new)
+
+
+def summary(changes: Iterable[RowChange]) -> dict[str, dict[str, Any]]:
+    """Per view: how many view rows were inserted and deleted, and a digest of those rows (order-independent:
+    the sha256 of the sorted canonical lines `+row` / `-row`). Views without a net change are absent."""
+    lines: dict[str, list[str]] = {}
+    counts: dict[str, list[int]] = {}
+    for change in changes:
+        if change.old == change.new:
+            continue
+        view_lines = lines.setdefault(change.view, [])
+        count = counts.setdefault(change.view, [0, 0])
+        if change.new is not None:
+            view_lines.append("+" + _json(change.new))
+            count[0] += 1
+        if change.old is not None:
+            view_lines.append("-" + _json(change.old))
+            count[1] += 1
+    out: dict[str, dict[str, Any]] = {}
+    for view in sorted(lines):
+        digest = hashlib.sha256()
+        for line in sorted(lines[view]):
+            digest.update(line.encode() + b"\n")
+        out[view] = {"insertions": counts[view][0], "deletions": counts[view][1], "digest": digest.hexdigest()}
+    return out
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def timestamp(at: datetime.datetime) -> str:
+    """The canonical text of a commit time: UTC, microseconds (what timestamptz keeps)."""
+    return at.astimezone(datetime.UTC).isoformat(timespec="microseconds")
+
+
+def canonical(seq: int, gxid: str, origin: str, role: str, views: dict[str, Any], committed_at: str) -> str:
+    entry = {"seq": seq, "gxid": gxid, "origin": origin, "role": role, "views": views, "committed_at": committed_at}
+    return _json(entry)
+
+
+def chain_hash(prev_hash: str, entry: str) -> str:
+    return hashlib.sha256((prev_hash + entry).encode()).hexdigest()
+
+
+def append(conn: psycopg.Connection[Any], gxid: str, origin: str, role: str, views: dict[str, Any]) -> tuple[int, str]:
+    """Append an entry in the caller's transaction, which must hold CHAIN_LOCK. Returns (seq, hash)."""
+    head = conn.execute(HEAD_SQL).fetchone()  # a statement after the lock: sees the previous holder's commit
+    seq, prev = (int(head[0]) + 1, str(head[1])) if head else (1, GENESIS)
+    at = datetime.datetime.now(datetime.UTC)
+    entry_hash = chain_hash(prev, canonical(seq, gxid, origin, role, views, timestamp(at)))
+    conn.execute(INSERT_SQL, (seq, gxid, origin, role, Jsonb(views), at, prev, entry_hash))
+    return seq, entry_hash
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    length: int
+    broken_at: int | None = None
+    reason: str = ""
+    head: str = GENESIS
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "length": self.length,
+            "broken_at": self.broken_at,
+            "reason": self.reason,
+            "head_hash": self.head,
+        }
+
+
+def verify(conn: psycopg.Connection[Any]) -> Verdict:
+    """Recompute every hash of the chain in the database; the first seq where it breaks, and why."""
+    expected_seq, prev, last = 1, GENESIS, 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, gxid, origin, role, views, committed_at, prev_hash, hash FROM dejima.txlog"
+            " WHERE seq >= %s ORDER BY seq LIMIT %s",
+            (expected_seq, VERIFY_BATCH),
+        ).fetchall()
+        for seq, gxid, origin, role, views, committed_at, prev_hash, stored in rows:
+            if seq != expected_seq:
+                return Verdict(False, last, expected_seq, f"entry {expected_seq} is missing", prev)
+            if prev_hash != prev:
+                return Verdict(False, last, seq, "prev_hash does not match the hash of the entry before", prev)
+            recomputed = chain_hash(prev, canonical(seq, gxid, origin, role, views, timestamp(committed_at)))
+            if recomputed != stored:
+                return Verdict(False, last, seq, "hash does not match the entry", prev)
+            expected_seq, prev, last = seq + 1, stored, seq
+        if len(rows) < VERIFY_BATCH:
+            break
+    below = conn.execute("SELECT min(seq) FROM dejima.txlog WHERE seq < 1").fetchone()
+    if below is not None and below[0] is not None:
+        return Verdict(False, last, int(below[0]), "entry numbered below 1", prev)
+    return Verdict(True, last, None, "", prev)
+
+
+def recent(conn: psycopg.Connection[Any], limit: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT seq, gxid, origin, role, views, committed_at, prev_hash, hash FROM dejima.txlog"
+        " ORDER BY seq DESC LIMIT %s",
+        (limit,),
+    ).fetchall()
+    names = ("seq", "gxid", "origin", "role", "views", "committed_at", "prev_hash", "hash")
+    return [{**dict(zip(names, row, strict=True)), "committed_at": timestamp(row[5])} for row in rows]
