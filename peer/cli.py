@@ -1,7 +1,8 @@
 """The `dejima` command: the user's handle on a local Dejima network.
 
 `up` starts PostgreSQL and the example peers (government, bank, insurance) on loopback; `down` stops them;
-`status`, `exec`, `query` and `check` talk to running peers over their REST API; `bench` runs benchmarks.
+`status`, `exec`, `query` and `check` talk to running peers over their REST API; `bench` runs benchmarks;
+`chaos` runs its own network under injected faults and checks the history (peer/chaos.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import requests
 
 from peer.dejima.install import InstallError
 from peer.dejima.manifest import ManifestError
-from peer.network import LocalNetwork, NetworkError, example_specs
+from peer.network import CLIENT_USER, LocalNetwork, NetworkError, example_specs
 from peer.pgserver import PgServer, PgServerError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(f"PostgreSQL ({server.kind}): {server.url('postgres')}")
     for spec in net.specs.values():
-        where = f"database {server.url(spec.database)}" if spec.mode == "peer" else "web app and REST (/client/api/v1/)"
+        where = (
+            f"database {server.url(spec.database)}"
+            if spec.mode == "peer"
+            else f"web app; login {CLIENT_USER}, password in {net.password_path(spec.name)}"
+        )
         print(f"  {spec.name:<18} {spec.mode:<6} {spec.url:<24} {where}")
     print("\nTry:")
     print(
@@ -231,6 +236,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args.bench_args)
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from peer import chaos
+
+    rest = list(args.chaos_args)
+    return chaos.main(rest[1:] if rest[:1] == ["--"] else rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dejima", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,10 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (JSON output); see `dejima bench --help`", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+    chaos = sub.add_parser(
+        "chaos",
+        help="random global transactions under injected faults, checked; see `dejima chaos --help`",
+        add_help=False,
+    )
+    chaos.add_argument("chaos_args", nargs=argparse.REMAINDER)
+    chaos.set_defaults(func=cmd_chaos)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:  # chaos parses its own options (argparse's REMAINDER drops leading ones)
+        argv = ["chaos", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

@@ -35,11 +35,18 @@ def on_starting(server: Arbiter) -> None:
 def post_worker_init(worker: Worker) -> None:
     """Build the peer (install SQL, pool, discovery and recovery loops) before the first request.
 
-    In client mode (PEER_MODE=client) there is no database: load the manifest the client app shows instead."""
+    In client mode (PEER_MODE=client) there is no peer database: load the manifest the client app shows and prepare
+    the client's own user store (migrate DEJIMA_CLIENT_DB, create the initial user) instead; a failure stops it."""
     if os.environ.get("PEER_MODE", "").strip() == "client":
+        from peer.client.auth import prepare_user_store
         from peer.client.context import get_context
+        from peer.dejima.config import ConfigError
 
-        get_context()
+        try:
+            prepare_user_store(get_context().config)
+        except ConfigError as exc:
+            print(f"dejima client: bad setting {exc}", file=sys.stderr)
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)  # the arbiter stops too
         return
     from peer.dejima.runtime import get_runtime
 

@@ -6,6 +6,10 @@ Used by `dejima up`/`down` and by the cluster tests. Processes run in their own 
 Authenticated peers: each peer's key pair is created up front in `<state dir>/<name>.key` (mode 0600, kept across
 restarts) and every peer is given the public keys of all the others (DEJIMA_KEY_FILE, DEJIMA_TRUSTED_KEYS), so the
 network works with no manual step. Tests sign their own peer messages with these files (`LocalNetwork.key`).
+
+Client login: each client gets its own user store `<state dir>/<name>.sqlite3` (DEJIMA_CLIENT_DB) and a generated
+password for its user `admin` in `<state dir>/<name>.password` (mode 0600, next to its log, kept across restarts;
+DEJIMA_CLIENT_PASSWORD_FILE). `LocalNetwork.password_path(name)` / `password(name)` give it to the kit and the tests.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from peer.dejima.auth import load_or_create_key, public_b64
 from peer.pgserver import PgServer
 
 EXAMPLE = (("government", 8001), ("bank", 8002), ("insurance", 8003))
+CLIENT_USER = "admin"  # the user of every client of a local network (its password: LocalNetwork.password_path)
 
 
 def free_port() -> int:
@@ -79,6 +84,19 @@ class LocalNetwork:
         """name -> base64 public key of every peer (not client) of this network."""
         return {name: public_b64(self.key(name)) for name, s in self.specs.items() if s.mode == "peer"}
 
+    # ---- client login -------------------------------------------------------------------------------------------
+    def password_path(self, name: str) -> Path:
+        """Where the generated password of a client's user (CLIENT_USER) is kept: next to its log, mode 0600."""
+        return self.state_dir / f"{name}.password"
+
+    def password(self, name: str) -> str:
+        """The password of a client's user (generated when it has none yet)."""
+        path = self.password_path(name)
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(18))
+        return path.read_text().strip()
+
     # ---- processes ------------------------------------------------------------------------------------------
     def env_for(self, spec: PeerSpec) -> dict[str, str]:
         seeds = ",".join(s.url for s in self.specs.values() if s.name != spec.name and s.mode == "peer")
@@ -104,6 +122,10 @@ class LocalNetwork:
             env["DEJIMA_TRUSTED_KEYS"] = ",".join(f"{n}={k}" for n, k in sorted(keys.items()) if n != spec.name)
         if spec.mode == "client":  # a client talks only to its peer service (DEJIMA_PEER_URL in spec.env)
             del env["DEJIMA_DATABASE_URL"], env["DEJIMA_SEEDS"]
+            self.password(spec.name)  # its own user store and a generated password (login required)
+            env["DEJIMA_CLIENT_DB"] = str(self.state_dir / f"{spec.name}.sqlite3")
+            env["DEJIMA_CLIENT_USER"] = CLIENT_USER
+            env["DEJIMA_CLIENT_PASSWORD_FILE"] = str(self.password_path(spec.name))
         secret = self.state_dir / "secret_key"  # a generated secret (outside debug a peer refuses the default)
         if not secret.exists():
             secret.touch(mode=0o600)

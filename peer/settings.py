@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from peer.dejima.config import DEV_SECRET_KEY, ConfigError, secret_key
+from peer.dejima.config import DEV_SECRET_KEY, ConfigError, client_db, secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -47,6 +48,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Client mode (PEER_MODE=client): the person-facing web app and REST API of one organization (peer/client/).
 # It talks only to its peer service (DEJIMA_PEER_URL) and keeps CSRF protection on for its HTML forms.
 PEER_MODE = os.environ.get("PEER_MODE", "").strip() or "peer"
+PEER_TYPE = os.environ.get("PEER_TYPE", "")
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
@@ -56,13 +58,43 @@ TEMPLATES = [
     }
 ]
 if PEER_MODE == "client":
+    # Every page and every /client/api/v1/ endpoint needs a logged-in user (peer/client/auth.py): Django's auth and
+    # sessions in the client's own small SQLite database (DEJIMA_CLIENT_DB), never the organization's peer database.
+    INSTALLED_APPS.insert(2, "django.contrib.sessions")
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(client_db(os.environ)),
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
     MIDDLEWARE = [
         "django.middleware.security.SecurityMiddleware",
+        "django.contrib.sessions.middleware.SessionMiddleware",
         "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.auth.middleware.LoginRequiredMiddleware",
         "django.middleware.clickjacking.XFrameOptionsMiddleware",
     ]
     CSRF_FAILURE_VIEW = "peer.client.views.csrf_failure"
+    LOGIN_URL = "client-login"
+    LOGIN_REDIRECT_URL = "client-home"
+    LOGOUT_REDIRECT_URL = "client-login"
+    SESSION_ENGINE = "django.contrib.sessions.backends.db"
+    # Browsers share cookies across the ports of one host: each client (named by DEJIMA_PEER_NAME) has its own.
+    _cookie = re.sub(r"[^a-z0-9_-]", "_", (os.environ.get("DEJIMA_PEER_NAME", "") or PEER_TYPE or "dejima").strip())
+    SESSION_COOKIE_NAME = f"dejima_{_cookie}_session"
+    SESSION_COOKIE_HTTPONLY = True
+    SESSION_COOKIE_SAMESITE = "Lax"
+    SESSION_COOKIE_AGE = 12 * 3600  # seconds
+    CSRF_COOKIE_NAME = f"dejima_{_cookie}_csrftoken"
+    CSRF_COOKIE_SAMESITE = "Lax"
+    # Behind TLS (a proxy that terminates HTTPS) the cookies should only travel over HTTPS.
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = os.environ.get("DEJIMA_CLIENT_SECURE_COOKIES", "").strip() == "1"
 
 # Peer type folders (manifest + generated SQL).
 DEJIMA_SQL_ROOT = Path(os.environ.get("DEJIMA_SQL_ROOT", str(BASE_DIR / "sql_triggers")))
-PEER_TYPE = os.environ.get("PEER_TYPE", "")

@@ -23,7 +23,7 @@ import pytest
 from peer.dejima.install import SQL_ROOT, install
 from peer.network import LocalNetwork, example_specs
 from peer.pgserver import PgServer
-from tests.helpers import empty_base_tables
+from peer.testkit.proxy import empty_base_tables
 
 MakeDatabase = Callable[[str], str]
 

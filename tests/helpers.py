@@ -210,17 +210,6 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-def empty_base_tables(conninfo: str) -> None:
-    """Empty every base table of one peer database directly (no gxid: nothing is captured or propagated)."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        tables = conn.execute(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = 'public' AND c.relkind = 'r'"
-        ).fetchall()
-        for (table,) in tables:
-            conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
-
-
 # Two peer types sharing a selection view (only students not at Hosei), for tests that add types as data.
 UNIVERSITY = """\
 peer_type = "university"

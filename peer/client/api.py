@@ -1,6 +1,10 @@
 """The client REST API (PEER_MODE=client), under /client/api/v1/: the same as the web app, as JSON.
 
-Bodies are JSON only (a cross-site HTML form cannot post JSON, so no CSRF token is needed). Values are checked
+Every endpoint needs a user of the client (peer/client/auth.py): HTTP Basic (for scripts), or the session cookie of
+/login — then POST, PATCH and DELETE also need the CSRF token in an X-CSRFToken header, as DRF's
+SessionAuthentication checks. Anonymous or a wrong password: 401 `not_authenticated` / `authentication_failed`
+(with WWW-Authenticate: Basic); a session write without the CSRF token: 403 `permission_denied`.
+Bodies are JSON only (a cross-site HTML form cannot post JSON). Values are checked
 against the manifest's columns and types before anything is sent to the peer; every write is one global
 transaction at the peer (POST /api/v1/exec) and the answer mirrors the peer's status.
 
@@ -27,8 +31,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rest_framework.exceptions import APIException, ParseError, UnsupportedMediaType
+from rest_framework.authentication import BasicAuthentication, SessionAuthentication
+from rest_framework.exceptions import APIException, NotAuthenticated, ParseError, UnsupportedMediaType
 from rest_framework.parsers import JSONParser
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -60,17 +66,27 @@ def _invalid(exc: RowInvalid) -> Response:
     return _error(400, "invalid", str(exc), fields=exc.errors)
 
 
+NOT_LOGGED_IN = (
+    "log in first: send HTTP Basic credentials of a client user, or the session cookie of /login"
+    " (with an X-CSRFToken header for POST, PATCH and DELETE)"
+)
+
+
 class ClientAPIView(APIView):
-    """JSON in, JSON out; errors of the framework itself (malformed JSON, wrong media type) in the same shape."""
+    """JSON in, JSON out; errors of the framework itself (malformed JSON, wrong media type, not logged in) in the
+    same shape. Basic first: an anonymous request gets 401 with WWW-Authenticate: Basic."""
 
     parser_classes = [JSONParser]
     renderer_classes = [JSONRenderer]
+    authentication_classes = [BasicAuthentication, SessionAuthentication]
+    permission_classes = [IsAuthenticated]
 
     def handle_exception(self, exc: Exception) -> Response:
         resp = super().handle_exception(exc)
         if isinstance(exc, APIException):
             kind = "invalid" if isinstance(exc, ParseError | UnsupportedMediaType) else str(exc.default_code)
-            resp.data = {"status": "error", "kind": kind, "error": str(exc.detail)}
+            message = NOT_LOGGED_IN if isinstance(exc, NotAuthenticated) else str(exc.detail)
+            resp.data = {"status": "error", "kind": kind, "error": message}
         return resp
 
     def lookup(self, table: str) -> tuple[ClientContext, Snapshot, TableInfo | Response]:

@@ -1,12 +1,14 @@
 """The client web app (PEER_MODE=client): server-rendered pages to browse and edit the peer's base tables.
 
-Every write is one global transaction at the peer (POST /api/v1/exec); the page says what became of it. Forms are
+Every write is one global transaction at the peer (POST /api/v1/exec); the page says what became of it. Every page
+but /health and /login needs a logged-in user (anonymous: 302 to /login?next=…; peer/client/auth.py). Forms are
 protected by Django's CSRF middleware (a POST without the token is refused with 403).
 
 | page | method | statuses |
 |---|---|---|
 | / | GET | 200 base tables, dejima views and their groups (the peer unreachable: 200 with a warning) |
-| /health | GET | 200 {"status": "ok", "mode": "client", "peer": "reachable" or "unreachable"} |
+| /health | GET | 200 {"status": "ok", "mode": "client", "peer": "reachable" or "unreachable"} (public) |
+| /login, /logout | GET, POST / POST | Django's LoginView and LogoutView (peer/client/auth.py) |
 | /tables/<table>/ | GET | 200 rows (?page=N) with sharing badges; 404 unknown table; 502/503/504 peer failed |
 | /tables/<table>/add | GET, POST | 303 to the table on commit; 400 invalid value; 403 no CSRF token; else the peer's |
 | | | status (409 + Retry-After conflict, 422 constraint, 503 unreachable, 504 timeout) with the form |
@@ -20,6 +22,7 @@ import logging
 from typing import Any
 from urllib.parse import urlencode
 
+from django.contrib.auth.decorators import login_not_required
 from django.core import signing
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import render
@@ -88,6 +91,7 @@ def _fields(table: TableInfo, values: dict[str, Any], errors: dict[str, list[str
 
 
 # ---- pages ----------------------------------------------------------------------------------------------------
+@login_not_required
 @require_GET
 def health(request: HttpRequest) -> JsonResponse:
     ctx = get_context()

@@ -53,6 +53,11 @@ class PeerConfig:
     key_file: Path = Path("peer.key")
     trusted_keys: dict[str, str] = field(default_factory=dict)
     replay_window: float = 60.0
+    # client mode (peer.client.auth): the client's own user store (SQLite, Django auth and sessions) and the initial
+    # user, created or updated at start
+    client_db: Path = Path("client.sqlite3")
+    client_user: str = "admin"
+    client_password: str = field(default="", repr=False)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -210,6 +215,52 @@ def secret_key(env: Mapping[str, str]) -> str:
     )
 
 
+DEV_CLIENT_PASSWORD = "dev-only-password"  # noqa: S105  (debug only: DEJIMA_DEBUG=1)
+DEFAULT_CLIENT_PASSWORDS = frozenset(
+    {DEV_CLIENT_PASSWORD, "admin", "password", "changeme", "change-me", "secret", "dejima", "12345678", "letmein"}
+)
+MIN_CLIENT_PASSWORD = 8
+USERNAME_RE = re.compile(r"^[\w.@+-]{1,150}$")  # Django's username characters
+
+
+def client_db(env: Mapping[str, str], name: str | None = None) -> Path:
+    """DEJIMA_CLIENT_DB: the client's user store (SQLite), default ~/.dejima/<name>-client.sqlite3."""
+    name = name or env.get("DEJIMA_PEER_NAME", "").strip() or env.get("PEER_TYPE", "").strip() or "dejima"
+    default = Path.home() / ".dejima" / f"{name}-client.sqlite3"
+    return Path(env.get("DEJIMA_CLIENT_DB", "").strip() or str(default)).expanduser()
+
+
+def client_password(env: Mapping[str, str]) -> str:
+    """The initial user's password from DEJIMA_CLIENT_PASSWORD or the file DEJIMA_CLIENT_PASSWORD_FILE (docker
+    secrets). Outside debug (DEJIMA_DEBUG != 1) a missing, empty, short or default password is refused:
+    ConfigError naming the setting."""
+    setting, value = "DEJIMA_CLIENT_PASSWORD", env.get("DEJIMA_CLIENT_PASSWORD", "").strip()
+    path = env.get("DEJIMA_CLIENT_PASSWORD_FILE", "").strip()
+    if path:
+        if value:
+            raise ConfigError(
+                setting + "_FILE", "give the password once: DEJIMA_CLIENT_PASSWORD or DEJIMA_CLIENT_PASSWORD_FILE"
+            )
+        setting = "DEJIMA_CLIENT_PASSWORD_FILE"
+        value = _read_file(setting, path).strip()
+    if value and value.lower() not in DEFAULT_CLIENT_PASSWORDS and len(value) >= MIN_CLIENT_PASSWORD:
+        return value
+    if env.get("DEJIMA_DEBUG", "").strip() == "1":
+        return value or DEV_CLIENT_PASSWORD
+    if not value:
+        what = "missing" if setting not in env and not path else "empty"
+    elif len(value) < MIN_CLIENT_PASSWORD:
+        what = f"shorter than {MIN_CLIENT_PASSWORD} characters"
+    else:
+        what = "a well-known default"
+    raise ConfigError(
+        setting,
+        f"is {what}; outside debug (DEJIMA_DEBUG=1) client mode needs a password for its user"
+        f" {env.get('DEJIMA_CLIENT_USER', '').strip() or 'admin'!r}, e.g. from"
+        " `python -c 'import secrets; print(secrets.token_urlsafe(16))'`",
+    )
+
+
 def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     env = os.environ if env is None else env
     sql_root = Path(_get(env, "DEJIMA_SQL_ROOT", str(DEFAULT_SQL_ROOT)))
@@ -238,6 +289,11 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     peer_timeout = _float(env, "DEJIMA_PEER_TIMEOUT", 5.0 if mode == "peer" else 30.0, 0.05, 300.0)
     secret_key(env)  # outside debug: no default or empty secret (Django's SECRET_KEY, read by peer/settings.py)
     private_key = _private_key(env)
+    client_user = _get(env, "DEJIMA_CLIENT_USER", "admin")
+    if not USERNAME_RE.match(client_user):
+        raise ConfigError("DEJIMA_CLIENT_USER", f"{client_user!r}: use letters, digits and @ . + - _ (at most 150)")
+    # Client mode: login is required (peer.client.auth); outside debug its initial user needs a real password.
+    password = client_password(env) if mode == "client" else ""
     return PeerConfig(
         peer_type=peer_type,
         mode=mode,
@@ -264,4 +320,7 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         key_file=_key_file(env, name, check=mode == "peer" and not private_key),
         trusted_keys=_trusted_keys(env),
         replay_window=_float(env, "DEJIMA_REPLAY_WINDOW", 60.0, 1.0, 3600.0),
+        client_db=client_db(env, name),
+        client_user=client_user,
+        client_password=password,
     )

@@ -1,4 +1,5 @@
-"""Test kit: a small threaded TCP proxy on loopback, and a cluster whose peer-to-peer traffic goes through proxies.
+"""Test kit (the tests and `dejima chaos` use it): a small threaded TCP proxy on loopback, and a cluster whose
+peer-to-peer traffic goes through proxies.
 
 `Proxy(target_port)` listens on a free loopback port and forwards every connection to the target:
 
@@ -38,7 +39,6 @@ from psycopg import sql
 from peer.cli import check_network
 from peer.network import LocalNetwork, NetworkError, example_specs
 from peer.pgserver import PgServer
-from tests.helpers import empty_base_tables
 
 LOOPBACK = "127.0.0.1"
 SENDER_HEADER = b"x-dejima-peer"
@@ -352,6 +352,17 @@ class Proxy:
         if delay and link.closed.wait(delay):
             return False
         return self._send(link, link.server, request) if link.server is not None else False
+
+
+def empty_base_tables(conninfo: str) -> None:
+    """Empty every base table of one peer database directly (no gxid: nothing is captured or propagated)."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'public' AND c.relkind = 'r'"
+        ).fetchall()
+        for (table,) in tables:
+            conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
 
 
 # ---- a cluster of the shipped example, peer-to-peer traffic through proxies ------------------------------------
