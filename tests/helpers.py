@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -262,3 +264,16 @@ def claimed_sender(envelope: Mapping[str, Any]) -> str | None:
 def sign_as(net: LocalNetwork, peer: str, envelope: Mapping[str, Any]) -> dict[str, Any]:
     """A raw peer message signed with the key of `peer` of a LocalNetwork (the key file the network made)."""
     return sign_envelope(envelope, peer, net.key(peer))
+
+
+def start_peer_process(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a peer (or client) under gunicorn with `env` until it exits: for settings that must stop it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"],
+        env=dict(env),
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -7,8 +7,6 @@ from __future__ import annotations
 import html
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import requests
 
 from peer.dejima.config import ConfigError, client_password, load_config
 from peer.network import CLIENT_USER, LocalNetwork, PeerSpec, free_port
+from tests.helpers import start_peer_process
 
 pytestmark = pytest.mark.cluster
 
@@ -614,15 +613,7 @@ def test_the_client_password_may_come_from_a_file(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_a_client_without_a_password_outside_debug_refuses_to_start(tmp_path: Path) -> None:
     env = client_env(DEJIMA_BIND=f"127.0.0.1:{free_port()}", DEJIMA_CLIENT_DB=str(tmp_path / "users.sqlite3"))
-    done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"],
-        env=env,
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = start_peer_process(env)
     assert done.returncode != 0
     assert "bad setting DEJIMA_CLIENT_PASSWORD: is missing; outside debug" in done.stderr, done.stderr
     assert not (tmp_path / "users.sqlite3").exists()

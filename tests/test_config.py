@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from peer.dejima.config import ConfigError, load_config, parse_seeds, secret_key
+from tests.helpers import start_peer_process
 
 GOOD = {
     "PEER_TYPE": "bank",
@@ -64,15 +63,7 @@ def test_it_parses_seeds_per_view_and_for_every_view() -> None:
 def test_it_refuses_to_start_a_peer_with_a_bad_setting() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJIMA_", "PEER_"))}
     env.update({**GOOD, "DEJIMA_PEER_TIMEOUT": "soon", "DEJIMA_BIND": "127.0.0.1:0"})
-    done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"],
-        env=env,
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = start_peer_process(env)
     assert done.returncode != 0
     assert "DEJIMA_PEER_TIMEOUT: 'soon' is not a number" in done.stderr
 
@@ -109,14 +100,6 @@ def test_it_refuses_to_start_a_peer_without_a_secret_key_outside_debug() -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJIMA_", "PEER_"))}
     env.update({k: v for k, v in GOOD.items() if k != "DEJIMA_SECRET_KEY"})
     env["DEJIMA_BIND"] = "127.0.0.1:0"
-    done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"],
-        env=env,
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = start_peer_process(env)
     assert done.returncode != 0
     assert "DEJIMA_SECRET_KEY: is empty" in done.stderr

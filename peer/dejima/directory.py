@@ -228,14 +228,6 @@ class Directory:
                 log.exception("discovery cycle failed")
             self.stopped.wait(self.config.discovery_interval)
 
-    def wake(self) -> None:
-        """Greet everybody now (e.g. after a peer restarted)."""
-        with self.lock:
-            for peer in self.peers.values():
-                peer.next_try = 0.0
-            for url in self.seed_state:
-                self.seed_state[url] = (self.seed_state[url][0], 0.0)
-
     # ---- persistence ----------------------------------------------------------------------------------------
     def _load(self) -> None:
         try:

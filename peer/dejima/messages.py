@@ -36,15 +36,6 @@ def new_message_id() -> str:
     return uuid.uuid4().hex
 
 
-def row_values(row: Row) -> Row:
-    """The column values of a wire row, without markers."""
-    return {k: v for k, v in row.items() if not k.startswith("$")}
-
-
-def row_unknown(row: Row) -> frozenset[str]:
-    return frozenset(row.get(UNKNOWN, ()))
-
-
 @dataclass(frozen=True)
 class Message:
     kind: ClassVar[str] = ""
