@@ -23,12 +23,17 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
     "rest_framework",
+    "drf_spectacular",
     "peer.dejima",
 ]
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_METADATA_CLASS": None,  # OPTIONS is 405 like any method an endpoint does not take
 }
 LOGGING = {
     "version": 1,
@@ -95,6 +100,27 @@ if PEER_MODE == "client":
     CSRF_COOKIE_SAMESITE = "Lax"
     # Behind TLS (a proxy that terminates HTTPS) the cookies should only travel over HTTPS.
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = os.environ.get("DEJIMA_CLIENT_SECURE_COOKIES", "").strip() == "1"
+
+# The OpenAPI schema of the API this process serves (drf-spectacular): GET /api/v1/openapi.json at a peer,
+# GET /client/api/v1/openapi.json at a client (login required, as for the rest of its API).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Dejima client API" if PEER_MODE == "client" else "Dejima peer API",
+    "DESCRIPTION": (
+        "REST API of a Dejima client app (PEER_MODE=client): the organization's base tables, every write one global "
+        "transaction at its peer. Statuses: peer/client/api.py."
+        if PEER_MODE == "client"
+        else "HTTP API of a Dejima peer: global transactions, queries, dejima views and groups, the signed "
+        "peer-to-peer protocol. Statuses: peer/dejima/views.py."
+    ),
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/(client/)?api/v1",
+    "ENUM_NAME_OVERRIDES": {
+        "ErrorKindEnum": "peer.dejima.serializers.ERROR_KINDS",
+        "MessageKindEnum": "peer.dejima.serializers.MESSAGE_KINDS",
+    },
+}
 
 # Peer type folders (manifest + generated SQL).
 DEJIMA_SQL_ROOT = Path(os.environ.get("DEJIMA_SQL_ROOT", str(BASE_DIR / "sql_triggers")))

@@ -24,13 +24,22 @@ Errors are {"status": "error", "kind", "error" (plain words), "detail" (the peer
 503 `unreachable` (another peer, or the peer service itself: nothing was changed); 504 `timeout` (the peer gave
 up: nothing was changed) or `no_answer` (no answer in DEJIMA_PEER_TIMEOUT: the outcome is unknown);
 502 `bad_answer` (the peer answered something that is not a Dejima answer). The framework's own: 400 `invalid`
-(malformed JSON), 405 `method_not_allowed`, 415 `invalid` (not application/json).
+(malformed JSON), 405 `method_not_allowed`, 415 `invalid` (not application/json); 404 `not_found` for a path
+under /client/api/ that is no endpoint; 400 `invalid` for a body over Django's DATA_UPLOAD_MAX_MEMORY_SIZE.
+
+The OpenAPI schema of this API: GET /client/api/v1/openapi.json (login required, like every endpoint here); the
+serializers below describe the bodies (the views validate against the manifest themselves, with their own messages).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.views import SpectacularJSONAPIView
+from rest_framework import serializers
 from rest_framework.authentication import BasicAuthentication, SessionAuthentication
 from rest_framework.exceptions import APIException, NotAuthenticated, ParseError, UnsupportedMediaType
 from rest_framework.parsers import JSONParser
@@ -43,6 +52,116 @@ from rest_framework.views import APIView
 from peer.client.context import MAX_PAGE_SIZE, PAGE_SIZE, ClientContext, RowMissing, Snapshot, get_context
 from peer.client.peer_api import Outcome, PeerUnavailable, QueryFailed
 from peer.client.tables import RowInvalid, TableInfo, validate_row
+
+# ---- the wire schema (OpenAPI) -----------------------------------------------------------------------------------
+
+
+class ErrorSerializer(serializers.Serializer[Any]):
+    """Every error: nothing was changed unless `kind` is `no_answer` (the outcome is unknown)."""
+
+    status = serializers.ChoiceField(choices=["error"])
+    kind = serializers.CharField(
+        help_text="invalid, not_found, conflict, constraint, refused, internal, bad_answer, unreachable, timeout, "
+        "no_answer, bad_request, not_authenticated, authentication_failed, permission_denied, method_not_allowed"
+    )
+    error = serializers.CharField(help_text="what went wrong, in plain words")
+    detail = serializers.CharField(required=False, allow_blank=True, help_text="the peer's own words")
+    # the JSON key "fields" (DRF's metaclass takes declared fields off the class: no clash with Serializer.fields)
+    fields = serializers.DictField(  # type: ignore[assignment]
+        child=serializers.ListField(child=serializers.CharField()),
+        required=False,
+        help_text="invalid: column (or parameter) -> what is wrong with it",
+    )
+    retry_after = serializers.CharField(required=False, help_text="conflict: seconds to wait before a retry")
+
+
+class ShareSerializer(serializers.Serializer[Any]):
+    view = serializers.CharField(help_text="the dejima view that shares the column or table")
+    peers = serializers.ListField(child=serializers.CharField())
+    live = serializers.BooleanField(help_text="the peers come from the peer's current dejima groups")
+    rows = serializers.CharField(help_text="which rows: all, or the view's row filter")
+
+
+class ColumnSerializer(serializers.Serializer[Any]):
+    name = serializers.CharField()
+    type = serializers.CharField()
+    not_null = serializers.BooleanField()
+    # the JSON key "read_only" (see ErrorSerializer.fields)
+    read_only = serializers.BooleanField(  # type: ignore[assignment]
+        help_text="the surrogate id, assigned by the peer"
+    )
+    shared = ShareSerializer(many=True)
+
+
+class TableSerializer(serializers.Serializer[Any]):
+    name = serializers.CharField()
+    columns = ColumnSerializer(many=True)
+    shared = ShareSerializer(many=True)
+
+
+class TablesSerializer(serializers.Serializer[Any]):
+    peer = serializers.CharField()
+    peer_type = serializers.CharField()
+    peer_url = serializers.CharField()
+    peer_reachable = serializers.BooleanField()
+    problem = serializers.CharField(allow_null=True, allow_blank=True, help_text="why the peer cannot be used now")
+    tables = TableSerializer(many=True)
+
+
+ROW_SCHEMA = {
+    "type": "object",
+    "description": "a row: column -> value (text, integer, date as YYYY-MM-DD, or null)",
+    "additionalProperties": {},
+}
+ROW_INPUT_SCHEMA = {
+    "type": "object",
+    "description": "column -> value for the table's columns (not id); checked against the manifest",
+    "additionalProperties": True,
+}
+
+
+class RowsPageSerializer(serializers.Serializer[Any]):
+    table = serializers.CharField()
+    columns = serializers.ListField(child=serializers.CharField())
+    rows = serializers.ListField(child=serializers.DictField(), help_text="rows ordered by id")
+    total = serializers.IntegerField()
+    limit = serializers.IntegerField()
+    offset = serializers.IntegerField()
+
+
+class CommittedSerializer(serializers.Serializer[Any]):
+    status = serializers.ChoiceField(choices=["committed"])
+    message = serializers.CharField()
+    gxid = serializers.CharField()
+    participants = serializers.ListField(child=serializers.CharField(), help_text="the other peers it reached")
+    row = serializers.DictField(required=False, help_text="the row as it is now (POST)")
+
+
+def _err(description: str) -> OpenApiResponse:
+    return OpenApiResponse(ErrorSerializer, description=description)
+
+
+COMMON = {
+    401: _err("not logged in (HTTP Basic or the session of /login): not_authenticated, authentication_failed"),
+    405: _err("method_not_allowed"),
+}
+NO_TABLE = {404: _err("not_found: unknown table (or row)")}
+READ_FAILED = {
+    502: _err("bad_answer: the peer refused to read or answered something else"),
+    503: _err("unreachable: the peer service is down; nothing was changed"),
+    504: _err("timeout: the peer gave up; nothing was changed"),
+}
+WRITE = {
+    400: _err("invalid (unknown column, wrong type, missing required column; `fields`), or the peer's bad_request"),
+    403: _err("permission_denied: a session write without the CSRF token; or refused by a peer"),
+    409: _err("conflict: someone else changed the row at the same time; nothing was changed (Retry-After)"),
+    415: _err("invalid: the body is not application/json"),
+    422: _err("constraint: e.g. a row with that key already exists; nothing was changed"),
+    **READ_FAILED,
+    502: _err("internal or bad_answer: the peer failed; nothing was changed"),
+    504: _err("timeout (nothing was changed) or no_answer (no answer in DEJIMA_PEER_TIMEOUT: outcome unknown)"),
+}
+TABLE = OpenApiParameter("table", str, OpenApiParameter.PATH, description="a base table of this peer")
 
 
 def _error(status: int, kind: str, message: str, **extra: Any) -> Response:
@@ -99,6 +218,11 @@ class ClientAPIView(APIView):
         return ctx, snap, info
 
 
+@extend_schema_view(
+    get=extend_schema(
+        operation_id="tables_list", summary="This peer's base tables", responses={200: TablesSerializer, **COMMON}
+    )
+)
 class TablesView(ClientAPIView):
     def get(self, request: Request) -> Response:
         snap = get_context().snapshot()
@@ -114,6 +238,14 @@ class TablesView(ClientAPIView):
         )
 
 
+@extend_schema_view(
+    get=extend_schema(
+        operation_id="table_retrieve",
+        summary="One base table: its columns and what is shared with whom",
+        parameters=[TABLE],
+        responses={200: TableSerializer, **NO_TABLE, **COMMON},
+    )
+)
 class TableView(ClientAPIView):
     def get(self, request: Request, table: str) -> Response:
         _, _, info = self.lookup(table)
@@ -131,6 +263,33 @@ def _int_param(request: Request, name: str, default: int, high: int) -> int:
     return value
 
 
+@extend_schema_view(
+    get=extend_schema(
+        operation_id="rows_list",
+        summary="One page of a table's rows, ordered by id",
+        parameters=[
+            TABLE,
+            OpenApiParameter(
+                "limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_SIZE, "default": PAGE_SIZE}
+            ),
+            OpenApiParameter("offset", {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0}),
+        ],
+        responses={
+            200: RowsPageSerializer,
+            400: _err("invalid: limit or offset is not a whole number in range (`fields`)"),
+            **NO_TABLE,
+            **READ_FAILED,
+            **COMMON,
+        },
+    ),
+    post=extend_schema(
+        operation_id="row_create",
+        summary="Add a row: one global transaction at the peer",
+        parameters=[TABLE],
+        request={"application/json": ROW_INPUT_SCHEMA},
+        responses={201: CommittedSerializer, **WRITE, **NO_TABLE, **COMMON},
+    ),
+)
 class RowsView(ClientAPIView):
     def get(self, request: Request, table: str) -> Response:
         ctx, _, info = self.lookup(table)
@@ -172,6 +331,30 @@ class RowsView(ClientAPIView):
         return resp
 
 
+ROW_ID = OpenApiParameter("row_id", int, OpenApiParameter.PATH, description="the row's surrogate id")
+
+
+@extend_schema_view(
+    get=extend_schema(
+        operation_id="row_retrieve",
+        summary="One row",
+        parameters=[TABLE, ROW_ID],
+        responses={200: OpenApiResponse(ROW_SCHEMA), **NO_TABLE, **READ_FAILED, **COMMON},
+    ),
+    patch=extend_schema(
+        operation_id="row_update",
+        summary="Change some columns of a row: one global transaction at the peer",
+        parameters=[TABLE, ROW_ID],
+        request={"application/json": ROW_INPUT_SCHEMA},
+        responses={200: CommittedSerializer, **WRITE, **NO_TABLE, **COMMON},
+    ),
+    delete=extend_schema(
+        operation_id="row_delete",
+        summary="Delete a row: one global transaction at the peer",
+        parameters=[TABLE, ROW_ID],
+        responses={200: CommittedSerializer, **WRITE, **NO_TABLE, **COMMON},
+    ),
+)
 class RowView(ClientAPIView):
     def get(self, request: Request, table: str, row_id: int) -> Response:
         ctx, _, info = self.lookup(table)
@@ -209,3 +392,27 @@ class RowView(ClientAPIView):
             return _error(404, "not_found", f"row {row_id} of {info.name} does not exist")
         except (PeerUnavailable, QueryFailed) as exc:
             return _read_failure(exc)
+
+
+class SchemaView(SpectacularJSONAPIView):
+    """GET /client/api/v1/openapi.json: the schema of this API, for a logged-in user like every endpoint here."""
+
+    authentication_classes = [BasicAuthentication, SessionAuthentication]
+    permission_classes = [IsAuthenticated]
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """404 for a path that is no endpoint: JSON under /client/api/, the plain page elsewhere."""
+    if request.path.startswith("/client/api/"):
+        body = {"status": "error", "kind": "not_found", "error": f"no endpoint at {request.path}"}
+        return JsonResponse(body, status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """400 for a request Django refuses before any view (a body over DATA_UPLOAD_MAX_MEMORY_SIZE): JSON under
+    /client/api/, the plain page elsewhere."""
+    if request.path.startswith("/client/api/"):
+        body = {"status": "error", "kind": "invalid", "error": f"bad request: {type(exception).__name__}"}
+        return JsonResponse(body, status=400)
+    return defaults.bad_request(request, exception)

@@ -10,11 +10,12 @@ from typing import Any
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_not_required
 from django.urls import URLPattern, URLResolver, include, path
+from rest_framework.views import APIView
 
 from peer.client import api, views
 
 
-def _api(view: type[api.ClientAPIView]) -> Callable[..., Any]:
+def _api(view: type[APIView]) -> Callable[..., Any]:
     """The API authenticates itself (401 JSON, HTTP Basic or session), not with the pages' redirect to /login."""
     return login_not_required(view.as_view())
 
@@ -24,6 +25,7 @@ api_urlpatterns: list[URLPattern | URLResolver] = [
     path("tables/<str:table>", _api(api.TableView), name="client-api-table"),
     path("tables/<str:table>/rows", _api(api.RowsView), name="client-api-rows"),
     path("tables/<str:table>/rows/<int:row_id>", _api(api.RowView), name="client-api-row"),
+    path("openapi.json", _api(api.SchemaView), name="client-api-openapi"),
 ]
 
 urlpatterns: list[URLPattern | URLResolver] = [

@@ -15,6 +15,10 @@ themselves.
 | /api/v1/views/<view> | GET | 200 {view, columns, rows, digest}; 404 unknown view |
 | /api/v1/prepared | GET | 200 prepared transactions of this peer's database |
 | /api/v1/txlog | GET ?verify=1&limit=N | 200 {peer, length, head, entries, verify?}; 400 bad limit |
+| /api/v1/openapi.json | GET | 200 the OpenAPI schema of these endpoints (bodies, parameters, statuses) |
+
+Every endpoint answers 405 (with Allow) to a method it does not take. The bodies are described by the serializers
+in peer/dejima/serializers.py (the schema); the views validate input themselves.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any
 
 import psycopg
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from psycopg import sql
+from rest_framework.decorators import api_view
 
 from peer.dejima import txlog
 from peer.dejima.auth import AuthError, authorize, signature_id
@@ -46,8 +51,41 @@ from peer.dejima.messages import (
     parse,
 )
 from peer.dejima.runtime import get_runtime
+from peer.dejima.serializers import (
+    AnswerSerializer,
+    CommittedSerializer,
+    EnvelopeSerializer,
+    ErrorSerializer,
+    GroupsSerializer,
+    HealthSerializer,
+    MethodNotAllowedSerializer,
+    PreparedSerializer,
+    QueryResultSerializer,
+    QuerySerializer,
+    StatementsSerializer,
+    StatusSerializer,
+    TxlogSerializer,
+    UnhealthySerializer,
+    ViewRowsSerializer,
+)
+from peer.dejima.sqlguard import transaction_control
 
 log = logging.getLogger(__name__)
+
+TAG = ["peer"]
+
+
+def _err(description: str) -> OpenApiResponse:
+    return OpenApiResponse(ErrorSerializer, description=description)
+
+
+# Statuses every endpoint may answer besides its own (the schema lists them once per operation).
+NOT_ALLOWED = {405: OpenApiResponse(MethodNotAllowedSerializer, description="method not allowed (see Allow)")}
+BAD_BODY = {
+    400: _err("malformed JSON, or a body that is not what the endpoint takes; nothing was done"),
+    413: _err("body larger than DEJIMA_MAX_BODY_BYTES; nothing was done"),
+    **NOT_ALLOWED,
+}
 
 
 def _error(status: int, message: str, kind: str = "bad_request", **extra: Any) -> JsonResponse:
@@ -114,7 +152,16 @@ def _authenticate(envelope: dict[str, Any], msg: Message) -> None:
         raise AuthError(403, f"{msg.sender!r} is not a member of {msg.view}'s group")
 
 
-@require_GET
+@extend_schema(
+    tags=TAG,
+    summary="Is this peer and its database up",
+    responses={
+        200: HealthSerializer,
+        503: OpenApiResponse(UnhealthySerializer, description="database down"),
+        **NOT_ALLOWED,
+    },
+)
+@api_view(["GET"])
 def health(request: HttpRequest) -> JsonResponse:
     rt = get_runtime()
     try:
@@ -125,8 +172,18 @@ def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok", "peer": rt.config.name, "peer_type": rt.config.peer_type})
 
 
-@csrf_exempt
-@require_POST
+@extend_schema(
+    tags=TAG,
+    summary="A signed peer-to-peer message (propagate, prepare, finish, decision_query, hello)",
+    request=EnvelopeSerializer,
+    responses={
+        200: OpenApiResponse(AnswerSerializer, description="the typed answer, signed and bound to the request"),
+        401: _err("unsigned, forged, untrusted, stale or replayed"),
+        403: _err("signed by another peer than it claims, or a propagate from outside the view's group"),
+        **BAD_BODY,
+    },
+)
+@api_view(["POST"])
 @rejects_bad_input
 def message(request: HttpRequest) -> HttpResponse:
     """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello)."""
@@ -164,7 +221,12 @@ def message(request: HttpRequest) -> HttpResponse:
     return _answer(rt.directory.hello(), reply_to)
 
 
-@require_GET
+@extend_schema(
+    tags=TAG,
+    summary="This peer, its dejima groups and the peers it knows",
+    responses={200: StatusSerializer, **NOT_ALLOWED},
+)
+@api_view(["GET"])
 def status(request: HttpRequest) -> JsonResponse:
     rt = get_runtime()
     return JsonResponse(
@@ -182,7 +244,10 @@ def status(request: HttpRequest) -> JsonResponse:
     )
 
 
-@require_GET
+@extend_schema(
+    tags=TAG, summary="Dejima groups and attribute-level peer groups", responses={200: GroupsSerializer, **NOT_ALLOWED}
+)
+@api_view(["GET"])
 def groups(request: HttpRequest) -> JsonResponse:
     rt = get_runtime()
     return JsonResponse({"groups": rt.directory.groups(), "peer_groups": rt.directory.peer_groups()})
@@ -196,11 +261,30 @@ def _statements(body: Any) -> list[str]:
         stmts = [stmts]
     if not isinstance(stmts, list) or not stmts or not all(isinstance(s, str) and s.strip() for s in stmts):
         raise BadInput(400, '"sql" must be a non-empty string or list of non-empty strings')
+    control = transaction_control(stmts)
+    if control is not None:
+        raise BadInput(400, f"{control} is not allowed: the peer itself commits or aborts every request as a whole")
     return stmts
 
 
-@csrf_exempt
-@require_POST
+@extend_schema(
+    tags=TAG,
+    summary="Run statements at this peer as one global transaction",
+    request=StatementsSerializer,
+    responses={
+        200: CommittedSerializer,
+        400: _err("malformed input, or bad SQL (unknown table or column, syntax); nothing was done"),
+        403: _err("a participant refused the change; nothing was done"),
+        409: _err("conflict with a concurrent transaction; nothing was done, try again (Retry-After)"),
+        413: BAD_BODY[413],
+        422: _err("a constraint is violated (the error names the peer and the constraint); nothing was done"),
+        500: _err("the peer failed; nothing was done"),
+        503: _err("a participant is unreachable; nothing was done"),
+        504: _err("a participant or the database timed out; nothing was done"),
+        **NOT_ALLOWED,
+    },
+)
+@api_view(["POST"])
 @rejects_bad_input
 def exec_sql(request: HttpRequest) -> JsonResponse:
     """Run statements at this peer as one global transaction."""
@@ -216,8 +300,19 @@ def exec_sql(request: HttpRequest) -> JsonResponse:
     return JsonResponse(outcome)
 
 
-@csrf_exempt
-@require_POST
+@extend_schema(
+    tags=TAG,
+    summary="Run one read-only query at this peer",
+    request=QuerySerializer,
+    responses={
+        200: QueryResultSerializer,
+        400: _err("malformed input, bad SQL or a write; nothing was done"),
+        409: _err("conflict or timeout; try again"),
+        413: BAD_BODY[413],
+        **NOT_ALLOWED,
+    },
+)
+@api_view(["POST"])
 @rejects_bad_input
 def query(request: HttpRequest) -> JsonResponse:
     """Run one read-only query at this peer."""
@@ -256,7 +351,12 @@ def view_snapshot(view: str) -> dict[str, Any]:
     return {"view": view, "columns": list(spec.columns), "rows": rows, "digest": digest.hexdigest()}
 
 
-@require_GET
+@extend_schema(
+    tags=TAG,
+    summary="The rows of one of this peer's dejima views, and their digest",
+    responses={200: ViewRowsSerializer, 404: _err("not a dejima view of this peer"), **NOT_ALLOWED},
+)
+@api_view(["GET"])
 def view_rows(request: HttpRequest, view: str) -> JsonResponse:
     rt = get_runtime()
     if view not in rt.directory.my_views:
@@ -264,12 +364,32 @@ def view_rows(request: HttpRequest, view: str) -> JsonResponse:
     return JsonResponse(view_snapshot(view))
 
 
-@require_GET
+@extend_schema(
+    tags=TAG,
+    summary="Prepared transactions of this peer's database",
+    responses={200: PreparedSerializer, **NOT_ALLOWED},
+)
+@api_view(["GET"])
 def prepared(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"prepared": get_runtime().coordinator.prepared_transactions()})
 
 
-@require_GET
+@extend_schema(
+    tags=TAG,
+    summary="This peer's hash-chained transaction log",
+    parameters=[
+        OpenApiParameter(
+            "limit",
+            {"type": "integer", "minimum": 0, "maximum": 1000, "default": 20},
+            description="how many of the newest entries",
+        ),
+        OpenApiParameter(
+            "verify", OpenApiTypes.STR, description="1, true or yes: recompute every hash of the chain (else not)"
+        ),
+    ],
+    responses={200: TxlogSerializer, 400: _err("limit is not a whole number in 0..1000"), **NOT_ALLOWED},
+)
+@api_view(["GET"])
 def txlog_view(request: HttpRequest) -> JsonResponse:
     """This peer's hash-chained transaction log: its head, the last `limit` entries (default 20, at most 1000) and,
     with `verify=1`, the verdict of recomputing every hash of the chain (`ok`, `broken_at`: the first broken seq)."""
@@ -294,3 +414,8 @@ def txlog_view(request: HttpRequest) -> JsonResponse:
     if verdict is not None:
         body["verify"] = verdict.to_json()
     return JsonResponse(body)
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """404 for a path that is no endpoint (handler404 of peer/urls.py), in the API's error shape."""
+    return _error(404, f"no endpoint at {request.path}", "not_found")
