@@ -43,8 +43,9 @@ pytest: $(STAMP)
 ## The whole suite: generated SQL fresh, lint, types, tests (unit, integration, cluster).
 test: sql-check lint typecheck pytest
 
+## The quick version of every benchmark (< 5 min); results in bench-results/<name>/ (report.md, result.json, PNGs).
 bench: $(STAMP)
-	$(BIN)/python -m peer.bench capture --quick --json
+	$(BIN)/python -m peer.bench all --quick
 
 clean:
 	rm -rf .dejima .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -231,9 +231,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from peer import bench
+    from peer.bench import main as bench_main
 
-    return bench.main(args.bench_args)
+    rest = list(args.bench_args)
+    return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
@@ -269,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true")
     chk.add_argument("--peer", action="append", metavar="URL", help="check these peers (default: `dejima up`'s)")
     chk.set_defaults(func=cmd_check)
-    bench = sub.add_parser("bench", help="benchmarks (JSON output); see `dejima bench --help`", add_help=False)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: capture, propagation, throughput, ycsb, discovery, fanout, all; see `dejima bench --help`",
+        add_help=False,
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     chaos = sub.add_parser(
@@ -284,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["chaos"]:  # chaos parses its own options (argparse's REMAINDER drops leading ones)
-        argv = ["chaos", "--", *argv[1:]]
+    if argv[:1] in (["chaos"], ["bench"]):  # they parse their own options (argparse's REMAINDER drops leading ones)
+        argv = [argv[0], "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

@@ -1,4 +1,5 @@
-"""Smoke run of the capture benchmark: it runs and reports numbers of the right shape. No timing is asserted."""
+"""Smoke passes of the benchmarks: each runs (tiny), exits 0, prints valid JSON with the expected keys and writes its
+results folder (JSON, Markdown, PNG). No timing is asserted: benchmarks are measurements, not tests."""
 
 from __future__ import annotations
 
@@ -7,45 +8,176 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from peer.bench.common import Zipf
+from peer.bench.topology import manifest_text, random_tree, star_types, tree_types
 from peer.pgserver import PgServer
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ROW_FIELDS = ("capture_ms", "floor_ms", "ratio", "capture_take_ms", "capture_p90_ms", "floor_p90_ms")
+ROW_FIELDS = ("capture_ms", "floor_ms", "ratio", "capture_take_ms", "baseline_ms", "capture_p90_ms", "floor_p90_ms")
+COMMON_KEYS = ("bench", "target", "meets_target", "machine", "elapsed_s", "outputs", "command")
 
 
-def test_capture_bench_quick_json(pg_server: PgServer) -> None:
+def bench(pg_server: PgServer, out: Path, *args: str) -> dict[str, Any]:
     env = {**os.environ, "DEJIMA_DATABASE_URL": pg_server.url("postgres")}
     result = subprocess.run(
-        [sys.executable, "-m", "peer.bench", "capture", "--quick", "--json"],
+        [sys.executable, "-m", "peer.bench", *args, "--json", "--out", str(out)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=240,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    for key in COMMON_KEYS:
+        assert key in report, key
+    assert report["bench"] == args[0]
+    assert report["meets_target"] is None or isinstance(report["meets_target"], bool)
+    assert report["machine"]["cpus"] >= 1
+    assert report["machine"]["postgres"]["server_version"]
+    assert report["machine"]["postgres"]["max_prepared_transactions"]
+    assert json.loads((out / "result.json").read_text())["bench"] == args[0]
+    assert (out / "report.md").read_text().startswith(f"# {args[0]}")
+    plots = [Path(p) for p in report["outputs"]["plots"]]
+    assert plots
+    for plot in plots:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+    return report
+
+
+def assert_latency(summary: dict[str, Any], samples: int) -> None:
+    for key in ("median_ms", "p95_ms", "p99_ms"):
+        assert isinstance(summary[key], int | float), (key, summary)
+        assert summary[key] > 0, (key, summary)
+    assert summary["samples"] == samples
+
+
+def test_capture_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
+    report = bench(pg_server, tmp_path, "capture", "--sizes", "500,2000", "--runs", "30", "--warmup", "2")
 
     assert report["target"] == "capture_ms <= 2 x floor_ms"
-    assert isinstance(report["meets_target"], bool)
-    assert isinstance(report["postgres"], str)
     assert report["postgres"]
-    assert isinstance(report["runs"], int)
-    assert report["runs"] > 0
     assert report["synchronous_commit"]
     assert report["fsync"]
-    assert set(report["rows"]) == {"1000", "10000"}
+    assert set(report["rows"]) == {"500", "2000"}
     for size, row in report["rows"].items():
         for name in ROW_FIELDS:
             value = row[name]
             assert isinstance(value, int | float), (size, name, value)
             assert value > 0, (size, name, value)
-        assert row["capture_samples"] == report["runs"]
-        assert row["capture_take_samples"] == report["runs"]
+        assert row["capture_samples"] == 30
+        assert row["capture_take_samples"] == 30
+        assert row["floor_samples"] == 60
+        assert row["baseline_samples"] >= 5
     assert report["meets_target"] == all(row["ratio"] <= 2 for row in report["rows"].values())
+
+
+def test_propagation_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
+    report = bench(pg_server, tmp_path, "propagation", "--runs", "4", "--warmup", "1")
+
+    for kind, participants in (
+        ("local_only", []),
+        ("one_hop", ["government"]),
+        ("two_hop", ["bank", "government"]),
+        ("cycle", ["government", "insurance"]),
+    ):
+        series = report["series"][kind]
+        assert_latency(series, 4)
+        assert series["participants"] == participants
+    assert set(report["ratios_to_local"]) == {"one_hop", "two_hop", "cycle"}
+    assert report["meets_target"] == (report["ratio"] <= 3)
+
+
+def test_throughput_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
+    report = bench(pg_server, tmp_path, "throughput", "--clients", "1,3", "--seconds", "1", "--warmup-seconds", "0.2")
+
+    assert [(p["clients"], p["keys"]) for p in report["points"]] == [
+        (1, "uniform"),
+        (1, "zipf"),
+        (3, "zipf"),
+        (3, "uniform"),
+    ]
+    for point in report["points"]:
+        assert point["txn_per_s"] >= 0
+        assert point["committed"] + point["aborted"] + point["finished_outside_window"] > 0
+    assert report["points"][0]["committed"] > 0  # one client alone never conflicts
+    assert set(report["targets"]) == {"txn_per_s", "rss"}
+    for peer in ("bank", "government", "insurance"):
+        memory = report["memory"]["under_load"][peer]
+        assert memory["max_rss_mb"] > 0
+        assert memory["hwm_mb_tree"] >= memory["hwm_mb_worker"] > 0
+    assert report["consistency"]["views_identical"] is True
+    assert report["meets_target"] == all(t["met"] for t in report["targets"].values())
+
+
+def test_ycsb_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
+    report = bench(pg_server, tmp_path, "ycsb", "--peers", "3", "--seconds", "1", "--records", "50")
+
+    (topology,) = report["topologies"]
+    assert topology["peers"] == 3
+    assert len(topology["edges"]) == 2
+    assert topology["committed"] + topology["aborted"] + topology["finished_outside_window"] > 0
+    assert topology["txn_per_s_per_participant"] == round(topology["txn_per_s"] / 3, 2)
+    assert report["paper"]["txn_per_s_per_participant"] == 24.0
+    assert report["meets_target"] is None
+
+
+def test_discovery_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
+    report = bench(pg_server, tmp_path, "discovery", "--peers", "3", "--observe-seconds", "0.5")
+
+    (size,) = report["sizes"]
+    assert size["peers"] == 3
+    assert size["detect_s"] >= 0
+    assert size["messages"] > 0
+    assert size["group_sizes"] == {"dejima_bank": 2, "dejima_insurance": 2, "dejima_risk": 2}
+    assert report["meets_target"] is None  # the target is about 20 peers
+
+
+def test_fanout_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
+    report = bench(pg_server, tmp_path, "fanout", "--members", "2,3", "--runs", "4", "--warmup", "1")
+
+    assert set(report["stars"]) == {"2", "3"}
+    for k, star in report["stars"].items():
+        assert_latency(star, 4)
+        assert star["participants"] == int(k) - 1
+    assert report["ratio_largest_to_smallest"] > 0
+    assert report["meets_target"] is None  # stars of 2 and 10 were not both run
+
+
+# ------------------------------------------------------------------------------------------------ no database
+
+
+def test_generated_trees_and_stars_are_valid_manifests(tmp_path: Path) -> None:
+    import random
+
+    from peer.bench.topology import write_root
+    from peer.dejima.manifest import load_peer_types
+
+    edges = random_tree(6, random.Random(1))
+    assert len(edges) == 5
+    assert all(parent < child for parent, child in edges)
+    root = write_root(tmp_path / "types", [*tree_types(6, edges), *star_types(3)])
+    types = load_peer_types(root)
+    assert set(types) == {"p0", "p1", "p2", "p3", "p4", "p5", "s3m0", "s3m1", "s3m2"}
+    assert sum(len(types[f"p{i}"].views) for i in range(6)) == 2 * len(edges)
+    assert 'filter = [{ column = "home", op = "in"' in manifest_text(tree_types(6, edges)[0])
+
+
+def test_zipf_is_skewed_and_uniform_is_not() -> None:
+    import random
+
+    rng = random.Random(7)
+    zipf, uniform = Zipf(100, 0.8, seed=1), Zipf(100, 0.0, seed=1)
+    hot = zipf.perm[0]
+    draws = [zipf.draw(rng) for _ in range(5000)]
+    assert draws.count(hot) > 5000 / 100 * 5
+    flat = [uniform.draw(rng) for _ in range(5000)]
+    assert max(flat.count(k) for k in range(100)) < 5000 / 100 * 2
+    assert len(set(zipf.distinct(rng, 10))) == 10

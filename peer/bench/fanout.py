@@ -1,0 +1,210 @@
+"""fanout: commit latency of a write to one view shared by 2, 5 and 10 members (generated star topologies).
+
+``python -m peer.bench fanout [--json] [--quick] [--members 2,5,10] [--runs N] [--warmup N]
+[--commit-wait all|decision]``
+
+One generated sql root holds a star per size k (peer/bench/topology.py): peer types s<k>m0 … s<k>m<k-1>, each with
+a table `items(item_key, value)` and one dejima view star<k> shared by all k. Every star runs at the same time on one
+PostgreSQL (each peer seeded with the members of its own star only), so their samples can be interleaved: each round
+writes once at m0 of every star, in an order rotated per round. A write is `UPDATE items SET value = … WHERE
+item_key = <random>` at m0 through `POST /api/v1/exec` (keep-alive http.client); it reaches the k - 1 other members
+in one parallel hop (durable 2PC).
+
+Figures per star: median / p95 / p99 commit latency and the origin's phase medians; ratio of the largest star's
+median to the smallest's. Checks: every write committed with exactly the other k - 1 members as participants, and
+after the run every view is identical across its group (`dejima check`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from peer.bench.common import (
+    SEED,
+    BenchError,
+    JsonClient,
+    check_consistency,
+    latency_summary,
+    log,
+    machine,
+    pg_server,
+    running_network,
+)
+from peer.bench.report import Chart, machine_md, md_table, verdict_md
+from peer.bench.topology import STAR_TABLE, star_peer, star_types, write_root
+from peer.dejima.install import install
+from peer.network import PeerSpec, free_port
+
+NAME = "fanout"
+HELP = "commit latency of a write to one view shared by 2, 5 and 10 members (generated stars, interleaved)"
+DEFAULT_MEMBERS, QUICK_MEMBERS = (2, 5, 10), (2, 5)
+DEFAULT_RUNS, QUICK_RUNS = 300, 40
+ITEMS = 1_000
+TARGET_RATIO = 1.5
+TARGET = "star of 10 median <= 1.5 x star of 2 median"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sizes: tuple[int, ...] = tuple(sorted(set(args.members or (QUICK_MEMBERS if args.quick else DEFAULT_MEMBERS))))
+    if any(k < 2 for k in sizes):
+        raise BenchError("a shared view has at least 2 members")
+    runs: int = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
+    warmup: int = args.warmup if args.warmup is not None else (5 if args.quick else 30)
+    started = time.perf_counter()
+    rng = random.Random(SEED)  # noqa: S311 - row choice for a benchmark, not security
+    latencies: dict[int, list[float]] = {k: [] for k in sizes}
+    phases: dict[int, dict[str, list[float]]] = {k: {} for k in sizes}
+    with pg_server() as server, tempfile.TemporaryDirectory(prefix="dejima-bench-fanout-") as tmp:
+        described = machine(server)
+        root = write_root(Path(tmp) / "types", [t for k in sizes for t in star_types(k)])
+        total = sum(sizes)
+        specs: list[PeerSpec] = []
+        for k in sizes:
+            star = [
+                PeerSpec(
+                    name=star_peer(k, i),
+                    peer_type=star_peer(k, i),
+                    port=free_port(),
+                    database=f"bench_fan_{star_peer(k, i)}",
+                    env={"DEJIMA_COMMIT_WAIT": args.commit_wait, "DEJIMA_POOL_SIZE": "6" if total > 8 else "20"},
+                )
+                for i in range(k)
+            ]
+            for spec in star:
+                spec.env["DEJIMA_SEEDS"] = ",".join(s.url for s in star if s is not spec)
+            specs += star
+        with running_network(server, specs, sql_root=root, wait=False) as net:
+            for spec in specs:
+                url = server.url(spec.database)
+                install(url, spec.peer_type, root)
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(
+                        sql.SQL(
+                            "INSERT INTO {} (item_key, value) SELECT g, 'init' FROM generate_series(0, %s - 1) AS g"
+                        ).format(sql.Identifier(STAR_TABLE)),
+                        (ITEMS,),
+                    )
+            net.start_all()
+            net.wait_ready(timeout=120 + 10 * total)
+            clients = {k: JsonClient(net.specs[star_peer(k, 0)].url) for k in sizes}
+            expected = {k: [star_peer(k, i) for i in range(1, k)] for k in sizes}
+            log(f"stars {sizes}: {warmup} warm-up + {runs} measured rounds")
+            for r in range(warmup + runs):
+                shift = r % len(sizes)
+                for k in sizes[shift:] + sizes[:shift]:
+                    stmt = (
+                        sql.SQL("UPDATE {} SET value = {} WHERE item_key = {}")
+                        .format(sql.Identifier(STAR_TABLE), sql.Literal(f"f{k}-{r}"), sql.Literal(rng.randrange(ITEMS)))
+                        .as_string(None)
+                    )
+                    t0 = time.perf_counter_ns()
+                    status, answer = clients[k].post("/api/v1/exec", {"sql": stmt})
+                    ms = (time.perf_counter_ns() - t0) / 1e6
+                    if status != 200 or not isinstance(answer, dict) or answer.get("status") != "committed":
+                        raise BenchError(f"star of {k}: write failed: {status} {answer}")
+                    if answer.get("participants") != expected[k]:
+                        raise BenchError(f"star of {k}: reached {answer.get('participants')}, expected {expected[k]}")
+                    if r >= warmup:
+                        latencies[k].append(ms)
+                        for phase, v in (answer.get("phases") or {}).items():
+                            if isinstance(v, int | float):
+                                phases[k].setdefault(phase, []).append(float(v))
+            for c in clients.values():
+                c.close()
+            consistency = check_consistency(net)
+    stars: dict[str, dict[str, Any]] = {
+        str(k): {
+            **latency_summary(latencies[k]),
+            "members": k,
+            "participants": k - 1,
+            "phases_median_ms": {p: round(statistics.median(v), 3) for p, v in phases[k].items()},
+        }
+        for k in sizes
+    }
+    small, large = str(sizes[0]), str(sizes[-1])
+    ratio = round(stars[large]["median_ms"] / stars[small]["median_ms"], 2)
+    has_target = "2" in stars and "10" in stars
+    target_ratio = round(stars["10"]["median_ms"] / stars["2"]["median_ms"], 2) if has_target else None
+    return {
+        "bench": NAME,
+        "stars": stars,
+        "ratio_largest_to_smallest": ratio,
+        "ratio_10_to_2": target_ratio,
+        "target": TARGET,
+        "meets_target": None if target_ratio is None else target_ratio <= TARGET_RATIO,
+        "target_note": None if has_target else "not evaluated: stars of 2 and 10 not both run (quick runs 2 and 5)",
+        "runs": runs,
+        "warmup": warmup,
+        "items": ITEMS,
+        "commit_wait": args.commit_wait,
+        "consistency": consistency,
+        "machine": described,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "method": "all stars running at once; rounds of one write at m0 of every star, rotated per round; "
+        "POST /api/v1/exec over keep-alive http.client; durable 2PC",
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from peer.bench.runner import int_list, non_negative, positive
+
+    parser.add_argument("--members", type=int_list, help="star sizes (default 2,5,10; quick 2,5)")
+    parser.add_argument("--runs", type=positive, help=f"measured writes per star (default {DEFAULT_RUNS})")
+    parser.add_argument("--warmup", type=non_negative, help="warm-up rounds (default 30)")
+    parser.add_argument("--commit-wait", choices=("all", "decision"), default="all", help="DEJIMA_COMMIT_WAIT")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    stars = report["stars"]
+    phase_names = sorted({p for s in stars.values() for p in s["phases_median_ms"]})
+    rows = [
+        [
+            s["members"],
+            s["median_ms"],
+            s["p95_ms"],
+            s["p99_ms"],
+            round(s["median_ms"] / stars[next(iter(stars))]["median_ms"], 2),
+            *[s["phases_median_ms"].get(p) for p in phase_names],
+        ]
+        for s in stars.values()
+    ]
+    return "\n\n".join(
+        [
+            "# fanout — one view shared by k members",
+            machine_md(report["machine"]),
+            f"{report['runs']} writes per star (+{report['warmup']} warm-up rounds), interleaved across stars; "
+            f"DEJIMA_COMMIT_WAIT={report['commit_wait']}.",
+            md_table(
+                ["members", "median ms", "p95 ms", "p99 ms", "x smallest", *[f"{p} (median)" for p in phase_names]],
+                rows,
+            ),
+            verdict_md(report) + (f" ({report['target_note']})" if report.get("target_note") else ""),
+            f"Method: {report['method']}.",
+        ]
+    )
+
+
+def charts(report: dict[str, Any]) -> list[Chart]:
+    stars = report["stars"]
+    members = [s["members"] for s in stars.values()]
+    smallest = next(iter(stars.values()))["median_ms"]
+    return [
+        Chart(
+            filename="fanout.png",
+            title="Commit latency by members of the view",
+            xlabel="members",
+            ylabel="ms",
+            x=members,
+            series={q: [s[f"{q}_ms"] for s in stars.values()] for q in ("median", "p95", "p99")},
+            hlines={"1.5 x smallest median": TARGET_RATIO * smallest},
+        )
+    ]
