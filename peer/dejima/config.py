@@ -5,6 +5,7 @@ A bad value raises `ConfigError` naming the setting; the peer refuses to start (
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 from peer.dejima.auth import KeyFormatError, parse_private_key, parse_public_key, read_key_file
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+SETTING_NAME_RE = re.compile(r"^(?:PEER|DEJIMA)_[A-Z0-9_]+$")
 DEFAULT_SQL_ROOT = Path(__file__).resolve().parents[2] / "sql_triggers"
 
 
@@ -324,3 +326,17 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         client_user=client_user,
         client_password=password,
     )
+
+
+def setting_names() -> frozenset[str]:
+    """The name of every setting a peer or client reads at start: each `PEER_*`/`DEJIMA_*` name written in this
+    module, in peer/settings.py and in peer/gunicorn_conf.py (read from their source, so it follows the code).
+    Deployment files are checked against it (tests/test_deploy.py); the development kit's own settings
+    (`DEJIMA_PG`, … in peer/pgserver.py) are not among them."""
+    package = Path(__file__).resolve().parents[1]
+    names: set[str] = set()
+    for source in (Path(__file__), package / "settings.py", package / "gunicorn_conf.py"):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and SETTING_NAME_RE.match(node.value):
+                names.add(node.value)
+    return frozenset(names)
