@@ -57,6 +57,7 @@ from peer.pgserver import PgServer, PgServerError
 from peer.testkit.proxy import ProxiedCluster
 
 FAULT_POINTS = (
+    "participant_while_propagating",
     "origin_before_prepare",
     "origin_before_decision",
     "origin_after_decision",

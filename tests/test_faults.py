@@ -121,6 +121,30 @@ def test_it_aborts_a_write_whose_participant_times_out_and_the_same_write_succee
 
 
 # ---- crashes at each step of the commit protocol --------------------------------------------------------------
+def test_it_refuses_a_write_whose_participant_dies_while_propagating_and_changes_nothing(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = make_cluster(
+        env={"DEJIMA_TXN_TIMEOUT": "3"},
+        peer_env={"insurance": {"DEJIMA_FAULT_POINT": "participant_while_propagating"}},
+        proxied=False,
+    )
+    status, body = cluster.exec("government", A1)
+    # insurance applied the delta in its open transaction and died before answering: nothing was prepared
+    assert status in (503, 504), body
+    assert "insurance" in body["error"], body
+    assert_fault_reached(cluster, "insurance", "participant_while_propagating")
+    assert janes(cluster) == everywhere(0)
+    cluster.restart("insurance", drop=("DEJIMA_FAULT_POINT",))
+    settled(cluster)
+    assert janes(cluster) == everywhere(0)
+
+    status, body = cluster.exec("government", A1)
+    assert (status, body.get("status")) == (200, "committed"), body
+    assert_jane_committed(cluster)
+    settled(cluster)
+
+
 def test_it_rolls_back_a_participant_killed_right_after_prepare_once_it_restarts(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(
         env={"DEJIMA_TXN_TIMEOUT": "3"},

@@ -493,6 +493,7 @@ class Coordinator:
             self._local_abort(gx)
             text = str(exc).strip()
             return no(kind, text if text.startswith(f"{self.name}:") else f"{self.name}: {text}")
+        self.fault("participant_while_propagating")
         fan = self._fan_out(gx, deltas, received=(msg.sender, received))
         return PropagateReply(
             msg.gxid, self.name, "yes" if fan.ok else "no", sorted(fan.reached | {self.name}), fan.error, fan.error_kind
