@@ -143,13 +143,25 @@ REQUESTS = (Propagate, Prepare, Finish, DecisionQuery, Hello)
 
 def _authenticate(envelope: dict[str, Any], msg: Message) -> None:
     """Who signed it, that it is who it claims to be, and (propagate) that it may write the view. Raises AuthError:
-    401 unsigned, forged, untrusted, stale or replayed; 403 not who it claims, or not a member of the view's group."""
+    401 unsigned, forged, untrusted, stale or replayed; 403 not who it claims, not a member of the view's group, or
+    a row with a column outside the view."""
     rt = get_runtime()
     signer = rt.auth.verify_request(envelope)
     authorize(signer, msg)
     views = rt.directory.my_views
-    if isinstance(msg, Propagate) and msg.view in views and msg.sender not in rt.directory.members(msg.view):
+    if not isinstance(msg, Propagate) or msg.view not in views:
+        return  # an unknown view is answered with a "no" vote (bad_request) by the coordinator
+    if msg.sender not in rt.directory.members(msg.view):
         raise AuthError(403, f"{msg.sender!r} is not a member of {msg.view}'s group")
+    allowed = {c for c, _ in views[msg.view]["columns"]}
+    for row in (*msg.insertions, *msg.deletions):
+        if not isinstance(row, dict):
+            continue  # malformed: the coordinator's "no" vote says why
+        outside = sorted(str(c) for c in row if not str(c).startswith("$") and c not in allowed)
+        if outside:
+            raise AuthError(
+                403, f"{msg.sender!r} may write only the view's columns: {outside[0]!r} is not a column of {msg.view}"
+            )
 
 
 @extend_schema(
@@ -179,7 +191,10 @@ def health(request: HttpRequest) -> JsonResponse:
     responses={
         200: OpenApiResponse(AnswerSerializer, description="the typed answer, signed and bound to the request"),
         401: _err("unsigned, forged, untrusted, stale or replayed"),
-        403: _err("signed by another peer than it claims, or a propagate from outside the view's group"),
+        403: _err(
+            "signed by another peer than it claims, or a propagate from outside the view's group or with a "
+            "column outside the view"
+        ),
         **BAD_BODY,
     },
 )
