@@ -457,7 +457,7 @@ def test_it_answers_a_duplicate_propagate_with_its_first_answer(net: LocalNetwor
 
 
 def test_it_answers_a_duplicate_of_a_refused_propagate_with_its_first_answer(net: LocalNetwork) -> None:
-    message = propagate("dejima_bank", [person(iban="DE89")])
+    message = propagate("dejima_bank", [person(phone=5)])  # phone must be text: a "no" vote
     first = post(net, "government", "/peer/v1/message", message)
     again = post(net, "government", "/peer/v1/message", message)
     assert first[1]["body"]["vote"] == "no", first
