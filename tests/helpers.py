@@ -23,7 +23,7 @@ from peer.dejima.auth import sign_envelope
 from peer.dejima.install import COMMON_SQL, SQL_ROOT
 from peer.dejima.manifest import MANIFEST_NAME, PeerType, View, load_peer_types
 from peer.dejima.sqlgen import write_all
-from peer.network import LocalNetwork
+from peer.network import LocalNetwork, PeerSpec, free_port
 
 Row = dict[str, Any]
 Conn = psycopg.Connection[Any]
@@ -277,3 +277,23 @@ def start_peer_process(env: Mapping[str, str]) -> subprocess.CompletedProcess[st
         timeout=60,
         check=False,
     )
+
+
+def start_client(net: LocalNetwork, state_dir: Path, name: str, peer_url: str) -> LocalNetwork:
+    """A one-process LocalNetwork running the government client (PEER_MODE=client) against `peer_url`."""
+    spec = PeerSpec(
+        name=name,
+        peer_type="government",
+        port=free_port(),
+        database="",
+        mode="client",
+        env={"DEJIMA_PEER_URL": peer_url, "DEJIMA_PEER_TIMEOUT": "20"},
+    )
+    client = LocalNetwork(net.server, state_dir, [spec])
+    client.start(name)
+    try:
+        client.wait_healthy(name, timeout=30)
+    except Exception:
+        client.stop_all()
+        raise
+    return client

@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from peer.dejima.sqlguard import statement_heads, transaction_control
-from peer.network import LocalNetwork, PeerSpec, free_port
+from peer.network import LocalNetwork
+from tests.helpers import start_client
 from tests.test_api_input import (
     PEERS,
     assert_nothing_applied,
@@ -153,18 +154,10 @@ def test_injected_values_are_stored_verbatim_everywhere(network: LocalNetwork) -
 @pytest.fixture(scope="module")
 def client_url(example_network: LocalNetwork, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     name = "government-client"
-    spec = PeerSpec(
-        name=name,
-        peer_type="government",
-        port=free_port(),
-        database="",
-        mode="client",
-        env={"DEJIMA_PEER_URL": example_network.specs["government"].url, "DEJIMA_PEER_TIMEOUT": "20"},
+    client = start_client(
+        example_network, tmp_path_factory.mktemp("client"), name, example_network.specs["government"].url
     )
-    client = LocalNetwork(example_network.server, tmp_path_factory.mktemp("client"), [spec])
     try:
-        client.start(name)
-        client.wait_healthy(name, timeout=30)
         yield client.specs[name].url, client.password(name)
     finally:
         client.stop_all()

@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from peer.dejima.config import ConfigError, client_password, load_config
-from peer.network import CLIENT_USER, LocalNetwork, PeerSpec, free_port
-from tests.helpers import start_peer_process
+from peer.network import CLIENT_USER, LocalNetwork, free_port
+from tests.helpers import start_client, start_peer_process
 
 pytestmark = pytest.mark.cluster
 
@@ -31,26 +31,6 @@ JANE = {
     "birthdate": "1980-05-17",
 }
 TIMEOUT = 30
-
-
-def start_client(net: LocalNetwork, state_dir: Path, name: str, peer_url: str) -> LocalNetwork:
-    """A one-process LocalNetwork running the government client (PEER_MODE=client) against `peer_url`."""
-    spec = PeerSpec(
-        name=name,
-        peer_type="government",
-        port=free_port(),
-        database="",
-        mode="client",
-        env={"DEJIMA_PEER_URL": peer_url, "DEJIMA_PEER_TIMEOUT": "20"},
-    )
-    client = LocalNetwork(net.server, state_dir, [spec])
-    client.start(name)
-    try:
-        client.wait_healthy(name, timeout=30)
-    except Exception:
-        client.stop_all()
-        raise
-    return client
 
 
 @dataclass(frozen=True)

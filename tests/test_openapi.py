@@ -31,8 +31,8 @@ from schemathesis.core.result import Ok
 from schemathesis.generation.feedback import FeedbackSources
 from schemathesis.pytest._test_builder import build_operation_test
 
-from peer.network import LocalNetwork, PeerSpec, free_port
-from tests.helpers import wait_until
+from peer.network import LocalNetwork
+from tests.helpers import start_client, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCHEMA = "/api/v1/openapi.json"
@@ -283,18 +283,10 @@ def test_an_unknown_path_is_a_json_404(network: LocalNetwork) -> None:
 def client_app(example_network: LocalNetwork, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A client (PEER_MODE=client) in front of government: (its URL, its admin password)."""
     name = "government-client"
-    spec = PeerSpec(
-        name=name,
-        peer_type="government",
-        port=free_port(),
-        database="",
-        mode="client",
-        env={"DEJIMA_PEER_URL": example_network.specs["government"].url, "DEJIMA_PEER_TIMEOUT": "20"},
+    client = start_client(
+        example_network, tmp_path_factory.mktemp("client"), name, example_network.specs["government"].url
     )
-    client = LocalNetwork(example_network.server, tmp_path_factory.mktemp("client"), [spec])
     try:
-        client.start(name)
-        client.wait_healthy(name, timeout=30)
         yield client.specs[name].url, client.password(name)
     finally:
         client.stop_all()
