@@ -30,6 +30,7 @@ younger holder, a younger one gives up with a conflict, so waits for the chain l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -175,10 +177,19 @@ class Coordinator:
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def fault(self, step: str) -> None:
-        """Test-only fault point: crash right here (DEJIMA_FAULT_POINT=<step>)."""
-        if self.config.fault_point == step:
-            log.error("fault point %s reached: killing the process", step)
-            os.kill(os.getpid(), signal.SIGKILL)
+        """Test-only fault point: crash the whole peer right here (DEJIMA_FAULT_POINT=<step>).
+
+        Under gunicorn the arbiter dies first, then this worker: a worker alone would be replaced by the arbiter
+        at once, still with the fault point set, and any retried message (recovery's, an origin's unconfirmed
+        finish) would crash each new worker again at the same step; a crashed peer stays down until restarted."""
+        if self.config.fault_point != step:
+            return
+        log.error("fault point %s reached: killing the process", step)
+        parent = os.getppid()
+        with contextlib.suppress(OSError):
+            if b"gunicorn" in Path(f"/proc/{parent}/cmdline").read_bytes():
+                os.kill(parent, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def new_gxid(self) -> str:
         return f"{self.name}.{time.time_ns():x}.{secrets.token_hex(4)}"
