@@ -207,12 +207,15 @@ class Coordinator:
             conn = self.pool.getconn(timeout=remaining)
         except PoolTimeout as exc:
             raise GlobalTxnError("timeout", f"{self.name}: no database connection free ({exc})") from None
+        # A participant's only lock waits are its applies, which wait-die in short slices (_apply_wait_die): its
+        # transaction gets that slice as lock_timeout here, once, instead of around every apply.
+        lock_ms = self.config.lock_timeout_ms if gx.origin == self.name else APPLY_LOCK_WAIT_MS
         try:
             conn.execute("BEGIN")
             conn.execute(
                 "SELECT set_config('dejima.gxid', %s, true), set_config('lock_timeout', %s, true),"
                 " set_config('statement_timeout', %s, true)",
-                (gx.gxid, f"{self.config.lock_timeout_ms}ms", f"{self.config.statement_timeout_ms}ms"),
+                (gx.gxid, f"{lock_ms}ms", f"{self.config.statement_timeout_ms}ms"),
             )
         except psycopg.Error:
             self.pool.putconn(conn)
@@ -513,7 +516,9 @@ class Coordinator:
     def _apply_wait_die(self, gx: Gx, msg: Propagate) -> None:
         assert gx.conn is not None and gx.state is not None
         conn, state = gx.conn, gx.state
-        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{APPLY_LOCK_WAIT_MS}ms")))
+        at_origin = gx.origin == self.name  # a delta come back round a cycle: the origin's own lock_timeout is long
+        if at_origin:
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{APPLY_LOCK_WAIT_MS}ms")))
         try:
             while True:
                 try:
@@ -528,7 +533,10 @@ class Coordinator:
                     if time.monotonic() > gx.deadline:
                         raise GlobalTxnError("timeout", f"{self.name}: {msg.view} rows stayed locked") from None
         finally:
-            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.config.lock_timeout_ms}ms")))
+            if at_origin:
+                conn.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.config.lock_timeout_ms}ms"))
+                )
 
     # ---- tamper evidence: the txlog entry, written in the committing transaction ----------------------------
     def _append_txlog(self, gx: Gx, role: str) -> None:

@@ -1,6 +1,6 @@
 """Calls to other peers: every call has a timeout, runs in parallel when there are several, and turns failure into
 a value (`CallResult`), never an exception. Keep-alive connections are pooled per peer address and Nagle is off
-(TCP_NODELAY): `Connections`, on the standard library's http.client — a third of the CPU of urllib3 and a sixth of
+(TCP_NODELAY): `Connections`, on the standard library's http.client — about half the CPU of urllib3 and a sixth of
 `requests` per call (../shared/PERFORMANCE-NOTES.md), and the origin makes several calls per global transaction.
 An idle connection the peer has closed (its keep-alive ran out, or it restarted) is dropped before reuse, as urllib3
 does; a request is never sent twice: a failure is the call's result.
