@@ -206,7 +206,15 @@ class Coordinator:
         try:
             conn = self.pool.getconn(timeout=remaining)
         except PoolTimeout as exc:
-            raise GlobalTxnError("timeout", f"{self.name}: no database connection free ({exc})") from None
+            stats = self.pool.get_stats()
+            with self.lock:
+                phases = [g.phase for g in self.gxs.values() if g.conn is not None]
+            raise GlobalTxnError(
+                "timeout",
+                f"{self.name}: no database connection free ({exc}; pool size {stats.get('pool_size')}, "
+                f"available {stats.get('pool_available')}, waiting {stats.get('requests_waiting', 0)}; "
+                f"held by {len(phases)} open global transactions)",
+            ) from None
         # A participant's only lock waits are its applies, which wait-die in short slices (_apply_wait_die): its
         # transaction gets that slice as lock_timeout here, once, instead of around every apply.
         lock_ms = self.config.lock_timeout_ms if gx.origin == self.name else APPLY_LOCK_WAIT_MS
@@ -683,6 +691,10 @@ class Coordinator:
     def recover_once(self, min_age_s: float | None = None) -> dict[str, int]:
         """Finish prepared transactions left without their decision; retry unconfirmed commits as origin."""
         counts = {"committed": 0, "aborted": 0, "waiting": 0}
+        # First, and without a pool connection: open transactions whose origin went silent each hold one, so
+        # when they fill the pool, rolling them back is what frees it (the chaos run found a pool that stayed full
+        # while the janitor waited behind the query below)
+        self._janitor()
         min_age = self.config.txn_timeout if min_age_s is None else min_age_s
         with self.pool.connection() as conn:
             rows = conn.execute(
@@ -714,7 +726,6 @@ class Coordinator:
                     self.pending_finish[gxid] = set(left)
                 else:
                     self.pending_finish.pop(gxid, None)
-        self._janitor()
         return counts
 
     def _ask_origin(self, gxid: str) -> str:
