@@ -19,6 +19,7 @@ import requests
 from peer.pgserver import PgServer
 from tests.helpers import wait_until
 from tests.proxy import ProxiedCluster
+from tests.test_api_input import person, post, propagate
 
 pytestmark = pytest.mark.cluster
 
@@ -222,6 +223,29 @@ def test_it_commits_at_a_participant_killed_before_commit_prepared_once_it_resta
     settled(cluster)
     assert janes(cluster) == everywhere(1)
     assert_jane_committed(cluster)
+
+
+# ---- open transactions of a silent origin fill the pool ---------------------------------------------------------
+def test_it_frees_a_pool_filled_by_open_transactions_whose_origin_went_silent(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(
+        env={"DEJIMA_TXN_TIMEOUT": "2"}, peer_env={"government": {"DEJIMA_POOL_SIZE": "2"}}, proxied=False
+    )
+    # two propagates "from bank" that bank's coordinator never started: nobody will prepare or finish them, and
+    # each holds one of government's two database connections open (bank, reached again round the cycle through
+    # insurance, refuses them: they are not running there, so government's vote is no, but it still waits for the
+    # origin's decision)
+    for n in range(2):
+        status, answer = post(
+            cluster.net, "government", "/peer/v1/message", propagate("dejima_bank", [person(first_name=f"Eve{n}")])
+        )
+        assert status == 200, answer
+        assert answer["body"]["vote"] == "no" and "is not running here" in answer["body"]["error"], answer
+    # recovery itself needs a connection; its janitor must not wait for one to roll the silent ones back
+    wait_until(lambda: cluster.exec("government", A1)[0] == 200, 30, "a write at government to commit again")
+    assert "went silent; rolling back" in cluster.net.tail("government", 400)
+    settled(cluster)
+    assert_jane_committed(cluster)
+    assert not [r for r in cluster.rows("government", "government_users") if r["first_name"].startswith("Eve")]
 
 
 # ---- a cut link between peers ---------------------------------------------------------------------------------

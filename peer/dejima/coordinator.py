@@ -492,7 +492,17 @@ class Coordinator:
         if gxid_origin(msg.gxid) != msg.origin:
             return no("bad_request", f"{self.name}: gxid {msg.gxid!r} does not belong to origin {msg.origin!r}")
         timeout_s = min(msg.timeout_ms / 1000, self.config.txn_timeout)  # a sender cannot hold our locks longer
-        gx = self._get_or_create(msg.gxid, msg.origin, timeout_s)
+        if msg.origin == self.name:
+            # a delta of our own global transaction come back round a cycle: only while `run` still runs it (it
+            # created the gx); after it ended, or when this peer restarted since, nothing would ever end a gx made
+            # here, and its connection would be held for good
+            with self.lock:
+                gx_or_none = self.gxs.get(msg.gxid)
+            if gx_or_none is None:
+                return no("refused", f"{self.name}: global transaction {msg.gxid} is not running here (any more)")
+            gx = gx_or_none
+        else:
+            gx = self._get_or_create(msg.gxid, msg.origin, timeout_s)
         if not gx.origin_keys and msg.origin_keys:
             gx.origin_keys = msg.origin_keys
         received = Delta(msg.view, msg.insertions, msg.deletions)
