@@ -41,6 +41,7 @@ from peer.dejima.messages import Finish, Hello, Propagate, PropagateReply
 from peer.network import LocalNetwork, PeerSpec, free_port
 from peer.pgserver import PgServer
 from tests.helpers import sign_as, wait_until
+from tests.test_api_input import EVE_AT_BANK
 
 PEERS = ("government", "bank", "insurance")
 TABLES = {"government": "government_users", "bank": "bank_users", "insurance": "insurance_users"}
@@ -323,7 +324,12 @@ def assert_nothing_applied(net: LocalNetwork) -> None:
     assert all(net.get(p, "/api/v1/prepared")["prepared"] == [] for p in PEERS)
 
 
-def cluster_propagate(sender: str = "bank", view: str = "dejima_bank", **row: Any) -> dict[str, Any]:
+def cluster_propagate(
+    sender: str = "bank",
+    view: str = "dejima_bank",
+    origin_keys: dict[str, list[list[Any]]] | None = None,
+    **row: Any,
+) -> dict[str, Any]:
     values = {"first_name": "Eve", "last_name": "Spy", "phone": "555-0666", "address": "6 Dark Rd", **row}
     if view == "dejima_insurance":
         values = {"first_name": "Eve", "last_name": "Spy", "address": None, "birthdate": None, **row}
@@ -335,6 +341,7 @@ def cluster_propagate(sender: str = "bank", view: str = "dejima_bank", **row: An
         insertions=[values],
         deletions=[],
         timeout_ms=5000,
+        origin_keys=origin_keys or {},
     ).to_json()
 
 
@@ -390,7 +397,7 @@ def test_it_refuses_a_forged_message_with_401_and_applies_nothing(network: Local
 
 @pytest.mark.cluster
 def test_it_refuses_a_replayed_message_with_401_and_applies_it_once(network: LocalNetwork) -> None:
-    message = sign_as(network, "bank", cluster_propagate())
+    message = sign_as(network, "bank", cluster_propagate(origin_keys=EVE_AT_BANK))
     try:
         status, first = post(network, "government", message)
         assert status == 200, first
