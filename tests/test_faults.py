@@ -93,6 +93,19 @@ def assert_jane_committed(cluster: ProxiedCluster) -> None:
     assert [(r["address"], r["birthdate"]) for r in insurance] == [("2 Elm St", "1980-05-17")]
 
 
+def crashing_cluster(make_cluster: MakeCluster, peer: str, step: str) -> ProxiedCluster:
+    """A cluster (no proxies, 3 s transactions) in which `peer` crashes at `step` of the commit protocol."""
+    return make_cluster(env={"DEJIMA_TXN_TIMEOUT": "3"}, peer_env={peer: {"DEJIMA_FAULT_POINT": step}}, proxied=False)
+
+
+def assert_a1_commits_now(cluster: ProxiedCluster) -> None:
+    """After the fault: the same write (A1) at government commits everywhere, and everything settles."""
+    status, body = cluster.exec("government", A1)
+    assert (status, body.get("status")) == (200, "committed"), body
+    assert_jane_committed(cluster)
+    settled(cluster)
+
+
 # ---- a participant that does not answer in time ----------------------------------------------------------------
 def test_it_aborts_a_write_whose_participant_times_out_and_the_same_write_succeeds_later(
     make_cluster: MakeCluster,
@@ -125,11 +138,7 @@ def test_it_aborts_a_write_whose_participant_times_out_and_the_same_write_succee
 def test_it_refuses_a_write_whose_participant_dies_while_propagating_and_changes_nothing(
     make_cluster: MakeCluster,
 ) -> None:
-    cluster = make_cluster(
-        env={"DEJIMA_TXN_TIMEOUT": "3"},
-        peer_env={"insurance": {"DEJIMA_FAULT_POINT": "participant_while_propagating"}},
-        proxied=False,
-    )
+    cluster = crashing_cluster(make_cluster, "insurance", "participant_while_propagating")
     status, body = cluster.exec("government", A1)
     # insurance applied the delta in its open transaction and died before answering: nothing was prepared
     assert status in (503, 504), body
@@ -140,18 +149,11 @@ def test_it_refuses_a_write_whose_participant_dies_while_propagating_and_changes
     settled(cluster)
     assert janes(cluster) == everywhere(0)
 
-    status, body = cluster.exec("government", A1)
-    assert (status, body.get("status")) == (200, "committed"), body
-    assert_jane_committed(cluster)
-    settled(cluster)
+    assert_a1_commits_now(cluster)
 
 
 def test_it_rolls_back_a_participant_killed_right_after_prepare_once_it_restarts(make_cluster: MakeCluster) -> None:
-    cluster = make_cluster(
-        env={"DEJIMA_TXN_TIMEOUT": "3"},
-        peer_env={"insurance": {"DEJIMA_FAULT_POINT": "participant_after_prepare"}},
-        proxied=False,
-    )
+    cluster = crashing_cluster(make_cluster, "insurance", "participant_after_prepare")
     status, body = cluster.exec("government", A1)
     # insurance prepared, then died before acknowledging: the origin cannot know, so it aborts
     assert status == 503, body
@@ -162,18 +164,11 @@ def test_it_rolls_back_a_participant_killed_right_after_prepare_once_it_restarts
     settled(cluster)
     assert janes(cluster) == everywhere(0)
 
-    status, body = cluster.exec("government", A1)
-    assert (status, body.get("status")) == (200, "committed"), body
-    assert_jane_committed(cluster)
-    settled(cluster)
+    assert_a1_commits_now(cluster)
 
 
 def test_it_commits_at_the_participants_when_the_origin_dies_after_its_decision(make_cluster: MakeCluster) -> None:
-    cluster = make_cluster(
-        env={"DEJIMA_TXN_TIMEOUT": "3"},
-        peer_env={"government": {"DEJIMA_FAULT_POINT": "origin_after_decision"}},
-        proxied=False,
-    )
+    cluster = crashing_cluster(make_cluster, "government", "origin_after_decision")
     exec_lost(cluster, "government", A1)
     assert_fault_reached(cluster, "government", "origin_after_decision")
     prepared = cluster.prepared()
@@ -187,11 +182,7 @@ def test_it_commits_at_the_participants_when_the_origin_dies_after_its_decision(
 
 
 def test_it_rolls_back_the_participants_when_the_origin_dies_before_its_decision(make_cluster: MakeCluster) -> None:
-    cluster = make_cluster(
-        env={"DEJIMA_TXN_TIMEOUT": "3"},
-        peer_env={"government": {"DEJIMA_FAULT_POINT": "origin_before_decision"}},
-        proxied=False,
-    )
+    cluster = crashing_cluster(make_cluster, "government", "origin_before_decision")
     exec_lost(cluster, "government", A1)
     assert_fault_reached(cluster, "government", "origin_before_decision")
     prepared = cluster.prepared()
@@ -201,20 +192,13 @@ def test_it_rolls_back_the_participants_when_the_origin_dies_before_its_decision
     settled(cluster)
     assert janes(cluster) == everywhere(0)
 
-    status, body = cluster.exec("government", A1)
-    assert (status, body.get("status")) == (200, "committed"), body
-    assert_jane_committed(cluster)
-    settled(cluster)
+    assert_a1_commits_now(cluster)
 
 
 def test_it_commits_at_a_participant_killed_before_commit_prepared_once_it_restarts(
     make_cluster: MakeCluster,
 ) -> None:
-    cluster = make_cluster(
-        env={"DEJIMA_TXN_TIMEOUT": "3"},
-        peer_env={"bank": {"DEJIMA_FAULT_POINT": "participant_before_commit"}},
-        proxied=False,
-    )
+    cluster = crashing_cluster(make_cluster, "bank", "participant_before_commit")
     status, body = cluster.exec("government", A1)
     # the decision was durable before bank died: the client is told "committed"
     assert (status, body.get("status")) == (200, "committed"), body
@@ -262,10 +246,7 @@ def test_it_refuses_a_write_while_a_peer_is_cut_off_and_accepts_it_after_restore
     settled(cluster)
     assert janes(cluster) == everywhere(0)
 
-    status, body = cluster.exec("government", A1)
-    assert (status, body.get("status")) == (200, "committed"), body
-    assert_jane_committed(cluster)
-    settled(cluster)
+    assert_a1_commits_now(cluster)
 
 
 def test_it_refuses_a_write_while_the_link_between_two_peers_is_cut(make_cluster: MakeCluster) -> None:
@@ -282,7 +263,4 @@ def test_it_refuses_a_write_while_the_link_between_two_peers_is_cut(make_cluster
     settled(cluster)
     assert janes(cluster) == everywhere(0)
 
-    status, body = cluster.exec("government", A1)
-    assert (status, body.get("status")) == (200, "committed"), body
-    assert_jane_committed(cluster)
-    settled(cluster)
+    assert_a1_commits_now(cluster)
