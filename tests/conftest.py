@@ -24,6 +24,7 @@ from peer.dejima.install import SQL_ROOT, install
 from peer.network import LocalNetwork, example_specs
 from peer.pgserver import PgServer
 from peer.testkit.proxy import empty_base_tables
+from tests.helpers import start_client
 
 MakeDatabase = Callable[[str], str]
 
@@ -131,3 +132,17 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture(scope="module")
+def government_client(
+    example_network: LocalNetwork, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """A client (PEER_MODE=client) in front of the example network's government: (its URL, its admin password)."""
+    name = "government-client"
+    peer_url = example_network.specs["government"].url
+    client = start_client(example_network, tmp_path_factory.mktemp("client"), name, peer_url)
+    try:
+        yield client.specs[name].url, client.password(name)
+    finally:
+        client.stop_all()

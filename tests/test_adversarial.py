@@ -16,7 +16,6 @@ import requests
 
 from peer.dejima.sqlguard import statement_heads, transaction_control
 from peer.network import LocalNetwork
-from tests.helpers import start_client
 from tests.test_api_input import (
     PEERS,
     assert_nothing_applied,
@@ -151,24 +150,12 @@ def test_injected_values_are_stored_verbatim_everywhere(network: LocalNetwork) -
 # ---- the client: injection in table and column names, an oversized body ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def client_url(example_network: LocalNetwork, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    name = "government-client"
-    client = start_client(
-        example_network, tmp_path_factory.mktemp("client"), name, example_network.specs["government"].url
-    )
-    try:
-        yield client.specs[name].url, client.password(name)
-    finally:
-        client.stop_all()
-
-
 @pytest.mark.cluster
 @pytest.mark.parametrize("name", INJECTIONS)
 def test_the_client_refuses_injected_table_and_column_names(
-    network: LocalNetwork, client_url: tuple[str, str], name: str
+    network: LocalNetwork, government_client: tuple[str, str], name: str
 ) -> None:
-    base, password = client_url
+    base, password = government_client
     auth = ("admin", password)
     table = quote(name, safe="")
     resp = requests.post(f"{base}/client/api/v1/tables/{table}/rows", json={"first_name": "a"}, auth=auth, timeout=30)
@@ -182,9 +169,9 @@ def test_the_client_refuses_injected_table_and_column_names(
 
 @pytest.mark.cluster
 def test_the_client_refuses_an_oversized_or_malformed_body_with_4xx(
-    network: LocalNetwork, client_url: tuple[str, str]
+    network: LocalNetwork, government_client: tuple[str, str]
 ) -> None:
-    base, password = client_url
+    base, password = government_client
     rows = f"{base}/client/api/v1/tables/government_users/rows"
     big = json.dumps({"first_name": "Big", "last_name": "Body", "address": "x" * 3_000_000})
     for data in (big, "{bad", "", json.dumps(["first_name"]), json.dumps("Jane")):

@@ -32,7 +32,7 @@ from schemathesis.generation.feedback import FeedbackSources
 from schemathesis.pytest._test_builder import build_operation_test
 
 from peer.network import LocalNetwork
-from tests.helpers import start_client, wait_until
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCHEMA = "/api/v1/openapi.json"
@@ -279,19 +279,6 @@ def test_an_unknown_path_is_a_json_404(network: LocalNetwork) -> None:
 # ---- the client ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def client_app(example_network: LocalNetwork, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """A client (PEER_MODE=client) in front of government: (its URL, its admin password)."""
-    name = "government-client"
-    client = start_client(
-        example_network, tmp_path_factory.mktemp("client"), name, example_network.specs["government"].url
-    )
-    try:
-        yield client.specs[name].url, client.password(name)
-    finally:
-        client.stop_all()
-
-
 def basic(password: str) -> str:
     return "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()
 
@@ -316,9 +303,9 @@ def login(url: str, password: str) -> requests.Session:
 
 @pytest.mark.cluster
 def test_the_client_api_never_fails_and_changes_nothing_it_refuses(
-    network: LocalNetwork, client_app: tuple[str, str], watch: Watch
+    network: LocalNetwork, government_client: tuple[str, str], watch: Watch
 ) -> None:
-    url, password = client_app
+    url, password = government_client
     people = [f"('Row{i}', 'Seed', '555-01{i:02d}', '{i} Elm St')" for i in range(4)]
     status, answer = network.exec(
         "government",
@@ -351,8 +338,8 @@ def test_the_client_api_never_fails_and_changes_nothing_it_refuses(
 
 
 @pytest.mark.cluster
-def test_the_client_schema_needs_a_login(client_app: tuple[str, str]) -> None:
-    url, password = client_app
+def test_the_client_schema_needs_a_login(government_client: tuple[str, str]) -> None:
+    url, password = government_client
     anonymous = requests.get(url + CLIENT_SCHEMA, timeout=TIMEOUT)
     assert anonymous.status_code == 401, anonymous.text
     assert anonymous.headers["WWW-Authenticate"].startswith("Basic")
