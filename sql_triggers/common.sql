@@ -48,8 +48,18 @@ CREATE TABLE IF NOT EXISTS dejima.decisions (
 );
 
 -- Tamper evidence (peer/dejima/txlog.py): a hash-chained log of the global transactions this peer committed that
--- changed its data. Written inside the transaction that commits the change (origin: with the decision row;
--- participant: before PREPARE TRANSACTION). hash = sha256(prev_hash || canonical entry); `dejima check` verifies it.
+-- changed its data. The entry is staged in dejima.txlog_pending inside the transaction that commits the change
+-- (origin: with the decision row; participant: before PREPARE TRANSACTION), without any lock; once committed, the
+-- peer's sealer links staged entries into the chain in batches. hash = sha256(prev_hash || canonical entry);
+-- `dejima check` verifies it.
+CREATE TABLE IF NOT EXISTS dejima.txlog_pending (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    gxid text NOT NULL,
+    origin text NOT NULL,
+    role text NOT NULL CHECK (role IN ('origin', 'participant')),
+    views jsonb NOT NULL,
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
 CREATE TABLE IF NOT EXISTS dejima.txlog (
     seq bigint PRIMARY KEY,
     gxid text NOT NULL UNIQUE,

@@ -118,7 +118,11 @@ def peer_state(conn: psycopg.Connection[Any], peer: str) -> dict[str, Any]:
     for relation in [TABLES[peer], *views]:
         rows = conn.execute(sql.SQL("SELECT to_jsonb(t)::text FROM {} t ORDER BY 1").format(sql.Identifier(relation)))
         state[relation] = [r[0] for r in rows.fetchall()]
-    state["txlog"] = conn.execute("SELECT count(*), max(hash) FROM dejima.txlog").fetchone()
+    # the logged gxids, chained or still staged (the sealer may chain staged ones meanwhile)
+    state["txlog"] = conn.execute(
+        "SELECT array_agg(gxid ORDER BY gxid) FROM"
+        " (SELECT gxid FROM dejima.txlog UNION ALL SELECT gxid FROM dejima.txlog_pending) AS logged"
+    ).fetchone()
     state["prepared"] = conn.execute(
         "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()"
     ).fetchone()

@@ -142,13 +142,14 @@ def test_every_committed_global_transaction_is_logged_at_its_origin_and_particip
 @pytest.mark.cluster
 def test_an_aborted_global_transaction_leaves_no_entry_anywhere(network: LocalNetwork) -> None:
     before = lengths(network)
-    # someone else holds insurance's chain lock: insurance cannot append, votes no at prepare, all roll back
-    # (government may have prepared its entry already: it is rolled back with the data)
-    with psycopg.connect(db(network, "insurance"), autocommit=True) as holder:
-        holder.execute("SELECT pg_advisory_lock(%s)", (txlog.CHAIN_LOCK,))
+    # someone else locks insurance's staged entries: insurance cannot stage its entry, votes no at prepare, all
+    # roll back (government may have prepared its entry already: it is rolled back with the data)
+    with psycopg.connect(db(network, "insurance")) as holder:
+        holder.execute("LOCK TABLE dejima.txlog_pending IN EXCLUSIVE MODE")
         status, body = network.exec("bank", insert("bank", "Cy", "Abe"))
         assert status == 409, body
         assert "insurance" in body["error"], body
+        holder.rollback()
     no_prepared(network)
     assert lengths(network) == before
     assert network.query("government", "SELECT * FROM government_users WHERE first_name = 'Cy'") == []

@@ -21,11 +21,10 @@ Recovery (`recover_once`, at start and periodically): every prepared transaction
 finishing it asks the origin for the decision; an origin without a decision row for a gxid it no longer runs
 answers abort (presumed abort).
 
-Tamper evidence (`peer.dejima.txlog`): the transaction that commits a change also appends its entry to this peer's
-hash chain — the origin with its decision row, a participant just before PREPARE. Appends are serialized by an
-advisory lock taken last (after every row lock, once propagation is over) and held to the commit (a participant:
-to COMMIT PREPARED). Waiting for it follows wait-die too (`_lock_chain`): an older global transaction waits for a
-younger holder, a younger one gives up with a conflict, so waits for the chain lock never form a cycle across peers.
+Tamper evidence (`peer.dejima.txlog`): the transaction that commits a change also stages its entry for this peer's
+hash chain — the origin with its decision row, a participant just before PREPARE — without any lock, so global
+transactions committing at the same time never wait for each other there. The sealer thread (`run_sealer`), woken
+after every commit here, links the committed staged entries into the chain in batches.
 """
 
 from __future__ import annotations
@@ -77,8 +76,6 @@ HTTP_STATUS = {
     "timeout": 504,
     "internal": 500,
 }
-CHAIN_LOCK_POLL_S = 0.002  # how often a waiter for the txlog lock tries again
-CHAIN_UNKNOWN_HOLDER_S = 0.05  # the txlog lock held by no transaction we know (a recovered prepared one): give up
 APPLY_LOCK_WAIT_MS = 100  # a participant re-decides wait-or-die this often while a row is locked
 TOMBSTONE_SECONDS = 600.0
 ORIGIN_KEYS_LIMIT = 1000  # above this many changed keys the origin does not list them (forwarding stays correct)
@@ -138,7 +135,6 @@ class Gx:
     created: float = field(default_factory=time.monotonic)
     origin_keys: dict[str, list[list[Any]]] = field(default_factory=dict)
     changes: dict[tuple[str, int], RowChange] = field(default_factory=dict)  # net change here, for the txlog entry
-    chain_locked: bool = False  # holds this peer's txlog lock (until its commit / COMMIT PREPARED)
 
     @property
     def order(self) -> tuple[int, str]:
@@ -173,6 +169,7 @@ class Coordinator:
         self.lock = threading.Lock()
         self.pending_finish: dict[str, set[str]] = {}  # gxid -> participants still to be told "commit"
         self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
+        self.seal_wanted = threading.Event()  # set after a commit here: the sealer chains its txlog entry
         self.stats = {"committed": 0, "aborted": 0, "propagate_sent": 0, "propagate_received": 0}
 
     # ---- helpers --------------------------------------------------------------------------------------------
@@ -305,6 +302,7 @@ class Coordinator:
                 self._append_txlog(gx, "origin")
                 self._release(gx, "COMMIT")  # the commit point
                 gx.phase = "committed"
+            self.seal_wanted.set()
             self.stats["committed"] += 1
             self.fault("origin_after_decision")
             mark = _ms(started)
@@ -558,46 +556,25 @@ class Coordinator:
 
     # ---- tamper evidence: the txlog entry, written in the committing transaction ----------------------------
     def _append_txlog(self, gx: Gx, role: str) -> None:
-        """Append this gxid's entry to the peer's hash chain, in gx's transaction (caller holds gx.lock), when
-        it changed this peer's data. Takes the chain lock first (`_lock_chain`)."""
+        """Stage this gxid's entry for the peer's hash chain in gx's transaction (caller holds gx.lock), when it
+        changed this peer's data; the sealer chains it once committed."""
         views = txlog.summary(gx.changes.values())
         if not views:
             return
         assert gx.conn is not None
-        self._lock_chain(gx)
-        txlog.append(gx.conn, gx.gxid, gx.origin, role, views)
+        txlog.stage(gx.conn, gx.gxid, gx.origin, role, views)
 
-    def _lock_chain(self, gx: Gx) -> None:
-        """Take the txlog lock in gx's transaction, never blocking inside PostgreSQL. Wait-die: while a younger
-        global transaction holds it, wait (it is prepared or committing: its end does not depend on us); while an
-        older one holds it, give up with a conflict. Either way not past the deadline."""
-        assert gx.conn is not None
-        unknown_since: float | None = None
-        while True:
-            row = gx.conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (txlog.CHAIN_LOCK,)).fetchone()
-            if row is not None and row[0]:
-                gx.chain_locked = True
-                return
-            with self.lock:
-                holders = [
-                    o for o in self.gxs.values() if o is not gx and o.chain_locked and o.phase in ("open", "prepared")
-                ]
-            now = time.monotonic()
-            if any(h.order < gx.order for h in holders):  # an older holder: the younger dies
-                raise GlobalTxnError(
-                    "conflict", f"{self.name}: the transaction log is busy with an older global transaction"
-                )
-            if not holders:
-                unknown_since = now if unknown_since is None else unknown_since
-                if now - unknown_since > CHAIN_UNKNOWN_HOLDER_S:
-                    raise GlobalTxnError(
-                        "conflict", f"{self.name}: the transaction log is locked by a transaction being recovered"
-                    )
-            else:
-                unknown_since = None
-            if now > gx.deadline:
-                raise GlobalTxnError("timeout", f"{self.name}: the transaction log stayed locked")
-            time.sleep(CHAIN_LOCK_POLL_S)
+    def run_sealer(self, stopped: threading.Event) -> None:
+        """The sealer loop (a daemon thread): chain the committed staged txlog entries whenever a commit here wakes
+        it, and at least every recovery interval (entries left staged by a crash, or committed by recovery)."""
+        while not stopped.is_set():
+            self.seal_wanted.wait(self.config.recovery_interval)
+            self.seal_wanted.clear()
+            try:
+                with self.pool.connection(timeout=self.config.peer_timeout) as conn:
+                    txlog.seal_all(conn)
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything; the next wake retries
+                log.warning("sealing the txlog failed: %s", exc)
 
     def _local_abort(self, gx: Gx) -> None:
         with gx.lock:
@@ -682,6 +659,8 @@ class Coordinator:
             log.warning("gxid %s: %s failed: %s", gxid, statement, exc)
             return False
         log.info("gxid %s: %s", gxid, statement.lower())
+        if statement == "COMMIT PREPARED":
+            self.seal_wanted.set()
         return True
 
     # ---- decisions and recovery -----------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class PeerRuntime:
         loops = {
             "discovery": self.directory.run,
             "recovery": lambda: self.coordinator.run_recovery(self.stopped),
+            "sealer": lambda: self.coordinator.run_sealer(self.stopped),
         }
         for name, target in loops.items():
             thread = threading.Thread(target=target, name=f"{self.config.name}-{name}", daemon=True)
@@ -71,6 +72,7 @@ class PeerRuntime:
 
     def close(self) -> None:
         self.stopped.set()
+        self.coordinator.seal_wanted.set()  # the sealer sees `stopped` at once
         self.directory.stopped.set()
         self.transport.close()
         self.pool.close()

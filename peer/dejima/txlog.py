@@ -9,10 +9,14 @@ order-independent digest of the rows) and the commit time. Entries are numbered 
 where the canonical entry is the JSON of {seq, gxid, origin, role, views, committed_at} with sorted keys and no
 spaces (`canonical`). Changing, deleting or inserting a row breaks the chain at that seq (`verify`).
 
-The entry is written inside the transaction that commits the change: at the origin in the transaction holding
-the decision row, at a participant in the transaction it then PREPAREs, so it commits or rolls back with the data.
-Appends are serialized per peer by a transaction-level advisory lock (`CHAIN_LOCK`) that the coordinator takes last,
-just before the decision / PREPARE, with `pg_try_advisory_xact_lock` under its wait-die rule (see coordinator).
+The entry is staged inside the transaction that commits the change — at the origin in the transaction holding
+the decision row, at a participant in the transaction it then PREPAREs — as a row of `dejima.txlog_pending`
+(`stage`), so it commits or rolls back with the data, and no lock is taken there: global transactions committing
+at the same time do not wait for each other. The peer's sealer (`seal`, a background thread woken after every
+commit, and every read of the log) links the committed staged entries into the chain, several per database
+transaction, serialized by a transaction-level advisory lock (`CHAIN_LOCK`): the order of the chain is the order
+of sealing. A staged entry that is not sealed yet (a few milliseconds, or until the peer restarts after a crash) is
+not covered by the chain; `GET /api/v1/txlog` and `dejima check` seal first.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from psycopg.types.json import Jsonb
 from peer.dejima.delta import RowChange
 
 GENESIS = "0" * 64
-CHAIN_LOCK = 0x64656A696D6174  # "dejimat": the advisory lock key that serializes appends to this peer's chain
+CHAIN_LOCK = 0x64656A696D6174  # "dejimat": the advisory lock key that serializes sealing of this peer's chain
 VERIFY_BATCH = 5000
+SEAL_BATCH = 500  # staged entries linked per sealing transaction
 
 HEAD_SQL = "SELECT seq, hash FROM dejima.txlog ORDER BY seq DESC LIMIT 1"
+STAGE_SQL = "INSERT INTO dejima.txlog_pending (gxid, origin, role, views) VALUES (%s, %s, %s, %s)"
 INSERT_SQL = (
     "INSERT INTO dejima.txlog (seq, gxid, origin, role, views, committed_at, prev_hash, hash)"
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
@@ -91,14 +97,42 @@ def chain_hash(prev_hash: str, entry: str) -> str:
     return hashlib.sha256((prev_hash + entry).encode()).hexdigest()
 
 
-def append(conn: psycopg.Connection[Any], gxid: str, origin: str, role: str, views: dict[str, Any]) -> tuple[int, str]:
-    """Append an entry in the caller's transaction, which must hold CHAIN_LOCK. Returns (seq, hash)."""
-    head = conn.execute(HEAD_SQL).fetchone()  # a statement after the lock: sees the previous holder's commit
-    seq, prev = (int(head[0]) + 1, str(head[1])) if head else (1, GENESIS)
-    at = datetime.datetime.now(datetime.UTC)
-    entry_hash = chain_hash(prev, canonical(seq, gxid, origin, role, views, timestamp(at)))
-    conn.execute(INSERT_SQL, (seq, gxid, origin, role, Jsonb(views), at, prev, entry_hash))
-    return seq, entry_hash
+def stage(conn: psycopg.Connection[Any], gxid: str, origin: str, role: str, views: dict[str, Any]) -> None:
+    """Stage this gxid's entry in the caller's transaction (it is chained by `seal` once committed)."""
+    conn.execute(STAGE_SQL, (gxid, origin, role, Jsonb(views)))
+
+
+def seal(conn: psycopg.Connection[Any], limit: int = SEAL_BATCH) -> int:
+    """Link up to `limit` committed staged entries into the chain, in staging order, in one transaction of its own
+    (the caller's connection must be idle). Returns how many were sealed."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK,))
+        staged = conn.execute(
+            "SELECT id, gxid, origin, role, views, committed_at FROM dejima.txlog_pending ORDER BY id LIMIT %s",
+            (limit,),
+        ).fetchall()
+        if not staged:
+            return 0
+        head = conn.execute(HEAD_SQL).fetchone()  # a statement after the lock: sees the previous sealer's commit
+        seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
+        rows = []
+        for _, gxid, origin, role, views, at in staged:
+            seq += 1
+            entry_hash = chain_hash(prev, canonical(seq, gxid, origin, role, views, timestamp(at)))
+            rows.append((seq, gxid, origin, role, Jsonb(views), at, prev, entry_hash))
+            prev = entry_hash
+        with conn.cursor() as cur:
+            cur.executemany(INSERT_SQL, rows)
+        conn.execute("DELETE FROM dejima.txlog_pending WHERE id = ANY(%s)", ([row[0] for row in staged],))
+    return len(staged)
+
+
+def seal_all(conn: psycopg.Connection[Any]) -> int:
+    """Seal every committed staged entry. Returns how many."""
+    total = 0
+    while (n := seal(conn)) > 0:
+        total += n
+    return total
 
 
 @dataclass

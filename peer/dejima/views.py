@@ -416,6 +416,7 @@ def txlog_view(request: HttpRequest) -> JsonResponse:
     if not 0 <= limit <= 1000:
         return _error(400, "limit must be between 0 and 1000")
     with rt.pool.connection(timeout=5) as conn:
+        txlog.seal_all(conn)  # the committed entries still staged join the chain first
         entries = txlog.recent(conn, max(limit, 1))
         verdict = txlog.verify(conn) if request.GET.get("verify") in ("1", "true", "yes") else None
         length = conn.execute("SELECT count(*) FROM dejima.txlog").fetchone()
