@@ -141,6 +141,19 @@ class Gx:
         return gxid_order(self.gxid)
 
 
+@dataclass(frozen=True)
+class Received:
+    """The delta a participant received, from whom, and which members of that view's group the sender sent it to
+    in the same fan-out: the sender and those members have its rows already, so none is forwarded to them."""
+
+    sender: str
+    delta: Delta
+    recipients: frozenset[str]
+
+    def has(self, member: str) -> bool:
+        return member == self.sender or member in self.recipients
+
+
 @dataclass
 class FanOut:
     ok: bool
@@ -385,7 +398,7 @@ class Coordinator:
         return max(0.05, min(self.config.peer_timeout, gx.deadline - time.monotonic()))
 
     # ---- propagation (origin and participants) --------------------------------------------------------------
-    def _fan_out(self, gx: Gx, deltas: dict[str, Delta], received: tuple[str, Delta] | None) -> FanOut:
+    def _fan_out(self, gx: Gx, deltas: dict[str, Delta], received: Received | None) -> FanOut:
         """Send each changed view's delta to the other members of its group, in parallel; gather the votes."""
         targets: list[tuple[str, str, Propagate]] = []
         timeout = self._remaining(gx)
@@ -394,12 +407,11 @@ class Coordinator:
             timeout = max(0.05, timeout * 0.8)
         for view, delta in deltas.items():
             self._check_members_known(view)
-            for member in self.directory.members(view):
-                if member == self.name:
-                    continue
+            members = [m for m in self.directory.members(view) if m != self.name]
+            for member in members:
                 out = delta
-                if received is not None and member == received[0] and view == received[1].view:
-                    out = without_echo(delta, received[1])
+                if received is not None and view == received.delta.view and received.has(member):
+                    out = without_echo(delta, received.delta)
                 if member == gx.origin and view in gx.origin_keys:
                     out = _without_keys(out, self.ptype.view(view).key, gx.origin_keys[view])
                 if out.is_empty():
@@ -416,6 +428,7 @@ class Coordinator:
                     out.deletions,
                     max(1, int(timeout * 1000)),
                     origin_keys=gx.origin_keys,
+                    recipients=members,
                 )
                 targets.append((member, url, msg))
         if not targets:
@@ -524,7 +537,7 @@ class Coordinator:
             text = str(exc).strip()
             return no(kind, text if text.startswith(f"{self.name}:") else f"{self.name}: {text}")
         self.fault("participant_while_propagating")
-        fan = self._fan_out(gx, deltas, received=(msg.sender, received))
+        fan = self._fan_out(gx, deltas, received=Received(msg.sender, received, frozenset(msg.recipients)))
         return PropagateReply(
             msg.gxid, self.name, "yes" if fan.ok else "no", sorted(fan.reached | {self.name}), fan.error, fan.error_kind
         )

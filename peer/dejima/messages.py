@@ -87,9 +87,14 @@ class Propagate(Message):
     # The identity keys the origin itself changed, per view (omitted when large). The origin sends its own version
     # of those rows to every member directly, so nobody forwards them back to it.
     origin_keys: dict[str, list[list[Any]]] = field(default_factory=dict)
+    # Every member of the view's group the sender sent this view's delta to in the same fan-out (or found to have
+    # it already): each has these rows, so the receiver forwards none of them to those members again.
+    recipients: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.recipients, list) or not all(isinstance(r, str) for r in self.recipients):
+            raise MessageError("propagate: recipients must be a list of peer names")
         for row in [*self.insertions, *self.deletions]:
             if not isinstance(row, dict):
                 raise MessageError("propagate: every row must be an object")

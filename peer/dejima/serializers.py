@@ -205,6 +205,11 @@ class PropagateBodySerializer(serializers.Serializer[Any]):
     origin_keys = serializers.DictField(
         child=serializers.ListField(child=serializers.ListField(child=serializers.JSONField())), required=False
     )
+    recipients = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text="the members of the view's group the sender sent this delta to in the same fan-out",
+    )
 
 
 class PrepareBodySerializer(serializers.Serializer[Any]):
