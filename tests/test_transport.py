@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import pytest
 
+from peer.dejima.messages import MessageError, Propagate, parse
 from peer.dejima.transport import CallTimeout, Connections
 
 pytestmark = pytest.mark.unit
@@ -108,3 +109,22 @@ def test_a_closed_port_is_an_os_error() -> None:
     conns = Connections({})
     with pytest.raises(OSError):
         conns.post(f"http://127.0.0.1:{port}", "/m", b"{}", 1.0)
+
+
+@pytest.mark.parametrize("recipients", ["bank", [1], [None], {"bank": 1}])
+def test_a_propagate_with_malformed_recipients_is_refused(recipients: object) -> None:
+    envelope = Propagate("g.1.a", "bank", "bank", "dejima_bank", [], [], 1000, recipients=["government"]).to_json()
+    assert parse(envelope) == Propagate(
+        "g.1.a",
+        "bank",
+        "bank",
+        "dejima_bank",
+        [],
+        [],
+        1000,
+        message_id=envelope["body"]["message_id"],
+        recipients=["government"],
+    )
+    envelope["body"]["recipients"] = recipients
+    with pytest.raises(MessageError, match="recipients"):
+        parse(envelope)

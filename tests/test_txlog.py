@@ -270,3 +270,19 @@ def test_concurrent_writes_keep_every_chain_valid(network: LocalNetwork) -> None
     assert_logged(network, committed, before)
     code, report = run_check(network)
     assert code == 0, report
+
+
+@pytest.mark.cluster
+def test_the_sealer_chains_a_committed_entry_without_anyone_reading_the_log(network: LocalNetwork) -> None:
+    before = {p: len(entries(network, p)) for p in PEERS}
+    status, body = network.exec("bank", insert("bank", "Ivy", "Sealed"))
+    assert status == 200, body
+    # read straight from the databases (the API would seal first): the sealer threads chain it by themselves
+    wait_until(
+        lambda: all(len(entries(network, p)) == before[p] + 1 for p in PEERS), 10, "every peer chained its entry"
+    )
+    for peer in PEERS:
+        with psycopg.connect(db(network, peer)) as conn:
+            assert conn.execute("SELECT count(*) FROM dejima.txlog_pending").fetchone() == (0,), peer
+            assert txlog.verify(conn).ok, peer
+        assert entries(network, peer)[-1][1] == body["gxid"], peer
