@@ -567,7 +567,7 @@ class Coordinator:
                     sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.config.lock_timeout_ms}ms"))
                 )
 
-    # ---- tamper evidence: the txlog entry, written in the committing transaction ----------------------------
+    # ---- tamper evidence: the txlog entry, staged in the committing transaction -----------------------------
     def _append_txlog(self, gx: Gx, role: str) -> None:
         """Stage this gxid's entry for the peer's hash chain in gx's transaction (caller holds gx.lock), when it
         changed this peer's data; the sealer chains it once committed."""
