@@ -53,10 +53,18 @@ class PeerSpec:
     mode: str = "peer"
     env: dict[str, str] = field(default_factory=dict)
     pid: int = 0
+    # the peer's lean listener for peer messages (DEJIMA_MESSAGE_BIND); 0: none, other peers then use `url`
+    message_port: int = field(default_factory=free_port)
 
     @property
     def url(self) -> str:
+        """gunicorn: the REST API (and peer messages too)."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def message_url(self) -> str:
+        """Where other peers send their messages (advertised as DEJIMA_URL)."""
+        return f"http://127.0.0.1:{self.message_port}" if self.message_port else self.url
 
 
 class NetworkError(Exception):
@@ -99,14 +107,14 @@ class LocalNetwork:
 
     # ---- processes ------------------------------------------------------------------------------------------
     def env_for(self, spec: PeerSpec) -> dict[str, str]:
-        seeds = ",".join(s.url for s in self.specs.values() if s.name != spec.name and s.mode == "peer")
+        seeds = ",".join(s.message_url for s in self.specs.values() if s.name != spec.name and s.mode == "peer")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJIMA_", "PEER_"))}
         env.update(
             {
                 "PEER_TYPE": spec.peer_type,
                 "PEER_MODE": spec.mode,
                 "DEJIMA_PEER_NAME": spec.name,
-                "DEJIMA_URL": spec.url,
+                "DEJIMA_URL": spec.message_url if spec.mode == "peer" else spec.url,
                 "DEJIMA_BIND": f"127.0.0.1:{spec.port}",
                 "DEJIMA_DATABASE_URL": self.server.url(spec.database),
                 "DEJIMA_SEEDS": seeds,
@@ -119,6 +127,8 @@ class LocalNetwork:
         if spec.mode == "peer":
             keys = self.public_keys()
             env["DEJIMA_KEY_FILE"] = str(self.key_path(spec.name))
+            if spec.message_port:
+                env["DEJIMA_MESSAGE_BIND"] = f"127.0.0.1:{spec.message_port}"
             env["DEJIMA_TRUSTED_KEYS"] = ",".join(f"{n}={k}" for n, k in sorted(keys.items()) if n != spec.name)
         if spec.mode == "client":  # a client talks only to its peer service (DEJIMA_PEER_URL in spec.env)
             del env["DEJIMA_DATABASE_URL"], env["DEJIMA_SEEDS"]
@@ -273,8 +283,8 @@ def _alive(pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
 
 
 def example_specs(base_port: int | None = None, prefix: str = "", clients: bool = False) -> list[PeerSpec]:
-    """The shipped example: government, bank, insurance (fixed ports 8001-8003 by default, free ports for tests),
-    and with `clients` their client apps (ports 8101-8103)."""
+    """The shipped example: government, bank, insurance (fixed ports 8001-8003 by default, their peer-message
+    listeners 9001-9003; free ports for tests), and with `clients` their client apps (ports 8101-8103)."""
     specs = []
     for name, port in EXAMPLE:
         specs.append(
@@ -283,6 +293,7 @@ def example_specs(base_port: int | None = None, prefix: str = "", clients: bool 
                 peer_type=name,
                 port=port if base_port is None else free_port(),
                 database=f"{prefix}{name}",
+                message_port=port + 1000 if base_port is None else free_port(),
             )
         )
     if clients:
@@ -295,6 +306,7 @@ def example_specs(base_port: int | None = None, prefix: str = "", clients: bool 
                     database="",
                     mode="client",
                     env={"DEJIMA_PEER_URL": peer.url},
+                    message_port=0,
                 )
             )
     return specs

@@ -50,12 +50,14 @@ def signed(net: LocalNetwork, message: Any) -> Any:
     return sign_as(net, claimed if claimed in net.specs else "bank", message)
 
 
-def post(net: LocalNetwork, peer: str, path: str, body: Any) -> tuple[int, Any]:
-    """POST `body` (bytes as they are, anything else as JSON; peer messages signed); (HTTP status, JSON answer)."""
+def post(net: LocalNetwork, peer: str, path: str, body: Any, front: str = "gunicorn") -> tuple[int, Any]:
+    """POST `body` (bytes as they are, anything else as JSON; peer messages signed); (HTTP status, JSON answer).
+    `front="lean"`: to the peer's lean listener for peer messages (DEJIMA_MESSAGE_BIND) instead of gunicorn."""
     if path == "/peer/v1/message":
         body = signed(net, body)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    resp = requests.post(url(net, peer, path), data=data, headers=JSON, timeout=30)
+    where = net.specs[peer].message_url + path if front == "lean" else url(net, peer, path)
+    resp = requests.post(where, data=data, headers=JSON, timeout=30)
     return resp.status_code, resp.json()
 
 
@@ -354,8 +356,9 @@ GOOD_PROPAGATE_BODY = propagate("dejima_bank", [person()])["body"]
         "reply-as-request",
     ],
 )
-def test_it_refuses_a_malformed_peer_message_with_400(net: LocalNetwork, message: Any, says: str) -> None:
-    status, answer = post(net, "government", "/peer/v1/message", message)
+@pytest.mark.parametrize("front", ["gunicorn", "lean"])
+def test_it_refuses_a_malformed_peer_message_with_400(net: LocalNetwork, message: Any, says: str, front: str) -> None:
+    status, answer = post(net, "government", "/peer/v1/message", message, front)
     assert status == 400, answer
     assert says in answer["error"], answer
     assert_nothing_applied(net)
@@ -412,11 +415,12 @@ def test_it_refuses_a_malformed_peer_message_with_400(net: LocalNetwork, message
         "forged-origin",
     ],
 )
+@pytest.mark.parametrize("front", ["gunicorn", "lean"])
 def test_it_votes_no_on_a_bad_propagate_and_applies_nothing(
-    net: LocalNetwork, message: dict[str, Any], says: str
+    net: LocalNetwork, message: dict[str, Any], says: str, front: str
 ) -> None:
     sent = sent_messages(net)
-    status, answer = post(net, "government", "/peer/v1/message", message)
+    status, answer = post(net, "government", "/peer/v1/message", message, front)
     if status == 200:
         assert answer["kind"] == "propagate_reply", answer
         reply = answer["body"]

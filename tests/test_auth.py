@@ -301,8 +301,11 @@ def test_it_rejects_a_bad_trusted_keys_file_a_key_given_twice_and_a_key_file_oth
 TYPES = load_peer_types(SQL_ROOT)
 
 
-def post(net: LocalNetwork, peer: str, envelope: Any) -> tuple[int, Any]:
-    resp = requests.post(net.specs[peer].url + MESSAGE, data=json.dumps(envelope), timeout=30)
+def post(net: LocalNetwork, peer: str, envelope: Any, front: str = "lean") -> tuple[int, Any]:
+    """To the peer's lean listener for peer messages (where other peers send them), or with `front="gunicorn"` to
+    the same endpoint under gunicorn."""
+    base = net.specs[peer].url if front == "gunicorn" else net.specs[peer].message_url
+    resp = requests.post(base + MESSAGE, data=json.dumps(envelope), timeout=30)
     return resp.status_code, resp.json()
 
 
@@ -374,22 +377,24 @@ def test_the_normal_flow_still_works_with_signed_messages(network: LocalNetwork)
 
 
 @pytest.mark.cluster
-def test_it_refuses_an_unsigned_message_with_401_and_applies_nothing(network: LocalNetwork) -> None:
-    status, answer = post(network, "government", cluster_propagate())
+@pytest.mark.parametrize("front", ["lean", "gunicorn"])
+def test_it_refuses_an_unsigned_message_with_401_and_applies_nothing(network: LocalNetwork, front: str) -> None:
+    status, answer = post(network, "government", cluster_propagate(), front)
     assert status == 401, answer
     refused_and_logged(network, "government", answer, "unsigned")
     assert_nothing_applied(network)
 
 
 @pytest.mark.cluster
-def test_it_refuses_a_forged_message_with_401_and_applies_nothing(network: LocalNetwork) -> None:
+@pytest.mark.parametrize("front", ["lean", "gunicorn"])
+def test_it_refuses_a_forged_message_with_401_and_applies_nothing(network: LocalNetwork, front: str) -> None:
     forged = sign_envelope(cluster_propagate(), "bank", Ed25519PrivateKey.generate())  # not bank's key
-    status, answer = post(network, "government", forged)
+    status, answer = post(network, "government", forged, front)
     assert status == 401, answer
     refused_and_logged(network, "government", answer, "bad signature")
     tampered = sign_as(network, "bank", cluster_propagate())
     tampered["body"]["insertions"][0]["phone"] = "555-9999"
-    status, answer = post(network, "government", tampered)
+    status, answer = post(network, "government", tampered, front)
     assert status == 401, answer
     assert "bad signature" in answer["error"], answer
     assert_nothing_applied(network)
@@ -449,7 +454,7 @@ def test_it_refuses_columns_outside_the_view_and_applies_nothing(network: LocalN
 @pytest.mark.cluster
 def test_it_signs_its_answers_bound_to_the_request(network: LocalNetwork) -> None:
     bank = Authenticator("bank", network.key("bank"), {"government": network.key("government").public_key()})
-    hello = Hello("bank", network.specs["bank"].url, "bank", catalog_of(TYPES["bank"]), []).to_json()
+    hello = Hello("bank", network.specs["bank"].message_url, "bank", catalog_of(TYPES["bank"]), []).to_json()
     request = bank.sign(hello)
     status, answer = post(network, "government", request)
     assert status == 200, answer

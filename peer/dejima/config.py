@@ -47,6 +47,8 @@ class PeerConfig:
     recovery_interval: float
     commit_wait: str  # "all": answer after COMMIT PREPARED everywhere; "decision": once the decision is durable
     pool_size: int
+    # the lean peer-to-peer listener (peer.dejima.peerserver): (host, port), or None when it is off
+    message_bind: tuple[str, int] | None = None
     peer_url_for_client: str = ""  # client mode: the peer service this client talks to
     fault_point: str = ""  # test-only: crash the process at this step of the commit protocol
     # authenticated peers (peer.dejima.auth): this peer's private key (PEM or base64, from DEJIMA_PRIVATE_KEY[_FILE];
@@ -103,6 +105,17 @@ def _http_url(name: str, raw: str) -> str:
     except ValueError:
         raise ConfigError(name, f"{raw!r} has a bad port") from None
     return raw.rstrip("/")
+
+
+def parse_bind(name: str, raw: str) -> tuple[str, int] | None:
+    """`host:port` (an IPv6 host in brackets: `[::]:8001`); empty: None."""
+    if not raw.strip():
+        return None
+    host, sep, port = raw.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(name, f"{raw!r} is not host:port (a port of 1..65535), e.g. 0.0.0.0:8001")
+    return host, int(port)
 
 
 def parse_seeds(name: str, raw: str) -> dict[str, tuple[str, ...]]:
@@ -314,6 +327,7 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         recovery_interval=_float(env, "DEJIMA_RECOVERY_INTERVAL", 5.0, 0.1, 3600.0),
         commit_wait=commit_wait,
         pool_size=_int(env, "DEJIMA_POOL_SIZE", 20, 2, 500),
+        message_bind=parse_bind("DEJIMA_MESSAGE_BIND", env.get("DEJIMA_MESSAGE_BIND", "")),
         peer_url_for_client=(
             _http_url("DEJIMA_PEER_URL", env["DEJIMA_PEER_URL"]) if env.get("DEJIMA_PEER_URL", "").strip() else ""
         ),

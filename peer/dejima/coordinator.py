@@ -30,6 +30,7 @@ after every commit here, links the committed staged entries into the chain in ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -160,6 +161,7 @@ class FanOut:
     reached: set[str]
     error: str = ""
     error_kind: str = ""
+    prepared: set[str] = field(default_factory=set)  # peers that prepared on the way (Propagate.prepare)
 
 
 class Coordinator:
@@ -183,7 +185,14 @@ class Coordinator:
         self.pending_finish: dict[str, set[str]] = {}  # gxid -> participants still to be told "commit"
         self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
         self.seal_wanted = threading.Event()  # set after a commit here: the sealer chains its txlog entry
-        self.stats = {"committed": 0, "aborted": 0, "propagate_sent": 0, "propagate_received": 0}
+        self.stats = {
+            "committed": 0,
+            "aborted": 0,
+            "propagate_sent": 0,
+            "propagate_received": 0,
+            "prepare_sent": 0,  # origin: prepare messages (a participant prepared on the way gets none)
+            "prepared_on_the_way": 0,  # participant: prepared at the end of its propagate (Propagate.prepare)
+        }
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def fault(self, step: str) -> None:
@@ -297,14 +306,14 @@ class Coordinator:
                 return {"status": "committed", "gxid": gxid, "participants": [], "ms": _ms(started)}
             phases = {"local_ms": _ms(started)}
             gx.origin_keys = origin_keys(self.ptype, deltas)
-            fan = self._fan_out(gx, deltas, received=None)
+            fan = self._fan_out(gx, deltas, received=None, alone=True)
             phases["propagate_ms"] = _ms(started) - phases["local_ms"]
             participants = fan.reached - {self.name}
             if not fan.ok:
                 raise GlobalTxnError(fan.error_kind or "internal", fan.error)
             self.fault("origin_before_prepare")
             mark = _ms(started)
-            self._prepare_all(gx, sorted(participants))
+            self._prepare_all(gx, sorted(participants - fan.prepared))
             phases["prepare_ms"] = _ms(started) - mark
             self.fault("origin_before_decision")
             with gx.lock:
@@ -342,12 +351,15 @@ class Coordinator:
             self._forget(gx, aborted=gx.phase != "committed")
 
     def _prepare_all(self, gx: Gx, participants: list[str]) -> None:
+        if not participants:
+            return  # every one prepared on the way (a chain: Propagate.prepare)
         calls = []
         for name in participants:
             url = self.directory.url_of(name)
             if url is None:
                 raise GlobalTxnError("unreachable", f"{self.name}: no address known for participant {name}")
             calls.append((url, Prepare(gx.gxid, self.name)))
+        self.stats["prepare_sent"] += len(calls)
         results = self.transport.call_many(calls, self._remaining(gx))
         for name, result in zip(participants, results, strict=True):
             if not (result.ok and isinstance(result.message, Ack) and result.message.ok):
@@ -398,8 +410,12 @@ class Coordinator:
         return max(0.05, min(self.config.peer_timeout, gx.deadline - time.monotonic()))
 
     # ---- propagation (origin and participants) --------------------------------------------------------------
-    def _fan_out(self, gx: Gx, deltas: dict[str, Delta], received: Received | None) -> FanOut:
-        """Send each changed view's delta to the other members of its group, in parallel; gather the votes."""
+    def _fan_out(self, gx: Gx, deltas: dict[str, Delta], received: Received | None, alone: bool) -> FanOut:
+        """Send each changed view's delta to the other members of its group, in parallel; gather the votes.
+
+        `alone`: the global transaction waits on this peer's branch alone. Then a single message (sent to any
+        peer but the origin) inherits it as `prepare`: its receiver's branch is the only one left, and once it has
+        answered nothing can reach that receiver again. Several messages (siblings may reach each other) never do."""
         targets: list[tuple[str, str, Propagate]] = []
         timeout = self._remaining(gx)
         if received is not None:
@@ -433,12 +449,16 @@ class Coordinator:
                 targets.append((member, url, msg))
         if not targets:
             return FanOut(True, {self.name})
+        if alone and len(targets) == 1 and targets[0][0] != gx.origin:
+            member, url, msg = targets[0]
+            targets[0] = (member, url, dataclasses.replace(msg, prepare=True))
         self.stats["propagate_sent"] += len(targets)
         results = self.transport.call_many([(url, msg) for _, url, msg in targets], timeout)
         return self._gather(gx, [t[0] for t in targets], results)
 
     def _gather(self, gx: Gx, members: list[str], results: list[CallResult]) -> FanOut:
         reached = {self.name}
+        prepared: set[str] = set()
         errors: list[tuple[str, str]] = []
         for member, result in zip(members, results, strict=True):
             reply = result.message if isinstance(result.message, PropagateReply) else None
@@ -446,6 +466,7 @@ class Coordinator:
                 reached.update(reply.reached)
             reached.add(member)  # it may hold an open transaction even when it failed
             if reply is not None and reply.vote == "yes" and result.ok:
+                prepared.update(reply.prepared)
                 continue
             if reply is not None and reply.error:
                 errors.append((reply.error_kind or "internal", reply.error))
@@ -453,7 +474,7 @@ class Coordinator:
                 errors.append((result.error_kind or "internal", f"{member}: {result.error}"))
         gx.reached.update(reached)
         if not errors:
-            return FanOut(True, reached)
+            return FanOut(True, reached, prepared=prepared & reached)
         # the most telling reason first: a conflict is retryable, so it wins over its consequences
         rank = ["conflict", "constraint", "bad_request", "refused", "unreachable", "timeout", "internal"]
         errors.sort(key=lambda e: rank.index(e[0]) if e[0] in rank else len(rank))
@@ -537,10 +558,20 @@ class Coordinator:
             text = str(exc).strip()
             return no(kind, text if text.startswith(f"{self.name}:") else f"{self.name}: {text}")
         self.fault("participant_while_propagating")
-        fan = self._fan_out(gx, deltas, received=Received(msg.sender, received, frozenset(msg.recipients)))
-        return PropagateReply(
-            msg.gxid, self.name, "yes" if fan.ok else "no", sorted(fan.reached | {self.name}), fan.error, fan.error_kind
-        )
+        alone = msg.prepare and msg.origin != self.name
+        fan = self._fan_out(gx, deltas, Received(msg.sender, received, frozenset(msg.recipients)), alone)
+        reached = sorted(fan.reached | {self.name})
+        if not fan.ok:
+            return PropagateReply(msg.gxid, self.name, "no", reached, fan.error, fan.error_kind)
+        if not alone:
+            return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared))
+        with gx.lock:
+            ack = self._prepare_locked(gx)
+        if not ack.ok:
+            return PropagateReply(msg.gxid, self.name, "no", reached, ack.error, ack.error_kind)
+        self.stats["prepared_on_the_way"] += 1
+        self.fault("participant_after_prepare")
+        return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared | {self.name}))
 
     def _apply_wait_die(self, gx: Gx, msg: Propagate) -> None:
         assert gx.conn is not None and gx.state is not None
@@ -610,30 +641,34 @@ class Coordinator:
         with gx.lock:
             if gx.phase == "prepared":
                 return Ack(msg.gxid, self.name, True)
-            if gx.phase != "open" or gx.conn is None:
-                return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} is {gx.phase}", "refused")
+            ack = self._prepare_locked(gx)
+        if ack.ok:
+            self.fault("participant_after_prepare")
+        return ack
+
+    def _prepare_locked(self, gx: Gx) -> Ack:
+        """Stage the txlog entry and PREPARE TRANSACTION gx here (caller holds gx.lock); a failure rolls back."""
+        if gx.phase != "open" or gx.conn is None:
+            return Ack(gx.gxid, self.name, False, f"{self.name}: {gx.gxid} is {gx.phase}", "refused")
+        try:
+            self._append_txlog(gx, "participant")
+        except (GlobalTxnError, psycopg.Error) as exc:
+            kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)
             try:
-                self._append_txlog(gx, "participant")
-            except (GlobalTxnError, psycopg.Error) as exc:
-                kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)
-                try:
-                    self._release(gx, "ROLLBACK")
-                except psycopg.Error as rollback_exc:
-                    log.warning("gxid %s: rollback failed: %s", gx.gxid, rollback_exc)
-                gx.phase = "aborted"
-                text = str(exc).strip()
-                text = text if text.startswith(f"{self.name}:") else f"{self.name}: {text}"
-                return Ack(msg.gxid, self.name, False, text, kind)
-            try:
-                self._release(
-                    gx, sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(self.gid(msg.gxid))).as_string(None)
-                )
-            except psycopg.Error as exc:
-                gx.phase = "aborted"
-                return Ack(msg.gxid, self.name, False, f"{self.name}: prepare failed: {exc}", classify(exc))
-            gx.phase = "prepared"
-        self.fault("participant_after_prepare")
-        return Ack(msg.gxid, self.name, True)
+                self._release(gx, "ROLLBACK")
+            except psycopg.Error as rollback_exc:
+                log.warning("gxid %s: rollback failed: %s", gx.gxid, rollback_exc)
+            gx.phase = "aborted"
+            text = str(exc).strip()
+            text = text if text.startswith(f"{self.name}:") else f"{self.name}: {text}"
+            return Ack(gx.gxid, self.name, False, text, kind)
+        try:
+            self._release(gx, sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(self.gid(gx.gxid))).as_string(None))
+        except psycopg.Error as exc:
+            gx.phase = "aborted"
+            return Ack(gx.gxid, self.name, False, f"{self.name}: prepare failed: {exc}", classify(exc))
+        gx.phase = "prepared"
+        return Ack(gx.gxid, self.name, True)
 
     def on_finish(self, msg: Finish) -> Ack:
         gx = self.gxs.get(msg.gxid)
@@ -644,6 +679,8 @@ class Coordinator:
                 self.tombstones[msg.gxid] = time.monotonic() + TOMBSTONE_SECONDS
             ok = self._finish_prepared(msg.gxid, "ROLLBACK PREPARED")
         else:
+            if gx is not None and gx.phase == "open":  # never prepared here: committing it would lose it
+                return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} was never prepared here", "refused")
             self.fault("participant_before_commit")
             ok = self._finish_prepared(msg.gxid, "COMMIT PREPARED")
         if gx is not None and ok:
@@ -663,11 +700,9 @@ class Coordinator:
         gid = self.gid(gxid)
         try:
             with self.pool.connection() as conn:
-                if conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,)).fetchone() is None:
-                    return True
                 conn.execute(sql.SQL("{} {}").format(sql.SQL(statement), sql.Literal(gid)))
         except psycopg.errors.UndefinedObject:
-            return True  # finished concurrently
+            return True  # not prepared here (any more): finished already, or never prepared
         except psycopg.Error as exc:
             log.warning("gxid %s: %s failed: %s", gxid, statement, exc)
             return False

@@ -90,6 +90,10 @@ class Propagate(Message):
     # Every member of the view's group the sender sent this view's delta to in the same fan-out (or found to have
     # it already): each has these rows, so the receiver forwards none of them to those members again.
     recipients: list[str] = field(default_factory=list)
+    # The whole global transaction waits on this branch alone (each sender on the way sent this gxid to nobody
+    # else): once the branch has answered yes, nothing can reach the receiver again, so it prepares right away and
+    # says so in its reply (`prepared`), and the origin's prepare round skips it.
+    prepare: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -118,6 +122,12 @@ class PropagateReply(Message):
     error: str = ""
     error_kind: str = ""
     message_id: str = field(default_factory=new_message_id)
+    prepared: list[str] = field(default_factory=list)  # peers of the branch that prepared already (`prepare`)
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.prepared, list) or not all(isinstance(p, str) for p in self.prepared):
+            raise MessageError("propagate_reply: prepared must be a list of peer names")
 
 
 @dataclass(frozen=True)

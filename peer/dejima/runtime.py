@@ -2,7 +2,8 @@
 of every open global transaction lives in one process across several HTTP requests.
 
 `get_runtime()` builds it once: settings, the peer type's SQL installed (idempotent), a connection pool, the
-directory (discovery loop) and the coordinator (recovery loop).
+directory (discovery loop), the coordinator (recovery and sealer loops) and, with DEJIMA_MESSAGE_BIND, the lean
+listener for peer messages (peer.dejima.peerserver).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from peer.dejima.coordinator import Coordinator
 from peer.dejima.directory import Directory
 from peer.dejima.install import install
 from peer.dejima.manifest import PeerType, load_peer_types
+from peer.dejima.peerserver import PeerServer
 from peer.dejima.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class PeerRuntime:
         self.coordinator = Coordinator(config, self.ptype, self.pool, self.directory, self.transport)
         self.stopped = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.listener: PeerServer | None = None
         if background:
             self.start_background()
         log.info("peer %s (%s) ready at %s", config.name, config.peer_type, config.url)
@@ -69,9 +72,28 @@ class PeerRuntime:
             thread = threading.Thread(target=target, name=f"{self.config.name}-{name}", daemon=True)
             thread.start()
             self.threads.append(thread)
+        if self.config.message_bind is not None:
+            from peer.dejima.inbox import handle_message  # it reaches this runtime through get_runtime()
+
+            host, port = self.config.message_bind
+            try:
+                self.listener = PeerServer(
+                    handle_message,
+                    host,
+                    port,
+                    self.config.max_body_bytes,
+                    read_timeout=self.config.peer_timeout,
+                    name=self.config.name,
+                )
+            except OSError as exc:
+                raise ConfigError("DEJIMA_MESSAGE_BIND", f"cannot listen on {host}:{port}: {exc}") from None
+            self.listener.start()
+            log.info("peer %s: peer messages also at %s:%d (DEJIMA_MESSAGE_BIND)", self.config.name, host, port)
 
     def close(self) -> None:
         self.stopped.set()
+        if self.listener is not None:
+            self.listener.close()
         self.coordinator.seal_wanted.set()  # the sealer sees `stopped` at once
         self.directory.stopped.set()
         self.transport.close()

@@ -38,17 +38,10 @@ from psycopg import sql
 from rest_framework.decorators import api_view
 
 from peer.dejima import txlog
-from peer.dejima.auth import AuthError, authorize, signature_id
 from peer.dejima.coordinator import GlobalTxnError, classify
+from peer.dejima.inbox import handle_message
 from peer.dejima.messages import (
-    DecisionQuery,
-    Finish,
-    Hello,
-    Message,
     MessageError,
-    Prepare,
-    Propagate,
-    parse,
 )
 from peer.dejima.runtime import get_runtime
 from peer.dejima.serializers import (
@@ -133,37 +126,6 @@ def rejects_bad_input(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[
     return wrapped
 
 
-def _answer(message: Message, reply_to: str) -> JsonResponse:
-    """An answer to a peer's request, signed by this peer and bound to the request (`reply_to`)."""
-    return JsonResponse(get_runtime().auth.sign(message.to_json(), reply_to=reply_to))
-
-
-REQUESTS = (Propagate, Prepare, Finish, DecisionQuery, Hello)
-
-
-def _authenticate(envelope: dict[str, Any], msg: Message) -> None:
-    """Who signed it, that it is who it claims to be, and (propagate) that it may write the view. Raises AuthError:
-    401 unsigned, forged, untrusted, stale or replayed; 403 not who it claims, not a member of the view's group, or
-    a row with a column outside the view."""
-    rt = get_runtime()
-    signer = rt.auth.verify_request(envelope)
-    authorize(signer, msg)
-    views = rt.directory.my_views
-    if not isinstance(msg, Propagate) or msg.view not in views:
-        return  # an unknown view is answered with a "no" vote (bad_request) by the coordinator
-    if msg.sender not in rt.directory.members(msg.view):
-        raise AuthError(403, f"{msg.sender!r} is not a member of {msg.view}'s group")
-    allowed = {c for c, _ in views[msg.view]["columns"]}
-    for row in (*msg.insertions, *msg.deletions):
-        if not isinstance(row, dict):
-            continue  # malformed: the coordinator's "no" vote says why
-        outside = sorted(str(c) for c in row if not str(c).startswith("$") and c not in allowed)
-        if outside:
-            raise AuthError(
-                403, f"{msg.sender!r} may write only the view's columns: {outside[0]!r} is not a column of {msg.view}"
-            )
-
-
 @extend_schema(
     tags=TAG,
     summary="Is this peer and its database up",
@@ -201,39 +163,9 @@ def health(request: HttpRequest) -> JsonResponse:
 @api_view(["POST"])
 @rejects_bad_input
 def message(request: HttpRequest) -> HttpResponse:
-    """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello)."""
-    rt = get_runtime()
-    envelope = _json_body(request)
-    msg = parse(envelope)
-    if not isinstance(msg, REQUESTS):
-        return _error(400, f"{msg.kind} is not a request")
-    try:
-        _authenticate(envelope, msg)
-    except AuthError as exc:
-        sig = envelope.get("signature")
-        signer = sig.get("peer") if isinstance(sig, dict) else None
-        log.warning(
-            "refused a %s (signed by %r) from %s with %d: %s",
-            msg.kind,
-            signer,
-            request.META.get("REMOTE_ADDR"),
-            exc.status,
-            exc,
-        )
-        kind = "unauthenticated" if exc.status == 401 else "refused"
-        return _error(exc.status, f"{rt.config.name}: {exc}", kind)
-    reply_to = signature_id(envelope)
-    coord = rt.coordinator
-    if isinstance(msg, Propagate):
-        return _answer(coord.on_propagate(msg), reply_to)
-    if isinstance(msg, Prepare):
-        return _answer(coord.on_prepare(msg), reply_to)
-    if isinstance(msg, Finish):
-        return _answer(coord.on_finish(msg), reply_to)
-    if isinstance(msg, DecisionQuery):
-        return _answer(coord.on_decision_query(msg), reply_to)
-    rt.directory.learn(msg)
-    return _answer(rt.directory.hello(), reply_to)
+    """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello): `peer.dejima.inbox`."""
+    status, answer = handle_message(_json_body(request), request.META.get("REMOTE_ADDR", ""))
+    return JsonResponse(answer, status=status)
 
 
 @extend_schema(

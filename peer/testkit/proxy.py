@@ -390,7 +390,9 @@ class ProxiedCluster:
         self.proxies: dict[str, Proxy] = {}
         if proxied:
             for spec in specs:
-                self.proxies[spec.name] = Proxy(spec.port, name=f"proxy-{spec.name}").start()
+                # the peer's own listener for peer messages (where its DEJIMA_URL would point without the proxy)
+                target = spec.message_port or spec.port
+                self.proxies[spec.name] = Proxy(target, name=f"proxy-{spec.name}").start()
         for spec in specs:
             spec.env.update(FAST_ENV)
             spec.env.update(env or {})

@@ -1,0 +1,225 @@
+"""The lean peer-to-peer listener: `POST /peer/v1/message` served beside gunicorn, without Django.
+
+Why. Every global transaction costs its origin two or three sequential calls per participant (propagate, prepare,
+finish); a call answered by gunicorn + Django + DRF spends about 1.5 ms outside the handler here (parsing, the
+gthread worker's hand-offs between its poller and pool threads, the framework), a raw threaded server about 0.1 ms
+(../shared/PERFORMANCE-NOTES.md, and docs/performance.md for what it changed).
+
+What. One thread accepts; every connection gets its own thread, which reads its requests one after the other
+(HTTP/1.1 keep-alive, TCP_NODELAY) and answers each with `handle_message`, the same function the Django endpoint
+runs: the same checks, statuses and answers. Only that one path exists here (anything else: 404; another method:
+405). A request must come whole within `read_timeout` once it started; an idle connection is closed after
+`idle_timeout`; at most `max_connections` connections are served at once (one more is answered 503 and closed);
+a body larger than the limit is answered 413 without being read, a chunked one 411; every answer is JSON.
+
+Started by the peer runtime when DEJIMA_MESSAGE_BIND is set (docs/settings.md); DEJIMA_URL, the address a peer
+advertises to the others, then names this listener, so their messages come here. gunicorn still serves the same
+path (seeds may name either) and everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+MESSAGE_PATH = "/peer/v1/message"
+MAX_LINE = 8192  # bytes of a request line or of one header line
+MAX_HEADERS = 100
+
+# (the decoded JSON body, the client's address) -> (HTTP status, JSON answer)
+Handler = Callable[[Any, str], tuple[int, dict[str, Any]]]
+
+
+class _Refused(Exception):
+    """A request this server answers with an error and then closes the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+def _error_body(message: str) -> dict[str, Any]:
+    return {"status": "error", "kind": "bad_request", "error": message}
+
+
+class PeerServer:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str,
+        port: int,
+        max_body_bytes: int,
+        read_timeout: float = 10.0,
+        idle_timeout: float = 30.0,
+        max_connections: int = 256,
+        name: str = "peer",
+    ) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self.name = name
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.conns: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(128)
+        except OSError:
+            self.sock.close()
+            raise
+        self.port: int = self.sock.getsockname()[1]
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-message-accept", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop accepting and close every connection (their threads end on the closed socket)."""
+        self.stopped.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        with self.lock:
+            conns = list(self.conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+    # ---- connections ----------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:
+                if self.stopped.is_set():
+                    return
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self.slots.acquire(blocking=False):
+                self._refuse_busy(conn)
+                continue
+            with self.lock:
+                self.conns.add(conn)
+            remote = str(addr[0])
+            threading.Thread(
+                target=self._serve, args=(conn, remote), name=f"{self.name}-message-{remote}", daemon=True
+            ).start()
+
+    def _refuse_busy(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.settimeout(1.0)
+            conn.sendall(self._response(503, _error_body("too many connections to this peer; try again"), close=True))
+        conn.close()
+
+    def _serve(self, conn: socket.socket, remote: str) -> None:
+        try:
+            reader = conn.makefile("rb")
+            while not self.stopped.is_set():
+                conn.settimeout(self.idle_timeout)
+                try:
+                    first = reader.readline(MAX_LINE + 1)
+                except TimeoutError:
+                    return  # idle too long
+                if not first:
+                    return  # the peer closed it
+                conn.settimeout(self.read_timeout)
+                try:
+                    status, answer, close = self._one(first, reader, remote)
+                except _Refused as exc:
+                    status, answer, close = exc.status, _error_body(str(exc)), True
+                conn.sendall(self._response(status, answer, close))
+                if close:
+                    return
+        except (OSError, ValueError):
+            return  # reset, timed out mid-request, or closed by `close`
+        finally:
+            with self.lock:
+                self.conns.discard(conn)
+            conn.close()
+            self.slots.release()
+
+    # ---- one request ----------------------------------------------------------------------------------------
+    def _one(self, first: bytes, reader: BinaryIO, remote: str) -> tuple[int, dict[str, Any], bool]:
+        """(status, answer, close after it) for the request whose first line is `first`."""
+        if len(first) > MAX_LINE or not first.endswith(b"\n"):
+            raise _Refused(414 if len(first) > MAX_LINE else 400, "request line too long or cut")
+        parts = first.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _Refused(400, "malformed request line")
+        method, target, version = parts
+        headers = self._headers(reader)
+        conn_header = headers.get("connection", "").lower()
+        close = conn_header == "close" or (version == "HTTP/1.0" and conn_header != "keep-alive")
+        if "transfer-encoding" in headers:
+            raise _Refused(411, "send the body with a Content-Length (chunked bodies are not taken here)")
+        raw_length = headers.get("content-length", "0").strip()
+        if not raw_length.isdigit():
+            raise _Refused(400, f"bad Content-Length {raw_length!r}")
+        length = int(raw_length)
+        if length > self.max_body_bytes:
+            raise _Refused(413, f"body of {length} bytes is larger than the limit of {self.max_body_bytes} bytes")
+        body = reader.read(length) if length else b""
+        if len(body) != length:
+            raise ValueError("body cut short")  # the connection is gone: nothing to answer
+        path = target.split("?", 1)[0]
+        if path != MESSAGE_PATH:
+            return 404, {"status": "error", "kind": "not_found", "error": f"no endpoint {path} here"}, close
+        if method != "POST":
+            return 405, {"status": "error", "kind": "method_not_allowed", "error": f"{method} not allowed"}, close
+        try:
+            envelope = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return 400, _error_body(f"malformed JSON: {exc}"), close
+        try:
+            status, answer = self.handler(envelope, remote)
+        except Exception as exc:
+            log.exception("the message from %s failed", remote)
+            return 500, {"status": "error", "kind": "internal", "error": f"{type(exc).__name__}: {exc}"}, close
+        return status, answer, close
+
+    @staticmethod
+    def _headers(reader: BinaryIO) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = reader.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise _Refused(431, "header line too long")
+            if line in (b"\r\n", b"\n"):
+                return headers
+            if not line:
+                raise ValueError("headers cut short")
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep or not name.strip():
+                raise _Refused(400, "malformed header line")
+            headers[name.strip().lower()] = value.strip()
+        raise _Refused(431, f"more than {MAX_HEADERS} header lines")
+
+    @staticmethod
+    def _response(status: int, answer: dict[str, Any], close: bool) -> bytes:
+        body = json.dumps(answer, separators=(",", ":")).encode()
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Status"
+        head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+        if status == 405:
+            head.append("Allow: POST")
+        if close:
+            head.append("Connection: close")
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
