@@ -41,6 +41,7 @@ DB_USER = "dejima"
 DB_NAME = "dejima"
 UID = "10001"  # the image's user `dejima` (docker/Dockerfile)
 PORT = 8000  # every peer and client listens on it inside its container (DEJIMA_BIND in docker/Dockerfile)
+MESSAGE_PORT = 9000  # a peer's lean listener for peer messages, inside its container (DEJIMA_MESSAGE_BIND there)
 FIRST_CLIENT_PORT = 8101  # published ports of the clients: 8101, 8102, …
 STATE_DIR = "/var/lib/dejima"  # the image's volume: the client's user store
 TRUSTED_KEYS_PATH = "/etc/dejima/trusted_keys"
@@ -170,7 +171,7 @@ def stack(
                 "file": f"{secrets_dir}/{peer.name}/{kind}",
                 "name": f"dejima-v{version}-{peer.name}-{kind}",
             }
-        seeds = [f"http://{first.name}-peer:{PORT}" for first in firsts.values() if first != peer]
+        seeds = [f"http://{first.name}-peer:{MESSAGE_PORT}" for first in firsts.values() if first != peer]
         common = {"PEER_TYPE": peer.peer_type, "DEJIMA_PEER_NAME": peer.name}
         services[f"{peer.name}-db"] = {
             "image": POSTGRES_IMAGE,
@@ -191,7 +192,7 @@ def stack(
             "image": image,
             "environment": {
                 **common,
-                "DEJIMA_URL": f"http://{peer.name}-peer:{PORT}",
+                "DEJIMA_URL": f"http://{peer.name}-peer:{MESSAGE_PORT}",
                 "DEJIMA_DATABASE_URL": f"postgresql://{DB_USER}@{peer.name}-db:5432/{DB_NAME}",
                 "DEJIMA_SEEDS": ",".join(seeds),
                 "DEJIMA_PRIVATE_KEY_FILE": "/run/secrets/private_key",

@@ -272,6 +272,8 @@ def check_services(services: dict[str, Service], where: str) -> dict[str, PeerCo
             assert "peers" in svc.networks, f"{where}: {svc.name} is not on the network of the peers"
             host = urlsplit(config.url).hostname or ""
             assert host in svc.aliases, f"{where}: {svc.name} advertises {config.url}, not its own name"
+            # peers' messages go to its lean listener (DEJIMA_MESSAGE_BIND of the image), the fast path
+            assert urlsplit(config.url).port == deploygen.MESSAGE_PORT, f"{where}: {svc.name} advertises {config.url}"
             db = neighbours(services, svc, urlsplit(config.database_url).hostname or "", where)
             assert db.is_postgres, f"{where}: {svc.name}'s DEJIMA_DATABASE_URL names {db.name}, not a database"
             assert "PGPASSFILE" in svc.env, f"{where}: {svc.name} has no database password (PGPASSFILE)"
@@ -282,6 +284,7 @@ def check_services(services: dict[str, Service], where: str) -> dict[str, PeerCo
             for url in config.seeds["*"]:
                 seed = neighbours(services, svc, urlsplit(url).hostname or "", where)
                 assert seed.is_dejima, f"{where}: {svc.name} seeds {url}, not a peer"
+                assert urlsplit(url).port in (deploygen.PORT, deploygen.MESSAGE_PORT), f"{where}: {svc.name}: {url}"
         else:
             assert config.client_password, f"{where}: {svc.name} has no password for its user"
             peer = neighbours(services, svc, urlsplit(config.peer_url_for_client).hostname or "", where)
@@ -316,6 +319,8 @@ def test_the_image_is_pinned_multi_stage_unprivileged_and_checks_its_health() ->
     assert re.search(r"^USER 10001:10001$", runtime, re.MULTILINE)
     assert str(deploygen.UID) in runtime
     assert "HEALTHCHECK" in runtime and "healthcheck.py" in runtime
+    assert f"DEJIMA_MESSAGE_BIND=0.0.0.0:{deploygen.MESSAGE_PORT}" in runtime
+    assert f"EXPOSE {deploygen.PORT} {deploygen.MESSAGE_PORT}" in runtime
     assert "pip install" not in runtime and "[dev]" not in text  # only the build stage installs, never dev extras
     assert "ENTRYPOINT" in runtime
 

@@ -267,7 +267,8 @@ def test_it_finds_a_peer_again_that_comes_back_at_another_address(whole: LocalNe
     net = whole
     net.stop("bank")
     net.specs["bank"].port = free_port()
-    new_url = net.specs["bank"].url
+    net.specs["bank"].message_port = free_port()  # what it advertises (DEJIMA_URL): its listener for peer messages
+    new_url = net.specs["bank"].message_url
     moved = time.time()
     net.start("bank")
     net.wait_healthy("bank")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,51 @@ def test_it_refuses_a_write_while_the_link_between_two_peers_is_cut(make_cluster
     assert janes(cluster) == everywhere(0)
 
     assert_a1_commits_now(cluster)
+
+
+# ---- admission: at most DEJIMA_MAX_ACTIVE global transactions started at a peer run at once ---------------------
+def test_a_write_beyond_max_active_waits_its_turn_and_one_that_waits_too_long_is_busy(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = make_cluster(
+        env={"DEJIMA_PEER_TIMEOUT": "4", "DEJIMA_TXN_TIMEOUT": "5"}, peer_env={"government": {"DEJIMA_MAX_ACTIVE": "1"}}
+    )
+    insurance = cluster.proxies["insurance"]
+    second = A1.replace("'Jane'", "'June'")
+    with ThreadPoolExecutor(2) as pool:
+        insurance.hold()  # the first write waits for insurance: it keeps government's only turn
+        try:
+            first = pool.submit(cluster.exec, "government", A1)
+            time.sleep(0.5)
+            queued = pool.submit(cluster.exec, "government", second)
+            time.sleep(1.0)
+            assert not queued.done(), "the second write ran beside the first"
+        finally:
+            insurance.release()
+        for fut in (first, queued):  # both commit, one after the other
+            status, body = fut.result(timeout=30)
+            assert (status, body.get("status")) == (200, "committed"), body
+    assert janes(cluster) == everywhere(1)
+
+    # now insurance stays silent: each write holds the turn until its calls time out (4 s or more), so the third
+    # one waits behind two of them, longer than the transaction timeout (5 s), and is refused as busy
+    insurance.hold()
+    with ThreadPoolExecutor(3) as pool:
+        try:
+            stuck = []
+            for name in ("Jim", "Joe"):
+                stuck.append(pool.submit(cluster.exec, "government", A1.replace("'Jane'", f"'{name}'")))
+                time.sleep(0.3)
+            status, body = cluster.exec("government", A1.replace("'Jane'", "'Jon'"))
+            codes = [f.result(timeout=30)[0] for f in stuck]  # insurance still silent: neither can commit
+        finally:
+            insurance.release()
+        assert (status, body["kind"]) == (503, "busy"), body
+        assert "DEJIMA_MAX_ACTIVE" in body["error"], body
+        assert all(code in (503, 504) for code in codes), codes
+    settled(cluster)
+    # Jon for sure; Joe too when Jim's abort (its finish to the silent insurance) kept the turn past Joe's wait
+    assert cluster.net.get("government", "/api/v1/status")["stats"]["busy"] in (1, 2)
+    assert janes(cluster) == everywhere(1)
+    names = {r["first_name"] for r in cluster.rows("government", "government_users")}
+    assert names == {"Jane", "June"}, names

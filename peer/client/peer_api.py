@@ -29,6 +29,7 @@ PLAIN_WORDS: dict[str, str] = {
     "bad_request": "the database refused the change; nothing was changed",
     "refused": "a peer refused the change; nothing was changed",
     "unreachable": "{peers} unreachable; nothing was changed",
+    "busy": "the peer service is busy with other changes; nothing was changed, try again in a moment",
     "timeout": "the change took too long and was cancelled; nothing was changed",
     "internal": "the peer service failed; nothing was changed",
 }

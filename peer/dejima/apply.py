@@ -571,11 +571,14 @@ def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: lis
     conn = state.conn
     if conn.info.transaction_status != TransactionStatus.INTRANS:
         raise ApplyError(f"gxid {state.gxid}: apply_delta needs the gxid's open database transaction")
-    current_gxid = conn.execute("SELECT current_setting('dejima.gxid', true)").fetchone()
+    # one round trip: the check, then the savepoint (simple query protocol; the first result is the check's)
+    current_gxid = conn.execute(
+        sql.SQL("SELECT current_setting('dejima.gxid', true); SAVEPOINT {}").format(SAVEPOINT)
+    ).fetchone()
     if current_gxid is None or current_gxid[0] != state.gxid:
+        conn.execute(sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT))
         raise ApplyError(f"gxid {state.gxid}: the connection's dejima.gxid is {current_gxid and current_gxid[0]!r}")
     saved = state.snapshot()
-    conn.execute(sql.SQL("SAVEPOINT {}").format(SAVEPOINT))
     try:
         for row, displaced in plan.deletes:
             _delete(state, io, row, displaced)

@@ -49,6 +49,8 @@ class PeerConfig:
     pool_size: int
     # the lean peer-to-peer listener (peer.dejima.peerserver): (host, port), or None when it is off
     message_bind: tuple[str, int] | None = None
+    # at most this many global transactions started here run at once; the next ones wait their turn (0: no bound)
+    max_active: int = 0
     peer_url_for_client: str = ""  # client mode: the peer service this client talks to
     fault_point: str = ""  # test-only: crash the process at this step of the commit protocol
     # authenticated peers (peer.dejima.auth): this peer's private key (PEM or base64, from DEJIMA_PRIVATE_KEY[_FILE];
@@ -309,6 +311,10 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         raise ConfigError("DEJIMA_CLIENT_USER", f"{client_user!r}: use letters, digits and @ . + - _ (at most 150)")
     # Client mode: login is required (peer.client.auth); outside debug its initial user needs a real password.
     password = client_password(env) if mode == "client" else ""
+    pool_size = _int(env, "DEJIMA_POOL_SIZE", 20, 2, 500)
+    # each global transaction started here holds a connection at the origin and at each participant, which serve
+    # the others' too: a quarter of the pool leaves room for three peers' transactions in every pool
+    max_active = _int(env, "DEJIMA_MAX_ACTIVE", max(1, pool_size // 4), 0, 10_000)
     return PeerConfig(
         peer_type=peer_type,
         mode=mode,
@@ -326,8 +332,9 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         discovery_max_backoff=_float(env, "DEJIMA_DISCOVERY_MAX_BACKOFF", 15.0, 0.1, 3600.0),
         recovery_interval=_float(env, "DEJIMA_RECOVERY_INTERVAL", 5.0, 0.1, 3600.0),
         commit_wait=commit_wait,
-        pool_size=_int(env, "DEJIMA_POOL_SIZE", 20, 2, 500),
+        pool_size=pool_size,
         message_bind=parse_bind("DEJIMA_MESSAGE_BIND", env.get("DEJIMA_MESSAGE_BIND", "")),
+        max_active=max_active,
         peer_url_for_client=(
             _http_url("DEJIMA_PEER_URL", env["DEJIMA_PEER_URL"]) if env.get("DEJIMA_PEER_URL", "").strip() else ""
         ),

@@ -2,7 +2,8 @@
 
 Origin (`run`): allocate a gxid; open one database transaction, set the gxid, run the client's statements; read
 the deltas the capture triggers recorded; send `propagate` for every changed view to every other member of its
-group, in parallel, with a deadline; when every branch said yes, `prepare` every peer reached; record the decision
+group, in parallel, with a deadline; when every branch said yes, `prepare` every peer reached that did not
+prepare on the way (a chain: `Propagate.prepare`, docs/decisions.md "A chain prepares on the way"); record the decision
 (the origin's own COMMIT with a row in `dejima.decisions` is the commit point); `finish(commit)` everywhere.
 Any no, error or timeout: roll back everywhere (`finish(abort)`); the client hears "committed" only after the
 decision is durable.
@@ -74,6 +75,7 @@ HTTP_STATUS = {
     "bad_request": 400,
     "refused": 403,
     "unreachable": 503,
+    "busy": 503,
     "timeout": 504,
     "internal": 500,
 }
@@ -185,6 +187,8 @@ class Coordinator:
         self.pending_finish: dict[str, set[str]] = {}  # gxid -> participants still to be told "commit"
         self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
         self.seal_wanted = threading.Event()  # set after a commit here: the sealer chains its txlog entry
+        # admission: global transactions started here beyond DEJIMA_MAX_ACTIVE wait (in arrival order) for a turn
+        self.admission = threading.BoundedSemaphore(config.max_active) if config.max_active else None
         self.stats = {
             "committed": 0,
             "aborted": 0,
@@ -192,6 +196,7 @@ class Coordinator:
             "propagate_received": 0,
             "prepare_sent": 0,  # origin: prepare messages (a participant prepared on the way gets none)
             "prepared_on_the_way": 0,  # participant: prepared at the end of its propagate (Propagate.prepare)
+            "busy": 0,  # origin: transactions refused because DEJIMA_MAX_ACTIVE were running for the whole timeout
         }
 
     # ---- helpers --------------------------------------------------------------------------------------------
@@ -237,12 +242,16 @@ class Coordinator:
         # A participant's only lock waits are its applies, which wait-die in short slices (_apply_wait_die): its
         # transaction gets that slice as lock_timeout here, once, instead of around every apply.
         lock_ms = self.config.lock_timeout_ms if gx.origin == self.name else APPLY_LOCK_WAIT_MS
-        try:
-            conn.execute("BEGIN")
+        try:  # one round trip (simple query protocol: the values are composed as literals by psycopg)
             conn.execute(
-                "SELECT set_config('dejima.gxid', %s, true), set_config('lock_timeout', %s, true),"
-                " set_config('statement_timeout', %s, true)",
-                (gx.gxid, f"{lock_ms}ms", f"{self.config.statement_timeout_ms}ms"),
+                sql.SQL(
+                    "BEGIN; SELECT set_config('dejima.gxid', {}, true), set_config('lock_timeout', {}, true),"
+                    " set_config('statement_timeout', {}, true)"
+                ).format(
+                    sql.Literal(gx.gxid),
+                    sql.Literal(f"{lock_ms}ms"),
+                    sql.Literal(f"{self.config.statement_timeout_ms}ms"),
+                )
             )
         except psycopg.Error:
             self.pool.putconn(conn)
@@ -281,7 +290,26 @@ class Coordinator:
 
     # ---- origin ---------------------------------------------------------------------------------------------
     def run(self, statements: list[str]) -> dict[str, Any]:
-        """Run statements here as one global transaction. Returns the outcome or raises GlobalTxnError."""
+        """Run statements here as one global transaction. Returns the outcome or raises GlobalTxnError.
+
+        At most DEJIMA_MAX_ACTIVE run at once: beyond, a transaction waits for a turn (at most the transaction
+        timeout, then "busy", 503 with Retry-After). Without that bound an overloaded network fills every peer's
+        connection pool with transactions that all wait for each other until they time out (docs/performance.md)."""
+        if self.admission is None:
+            return self._run(statements)
+        if not self.admission.acquire(timeout=self.config.txn_timeout):
+            self.stats["busy"] += 1
+            raise GlobalTxnError(
+                "busy",
+                f"{self.name}: {self.config.max_active} global transactions started here are running"
+                f" (DEJIMA_MAX_ACTIVE); none finished within {self.config.txn_timeout:g}s, try again",
+            )
+        try:
+            return self._run(statements)
+        finally:
+            self.admission.release()
+
+    def _run(self, statements: list[str]) -> dict[str, Any]:
         gxid = self.new_gxid()
         gx = self._get_or_create(gxid, self.name, self.config.txn_timeout)
         started = time.monotonic()

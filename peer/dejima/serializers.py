@@ -21,6 +21,7 @@ ERROR_KINDS = (
     "conflict",
     "constraint",
     "unreachable",
+    "busy",
     "timeout",
     "internal",
     "not_found",

@@ -10,7 +10,7 @@ themselves.
 | /api/v1/status | GET | 200 |
 | /api/v1/groups | GET | 200 |
 | /api/v1/exec | POST {"sql": str or [str]} | 200 committed; 400 bad SQL or input; 409 conflict (Retry-After); |
-| | | 422 constraint; 503 unreachable peer; 504 timeout |
+| | | 422 constraint; 503 unreachable peer, or busy (Retry-After); 504 timeout |
 | /api/v1/query | POST {"sql": str} | 200 {columns, rows}; 400 |
 | /api/v1/views/<view> | GET | 200 {view, columns, rows, digest}; 404 unknown view |
 | /api/v1/prepared | GET | 200 prepared transactions of this peer's database |
@@ -226,7 +226,9 @@ def _statements(body: Any) -> list[str]:
         413: BAD_BODY[413],
         422: _err("a constraint is violated (the error names the peer and the constraint); nothing was done"),
         500: _err("the peer failed; nothing was done"),
-        503: _err("a participant is unreachable; nothing was done"),
+        503: _err(
+            "a participant is unreachable, or this peer is busy (DEJIMA_MAX_ACTIVE, Retry-After); nothing was done"
+        ),
         504: _err("a participant or the database timed out; nothing was done"),
         **NOT_ALLOWED,
     },
@@ -241,7 +243,7 @@ def exec_sql(request: HttpRequest) -> JsonResponse:
         outcome = rt.coordinator.run(statements)
     except GlobalTxnError as exc:
         resp = _error(exc.status, str(exc), exc.kind)
-        if exc.kind == "conflict":
+        if exc.kind in ("conflict", "busy"):
             resp["Retry-After"] = "1"
         return resp
     return JsonResponse(outcome)
