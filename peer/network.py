@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,11 +39,42 @@ EXAMPLE = (("government", 8001), ("bank", 8002), ("insurance", 8003))
 CLIENT_USER = "admin"  # the user of every client of a local network (its password: LocalNetwork.password_path)
 
 
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def _ephemeral_start() -> int:
+    """The first port the kernel may give an outgoing connection (ports below it are never taken that way)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port free now, never handed out before by this process, and (when there is room) below the
+    kernel's ephemeral range: a port chosen up front stays free until its peer binds it, even while other peers
+    open outgoing connections (which take ephemeral ports) and however many ports a network needs."""
+    low, high = 20000, _ephemeral_start()
+    with _ports_lock:
+        for _ in range(200 if high - low > 1000 else 0):
+            port = random.randrange(low, high)  # noqa: S311 - a port number, not a secret
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+        while True:  # no room below the ephemeral range: the kernel's choice, still never twice
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 @dataclass

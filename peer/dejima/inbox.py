@@ -10,6 +10,7 @@ outside the view's group, or with a column outside the view.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from peer.dejima.auth import AuthError, authorize, signature_id
@@ -19,6 +20,19 @@ from peer.dejima.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 REQUESTS = (Propagate, Prepare, Finish, DecisionQuery, Hello)
+_counts: dict[str, int] = {}
+_counts_lock = threading.Lock()
+
+
+def received() -> dict[str, int]:
+    """Peer messages this process was sent, by kind (both fronts; "malformed": not a message), since it started."""
+    with _counts_lock:
+        return dict(_counts)
+
+
+def _count(kind: str) -> None:
+    with _counts_lock:
+        _counts[kind] = _counts.get(kind, 0) + 1
 
 
 def error(status: int, message: str, kind: str = "bad_request") -> tuple[int, dict[str, Any]]:
@@ -54,7 +68,9 @@ def handle_message(envelope: Any, remote: str) -> tuple[int, dict[str, Any]]:
     try:
         msg = parse(envelope)
     except MessageError as exc:
+        _count("malformed")
         return error(400, str(exc))
+    _count(msg.kind)
     if not isinstance(msg, REQUESTS):
         return error(400, f"{msg.kind} is not a request")
     assert isinstance(envelope, dict)  # parse accepts objects only

@@ -127,6 +127,9 @@ class StatusSerializer(GroupsSerializer):
     views = serializers.ListField(child=serializers.CharField(), help_text="the dejima views this peer shares")
     peers = PeerSummarySerializer(many=True)
     stats = serializers.DictField(child=serializers.IntegerField(), help_text="counters of the commit protocol")
+    messages_received = serializers.DictField(
+        child=serializers.IntegerField(), help_text="peer messages received since start, by kind (both listeners)"
+    )
     open_transactions = serializers.IntegerField(min_value=0)
 
 

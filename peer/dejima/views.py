@@ -37,12 +37,10 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from psycopg import sql
 from rest_framework.decorators import api_view
 
-from peer.dejima import txlog
+from peer.dejima import inbox, txlog
 from peer.dejima.coordinator import GlobalTxnError, classify
 from peer.dejima.inbox import handle_message
-from peer.dejima.messages import (
-    MessageError,
-)
+from peer.dejima.messages import MessageError
 from peer.dejima.runtime import get_runtime
 from peer.dejima.serializers import (
     AnswerSerializer,
@@ -186,6 +184,7 @@ def status(request: HttpRequest) -> JsonResponse:
             "peer_groups": rt.directory.peer_groups(),
             "peers": [p.summary() for p in rt.directory.peers.values()],
             "stats": rt.coordinator.stats,
+            "messages_received": inbox.received(),
             "open_transactions": len(rt.coordinator.gxs),
         }
     )
