@@ -47,6 +47,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerr
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from peer.dejima import txlog
@@ -82,6 +83,7 @@ HTTP_STATUS = {
 APPLY_LOCK_WAIT_MS = 100  # a participant re-decides wait-or-die this often while a row is locked
 TOMBSTONE_SECONDS = 600.0
 ORIGIN_KEYS_LIMIT = 1000  # above this many changed keys the origin does not list them (forwarding stays correct)
+SEAL_GATHER_S = 0.05  # the sealer waits this long after a commit woke it: one batch per burst, not per commit
 REPLY_MEMORY = 10_000  # answers to propagate remembered by message id (a retry gets the first answer back)
 
 
@@ -345,12 +347,16 @@ class Coordinator:
             phases["prepare_ms"] = _ms(started) - mark
             self.fault("origin_before_decision")
             with gx.lock:
-                assert gx.conn is not None
-                gx.conn.execute(
-                    "INSERT INTO dejima.decisions (gxid, participants) VALUES (%s, %s)", (gxid, sorted(participants))
-                )
-                self._append_txlog(gx, "origin")
-                self._release(gx, "COMMIT")  # the commit point
+                conn = gx.conn
+                assert conn is not None
+                with conn.pipeline():  # one round trip: the decision row, the txlog entry and the commit point
+                    conn.execute(
+                        "INSERT INTO dejima.decisions (gxid, participants) VALUES (%s, %s)",
+                        (gxid, sorted(participants)),
+                    )
+                    self._append_txlog(gx, "origin")
+                    conn.execute("COMMIT")  # the commit point
+                self._release(gx, None)
                 gx.phase = "committed"
             self.seal_wanted.set()
             self.stats["committed"] += 1
@@ -640,7 +646,8 @@ class Coordinator:
         """The sealer loop (a daemon thread): chain the committed staged txlog entries whenever a commit here wakes
         it, and at least every recovery interval (entries left staged by a crash, or committed by recovery)."""
         while not stopped.is_set():
-            self.seal_wanted.wait(self.config.recovery_interval)
+            if self.seal_wanted.wait(self.config.recovery_interval):
+                stopped.wait(SEAL_GATHER_S)  # the commits of the next moments join this batch
             self.seal_wanted.clear()
             try:
                 with self.pool.connection(timeout=self.config.peer_timeout) as conn:
@@ -676,25 +683,25 @@ class Coordinator:
 
     def _prepare_locked(self, gx: Gx) -> Ack:
         """Stage the txlog entry and PREPARE TRANSACTION gx here (caller holds gx.lock); a failure rolls back."""
-        if gx.phase != "open" or gx.conn is None:
+        conn = gx.conn
+        if gx.phase != "open" or conn is None:
             return Ack(gx.gxid, self.name, False, f"{self.name}: {gx.gxid} is {gx.phase}", "refused")
+        prepare = sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(self.gid(gx.gxid)))
         try:
-            self._append_txlog(gx, "participant")
+            with conn.pipeline():  # one round trip; a failed stage skips the PREPARE
+                self._append_txlog(gx, "participant")
+                conn.execute(prepare)
         except (GlobalTxnError, psycopg.Error) as exc:
             kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)
-            try:
-                self._release(gx, "ROLLBACK")
+            try:  # a failed PREPARE ended the transaction already; a failed stage left it aborted
+                self._release(gx, "ROLLBACK" if conn.info.transaction_status != TransactionStatus.IDLE else None)
             except psycopg.Error as rollback_exc:
                 log.warning("gxid %s: rollback failed: %s", gx.gxid, rollback_exc)
             gx.phase = "aborted"
             text = str(exc).strip()
-            text = text if text.startswith(f"{self.name}:") else f"{self.name}: {text}"
+            text = text if text.startswith(f"{self.name}:") else f"{self.name}: prepare failed: {text}"
             return Ack(gx.gxid, self.name, False, text, kind)
-        try:
-            self._release(gx, sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(self.gid(gx.gxid))).as_string(None))
-        except psycopg.Error as exc:
-            gx.phase = "aborted"
-            return Ack(gx.gxid, self.name, False, f"{self.name}: prepare failed: {exc}", classify(exc))
+        self._release(gx, None)
         gx.phase = "prepared"
         return Ack(gx.gxid, self.name, True)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import weakref
 from typing import Any
 
 import psycopg
@@ -33,6 +35,24 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.autocommit = True  # the coordinator issues BEGIN / COMMIT / PREPARE TRANSACTION itself
 
 
+IDLE_CHECK_S = 1.0  # a pooled connection idle this long is checked (one round trip) before it is handed out
+_idle_since: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
+
+
+def _returned(conn: psycopg.Connection[Any]) -> None:
+    """The pool's reset callback: remember when the connection came back."""
+    _idle_since[conn] = time.monotonic()
+
+
+def _check(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check: a connection that sat idle may have been closed by a database restart, so it is tried
+    first (and replaced when it fails); one used within the last second is not — that round trip on every
+    checkout cost each global transaction several database round trips per peer (docs/performance.md)."""
+    since = _idle_since.get(conn)
+    if since is None or time.monotonic() - since >= IDLE_CHECK_S:
+        ConnectionPool.check_connection(conn)
+
+
 class PeerRuntime:
     def __init__(self, config: PeerConfig, background: bool = True) -> None:
         self.config = config
@@ -44,7 +64,8 @@ class PeerRuntime:
             min_size=2,
             max_size=config.pool_size,
             configure=_configure,
-            check=ConnectionPool.check_connection,  # a connection closed by a database restart is replaced
+            reset=_returned,
+            check=_check,  # a connection closed by a database restart is replaced
             kwargs={"connect_timeout": 5},
             timeout=config.txn_timeout,
             name=f"{config.name}-db",
