@@ -9,6 +9,7 @@ listener for peer messages (peer.dejima.peerserver).
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 import weakref
@@ -44,12 +45,24 @@ def _returned(conn: psycopg.Connection[Any]) -> None:
     _idle_since[conn] = time.monotonic()
 
 
+def _readable(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection has something to read: the server's notice that it is terminating it (a database
+    restart sends one to every client), or its EOF. An idle connection is sent nothing else here (no LISTEN)."""
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
 def _check(conn: psycopg.Connection[Any]) -> None:
-    """The pool's check: a connection that sat idle may have been closed by a database restart, so it is tried
-    first (and replaced when it fails); one used within the last second is not — that round trip on every
-    checkout cost each global transaction several database round trips per peer (docs/performance.md)."""
+    """The pool's check before it hands a connection out: one closed by a database restart is replaced. A round trip
+    (`check_connection`) only when the connection sat idle a second or more, or the server sent it something while
+    it was idle (a restart's termination notice, EOF); otherwise a zero-timeout poll of its socket says enough — a
+    round trip at every checkout cost each global transaction several database round trips per peer."""
     since = _idle_since.get(conn)
-    if since is None or time.monotonic() - since >= IDLE_CHECK_S:
+    if since is None or time.monotonic() - since >= IDLE_CHECK_S or _readable(conn):
         ConnectionPool.check_connection(conn)
 
 
