@@ -140,6 +140,7 @@ class Gx:
     created: float = field(default_factory=time.monotonic)
     origin_keys: dict[str, list[list[Any]]] = field(default_factory=dict)
     changes: dict[tuple[str, int], RowChange] = field(default_factory=dict)  # net change here, for the txlog entry
+    handling: int = 0  # propagates of this gxid being handled here now (one is waiting on a branch that came back)
 
     @property
     def order(self) -> tuple[int, str]:
@@ -593,11 +594,20 @@ class Coordinator:
             return no(kind, text if text.startswith(f"{self.name}:") else f"{self.name}: {text}")
         self.fault("participant_while_propagating")
         alone = msg.prepare and msg.origin != self.name
-        fan = self._fan_out(gx, deltas, Received(msg.sender, received, frozenset(msg.recipients)), alone)
+        with self.lock:
+            gx.handling += 1
+        try:
+            fan = self._fan_out(gx, deltas, Received(msg.sender, received, frozenset(msg.recipients)), alone)
+        finally:
+            with self.lock:
+                gx.handling -= 1
+                # a chain that came back here while an earlier propagate of it still waits on its branch: that
+                # one prepares when its branch is done, not this one
+                outer = gx.handling > 0
         reached = sorted(fan.reached | {self.name})
         if not fan.ok:
             return PropagateReply(msg.gxid, self.name, "no", reached, fan.error, fan.error_kind)
-        if not alone:
+        if not alone or outer:
             return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared))
         with gx.lock:
             ack = self._prepare_locked(gx)
