@@ -52,6 +52,7 @@ NAME = "propagation"
 HELP = "latency of a local-only, 1-hop, 2-hop and round-the-cycle write through the REST API (real peers, 2PC)"
 PEOPLE = 1_000
 LOAD_CHUNK = 100  # rows per global transaction while loading
+ARRIVAL_TIMEOUT_S = 30.0  # loaded rows must be visible everywhere within this
 SERIES = ("local_only", "one_hop", "two_hop", "cycle")
 ORIGIN = {"local_only": "bank", "one_hop": "bank", "two_hop": "insurance", "cycle": "bank"}
 PARTICIPANTS = {
@@ -104,10 +105,16 @@ def load_people(net: LocalNetwork, origin: str = "bank", people: int = PEOPLE, c
         status, body = net.exec(origin, load.as_string(None), timeout=120)
         if status != 200:
             raise BenchError(f"loading people at {origin} failed: {body}")
+    # with DEJIMA_COMMIT_WAIT=decision the last chunk's COMMIT PREPARED may still be on its way: wait for it
+    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
     for peer, table in (("government", "government_users"), ("insurance", "insurance_users")):
-        count = net.query(peer, sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table)).as_string(None))
-        if count[0]["n"] < people:
-            raise BenchError(f"the loaded people did not reach {peer}: {count[0]['n']} of {people}")
+        count_sql = sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table)).as_string(None)
+        while (n := net.query(peer, count_sql)[0]["n"]) < people:
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"the loaded people did not reach {peer} within {ARRIVAL_TIMEOUT_S:g}s: {n} of {people}"
+                )
+            time.sleep(0.05)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
