@@ -39,8 +39,6 @@ from rest_framework.decorators import api_view
 
 from peer.dejima import inbox, txlog
 from peer.dejima.coordinator import GlobalTxnError, classify
-from peer.dejima.inbox import handle_message
-from peer.dejima.messages import MessageError
 from peer.dejima.runtime import get_runtime
 from peer.dejima.serializers import (
     AnswerSerializer,
@@ -118,8 +116,6 @@ def rejects_bad_input(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[
             return view(request)
         except BadInput as exc:
             return _error(exc.status, str(exc))
-        except MessageError as exc:
-            return _error(400, str(exc))
 
     return wrapped
 
@@ -162,7 +158,7 @@ def health(request: HttpRequest) -> JsonResponse:
 @rejects_bad_input
 def message(request: HttpRequest) -> HttpResponse:
     """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello): `peer.dejima.inbox`."""
-    status, answer = handle_message(_json_body(request), request.META.get("REMOTE_ADDR", ""))
+    status, answer = inbox.handle_message(_json_body(request), request.META.get("REMOTE_ADDR", ""))
     return JsonResponse(answer, status=status)
 
 
