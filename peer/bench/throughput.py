@@ -213,7 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup-seconds", type=float, help="unmeasured seconds before each point (default 2)")
     parser.add_argument("--keys", help="uniform,zipf (default both)")
-    parser.add_argument("--commit-wait", choices=("all", "decision"), default="all", help="DEJIMA_COMMIT_WAIT")
+    parser.add_argument("--commit-wait", choices=("all", "decision"), default="decision", help="DEJIMA_COMMIT_WAIT")
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -205,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=positive_float, help=f"measured seconds per size (default {DEFAULT_SECONDS})")
     parser.add_argument("--records", type=positive, help=f"records per peer (default {DEFAULT_RECORDS})")
     parser.add_argument("--clients-per-peer", type=positive, default=1, help="closed-loop clients at each peer")
-    parser.add_argument("--commit-wait", choices=("all", "decision"), default="all", help="DEJIMA_COMMIT_WAIT")
+    parser.add_argument("--commit-wait", choices=("all", "decision"), default="decision", help="DEJIMA_COMMIT_WAIT")
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -85,7 +85,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from peer.dejima.delta import Delta, Row, RowChange
+from peer.dejima.delta import TAKE_SQL, Delta, Row, RowChange, fold
 from peer.dejima.manifest import ID_COLUMN, PeerType, View
 from peer.dejima.messages import UNKNOWN, WAS
 from peer.dejima.sqlgen import filter_sql
@@ -93,6 +93,12 @@ from peer.dejima.sqlgen import filter_sql
 Key = tuple[Any, ...]
 SCHEMA = "public"
 SAVEPOINT = sql.Identifier("dejima_apply_delta")
+SAVEPOINT_SQL = sql.SQL("SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
+CHECK_AND_SAVEPOINT_SQL = (
+    sql.SQL("SELECT current_setting('dejima.gxid', true); SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
+)
+RELEASE_SQL = sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
+ROLLBACK_TO_SQL = sql.SQL("ROLLBACK TO SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
 INT_RANGES = {"integer": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
 
 
@@ -204,7 +210,8 @@ def key_of(row: Row, key: Sequence[str]) -> Key:
 
 
 class _ViewIO:
-    """The SQL of one view, composed once per call (identifiers quoted, values always placeholders)."""
+    """The SQL of one view (identifiers quoted, values always placeholders), composed once per peer type and view
+    (`_view_io` keeps them) and rendered to bytes: composing took ≈ 0.2 ms, more than the apply's own SQL."""
 
     def __init__(self, ptype: PeerType, view: View) -> None:
         self.view = view
@@ -228,19 +235,27 @@ class _ViewIO:
             sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier("t", c)) for c in view.columns)
         )
         in_filter = sql.SQL(" AND {}").format(filter_sql(view, self.table, "t")) if view.filter else sql.SQL("")
-        self.select = sql.SQL("SELECT {}, {} FROM {} AS t WHERE {}{} FOR UPDATE OF t").format(
-            sql.Identifier("t", ID_COLUMN), json_row, base, match("t"), in_filter
+        self.select = (
+            sql.SQL("SELECT {}, {} FROM {} AS t WHERE {}{} FOR UPDATE OF t")
+            .format(sql.Identifier("t", ID_COLUMN), json_row, base, match("t"), in_filter)
+            .as_bytes(None)
         )
         cols = sql.SQL(", ").join(map(sql.Identifier, view.columns))
-        self.insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-            rel, cols, sql.SQL(", ").join(cast(c) for c in view.columns)
+        self.insert = (
+            sql.SQL("INSERT INTO {} ({}) VALUES ({})")
+            .format(rel, cols, sql.SQL(", ").join(cast(c) for c in view.columns))
+            .as_bytes(None)
         )
-        self.update = sql.SQL("UPDATE {} SET {} WHERE {}").format(
-            rel,
-            sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), cast(c)) for c in view.columns),
-            match(None),
+        self.update = (
+            sql.SQL("UPDATE {} SET {} WHERE {}")
+            .format(
+                rel,
+                sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), cast(c)) for c in view.columns),
+                match(None),
+            )
+            .as_bytes(None)
         )
-        self.delete = sql.SQL("DELETE FROM {} WHERE {}").format(rel, match(None))
+        self.delete = sql.SQL("DELETE FROM {} WHERE {}").format(rel, match(None)).as_bytes(None)
 
     def read(self, conn: psycopg.Connection[Any], key: Key) -> tuple[int, Row] | None:
         found = conn.execute(self.select, list(key)).fetchone()
@@ -425,12 +440,20 @@ def _plan(io: _ViewIO, insertions: list[_Incoming], deletions: list[_Incoming]) 
 # ---------------------------------------------------------------------------------------------------- apply
 
 
+_VIEW_IO: dict[tuple[int, str], tuple[PeerType, _ViewIO]] = {}  # (id(peer type), view) -> (that type, its SQL)
+
+
 def _view_io(ptype: PeerType, view: str) -> _ViewIO:
+    kept = _VIEW_IO.get((id(ptype), view))
+    if kept is not None and kept[0] is ptype:
+        return kept[1]
     spec = next((v for v in ptype.views if v.name == view), None)
     if spec is None:
         known = ", ".join(v.name for v in ptype.views) or "(none)"
         raise ApplyBadRequest(f"unknown view {view!r}: peer type {ptype.name} has {known}")
-    return _ViewIO(ptype, spec)
+    io = _ViewIO(ptype, spec)
+    _VIEW_IO[(id(ptype), view)] = (ptype, io)  # a race composes it twice, harmlessly
+    return io
 
 
 def _delete(state: GxState, io: _ViewIO, row: _Incoming, displaced: bool) -> None:
@@ -562,6 +585,27 @@ def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: lis
     Raises ApplyBadRequest (nothing changed), ApplyConflict, or a psycopg error (a constraint, a lock timeout);
     on any error the database and `state` are as before the call.
     """
+    _apply(state, view, insertions, deletions, savepoint_taken=False)
+    state.conn.execute(RELEASE_SQL)
+
+
+def apply_and_take(
+    state: GxState, view: str, insertions: list[Row], deletions: list[Row], *, savepoint_taken: bool = False
+) -> list[RowChange]:
+    """`apply_delta`, then `take_changes` (what the capture triggers recorded for the gxid, folded), with the
+    savepoint's release and the take in one round trip. `savepoint_taken`: the caller has just opened the gxid's
+    transaction (its `dejima.gxid` set) and taken the `SAVEPOINT_SQL` savepoint in the same round trip (a
+    participant's first arrival), so neither the check nor the savepoint cost one more."""
+    _apply(state, view, insertions, deletions, savepoint_taken=savepoint_taken)
+    conn = state.conn
+    with conn.pipeline():
+        conn.execute(RELEASE_SQL)
+        rows = conn.execute(TAKE_SQL, (state.gxid,)).fetchall()
+    return fold([RowChange(v, row_id, old, new) for v, row_id, old, new in rows])
+
+
+def _apply(state: GxState, view: str, insertions: list[Row], deletions: list[Row], savepoint_taken: bool) -> None:
+    """apply_delta without the final release of its savepoint (which stays taken on success and on failure)."""
     io = _view_io(state.ptype, view)
     if not isinstance(insertions, list) or not isinstance(deletions, list):
         raise ApplyBadRequest(f"{view}: insertions and deletions must be lists of rows")
@@ -571,13 +615,12 @@ def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: lis
     conn = state.conn
     if conn.info.transaction_status != TransactionStatus.INTRANS:
         raise ApplyError(f"gxid {state.gxid}: apply_delta needs the gxid's open database transaction")
-    # one round trip: the check, then the savepoint (simple query protocol; the first result is the check's)
-    current_gxid = conn.execute(
-        sql.SQL("SELECT current_setting('dejima.gxid', true); SAVEPOINT {}").format(SAVEPOINT)
-    ).fetchone()
-    if current_gxid is None or current_gxid[0] != state.gxid:
-        conn.execute(sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT))
-        raise ApplyError(f"gxid {state.gxid}: the connection's dejima.gxid is {current_gxid and current_gxid[0]!r}")
+    if not savepoint_taken:
+        # one round trip: the check, then the savepoint (simple query protocol; the first result is the check's)
+        current_gxid = conn.execute(CHECK_AND_SAVEPOINT_SQL).fetchone()
+        if current_gxid is None or current_gxid[0] != state.gxid:
+            conn.execute(RELEASE_SQL)
+            raise ApplyError(f"gxid {state.gxid}: the connection's dejima.gxid is {current_gxid and current_gxid[0]!r}")
     saved = state.snapshot()
     try:
         for row, displaced in plan.deletes:
@@ -591,9 +634,8 @@ def apply_delta(state: GxState, view: str, insertions: list[Row], deletions: lis
     except BaseException:
         state.restore(saved)
         if not conn.broken:
-            conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(SAVEPOINT))
+            conn.execute(ROLLBACK_TO_SQL)
         raise
-    conn.execute(sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT))
 
 
 # ---------------------------------------------------------------------------------------------------- out

@@ -299,7 +299,7 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         raise ConfigError("DEJIMA_DATABASE_URL", "must be a postgresql:// URL")
     if mode == "client" and not env.get("DEJIMA_PEER_URL", "").strip():
         raise ConfigError("DEJIMA_PEER_URL", "is required in client mode (the URL of this organization's peer service)")
-    commit_wait = _get(env, "DEJIMA_COMMIT_WAIT", "all")
+    commit_wait = _get(env, "DEJIMA_COMMIT_WAIT", "decision")
     if commit_wait not in ("all", "decision"):
         raise ConfigError("DEJIMA_COMMIT_WAIT", f"{commit_wait!r} must be 'all' or 'decision'")
     # Client mode: the timeout of every call to its peer service; a write waits for a whole global transaction.

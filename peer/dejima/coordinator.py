@@ -51,7 +51,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from peer.dejima import txlog
-from peer.dejima.apply import ApplyConflict, ApplyError, GxState, apply_delta, outgoing, without_echo
+from peer.dejima.apply import SAVEPOINT, ApplyConflict, ApplyError, GxState, apply_and_take, outgoing, without_echo
 from peer.dejima.config import PeerConfig
 from peer.dejima.delta import Delta, RowChange, take_changes
 from peer.dejima.directory import Directory
@@ -84,6 +84,7 @@ APPLY_LOCK_WAIT_MS = 100  # a participant re-decides wait-or-die this often whil
 TOMBSTONE_SECONDS = 600.0
 ORIGIN_KEYS_LIMIT = 1000  # above this many changed keys the origin does not list them (forwarding stays correct)
 SEAL_GATHER_S = 0.05  # the sealer waits this long after a commit woke it: one batch per burst, not per commit
+READ_SETTLE_S = 1.0  # a client statement waits at most this long for transactions prepared here to finish (settle)
 REPLY_MEMORY = 10_000  # answers to propagate remembered by message id (a retry gets the first answer back)
 
 
@@ -187,6 +188,7 @@ class Coordinator:
         self.gxs: dict[str, Gx] = {}
         self.tombstones: dict[str, float] = {}
         self.lock = threading.Lock()
+        self.finished = threading.Condition(self.lock)  # notified whenever a global transaction is forgotten here
         self.pending_finish: dict[str, set[str]] = {}  # gxid -> participants still to be told "commit"
         self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
         self.seal_wanted = threading.Event()  # set after a commit here: the sealer chains its txlog entry
@@ -200,6 +202,7 @@ class Coordinator:
             "prepare_sent": 0,  # origin: prepare messages (a participant prepared on the way gets none)
             "prepared_on_the_way": 0,  # participant: prepared at the end of its propagate (Propagate.prepare)
             "busy": 0,  # origin: transactions refused because DEJIMA_MAX_ACTIVE were running for the whole timeout
+            "settle_timeouts": 0,  # client statements that ran before prepared transactions here finished (settle)
         }
 
     # ---- helpers --------------------------------------------------------------------------------------------
@@ -225,8 +228,9 @@ class Coordinator:
         """Prepared-transaction id: unique per PostgreSQL cluster (several peers may share one locally)."""
         return f"dejima:{gxid}:{participant or self.name}"
 
-    def _open(self, gx: Gx) -> None:
-        """Start the gxid's database transaction (caller holds gx.lock)."""
+    def _open(self, gx: Gx, savepoint: bool = False) -> None:
+        """Start the gxid's database transaction (caller holds gx.lock); with `savepoint`, take apply's savepoint in
+        the same round trip (`apply_and_take(..., savepoint_taken=True)`)."""
         if gx.conn is not None:
             return
         remaining = max(0.1, gx.deadline - time.monotonic())
@@ -249,11 +253,12 @@ class Coordinator:
             conn.execute(
                 sql.SQL(
                     "BEGIN; SELECT set_config('dejima.gxid', {}, true), set_config('lock_timeout', {}, true),"
-                    " set_config('statement_timeout', {}, true)"
+                    " set_config('statement_timeout', {}, true){}"
                 ).format(
                     sql.Literal(gx.gxid),
                     sql.Literal(f"{lock_ms}ms"),
                     sql.Literal(f"{self.config.statement_timeout_ms}ms"),
+                    sql.SQL("; SAVEPOINT {}").format(SAVEPOINT) if savepoint else sql.SQL(""),
                 )
             )
         except psycopg.Error:
@@ -286,6 +291,30 @@ class Coordinator:
             self.gxs.pop(gx.gxid, None)
             if aborted:
                 self.tombstones[gx.gxid] = time.monotonic() + TOMBSTONE_SECONDS
+            self.finished.notify_all()
+
+    def settle(self, timeout: float = READ_SETTLE_S) -> bool:
+        """Wait until the global transactions prepared here before this call have finished, at most `timeout`;
+        False when some still had not.
+
+        With DEJIMA_COMMIT_WAIT=decision an origin answers its client once the decision is durable and sends
+        COMMIT PREPARED afterwards: a client statement here right after that answer (a read through the REST API,
+        or a global transaction started here) first waits for it, so it sees the write. A transaction prepared here
+        was voted for before its origin decided, so every write a client has been told is committed is covered.
+        Only transactions prepared before the call are waited for: a busy peer cannot keep a read waiting."""
+        deadline = time.monotonic() + timeout
+        with self.finished:
+            waiting = {gxid for gxid, gx in self.gxs.items() if gx.phase == "prepared"}
+            while waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stats["settle_timeouts"] += 1
+                    return False
+                self.finished.wait(left)
+                waiting = {
+                    gxid for gxid in waiting if (gx := self.gxs.get(gxid)) is not None and gx.phase == "prepared"
+                }
+        return True
 
     def _older_open(self, gx: Gx) -> bool:
         with self.lock:
@@ -297,7 +326,9 @@ class Coordinator:
 
         At most DEJIMA_MAX_ACTIVE run at once: beyond, a transaction waits for a turn (at most the transaction
         timeout, then "busy", 503 with Retry-After). Without that bound an overloaded network fills every peer's
-        connection pool with transactions that all wait for each other until they time out (docs/performance.md)."""
+        connection pool with transactions that all wait for each other until they time out (docs/performance.md).
+        First it lets the transactions prepared here finish (`settle`), so it sees every write already committed."""
+        self.settle()
         if self.admission is None:
             return self._run(statements)
         if not self.admission.acquire(timeout=self.config.txn_timeout):
@@ -577,10 +608,10 @@ class Coordinator:
             with gx.lock:
                 if gx.phase != "open":
                     return no("refused", f"{self.name}: global transaction {msg.gxid} is {gx.phase} here")
-                self._open(gx)
-                self._apply_wait_die(gx, msg)
-                assert gx.conn is not None and gx.state is not None
-                changes = take_changes(gx.conn, gx.gxid)
+                fresh = gx.conn is None  # the first arrival here: the savepoint rides along the BEGIN
+                self._open(gx, savepoint=fresh)
+                changes = self._apply_wait_die(gx, msg, savepoint_taken=fresh)
+                assert gx.state is not None
                 txlog.fold_into(gx.changes, changes)
                 deltas = outgoing(gx.state, changes)
         except (ApplyError, psycopg.Error, GlobalTxnError) as exc:
@@ -617,7 +648,9 @@ class Coordinator:
         self.fault("participant_after_prepare")
         return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared | {self.name}))
 
-    def _apply_wait_die(self, gx: Gx, msg: Propagate) -> None:
+    def _apply_wait_die(self, gx: Gx, msg: Propagate, savepoint_taken: bool) -> list[RowChange]:
+        """Apply the delta and take what it changed here; a locked row is waited for in slices while no older
+        global transaction runs here (wait-die), else the apply dies (conflict)."""
         assert gx.conn is not None and gx.state is not None
         conn, state = gx.conn, gx.state
         at_origin = gx.origin == self.name  # a delta come back round a cycle: the origin's own lock_timeout is long
@@ -626,8 +659,10 @@ class Coordinator:
         try:
             while True:
                 try:
-                    apply_delta(state, msg.view, msg.insertions, msg.deletions)  # undoes itself when it fails
-                    return
+                    # undoes itself when it fails, keeping its savepoint: a retry may count on it still
+                    return apply_and_take(
+                        state, msg.view, msg.insertions, msg.deletions, savepoint_taken=savepoint_taken
+                    )
                 except pgerr.LockNotAvailable:
                     if self._older_open(gx):
                         raise GlobalTxnError(

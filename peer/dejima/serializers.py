@@ -131,6 +131,9 @@ class StatusSerializer(GroupsSerializer):
         child=serializers.IntegerField(), help_text="peer messages received since start, by kind (both listeners)"
     )
     open_transactions = serializers.IntegerField(min_value=0)
+    commit_wait = serializers.ChoiceField(
+        choices=["decision", "all"], help_text="DEJIMA_COMMIT_WAIT: when this peer answers its clients 'committed'"
+    )
 
 
 class ViewRowsSerializer(serializers.Serializer[Any]):

@@ -182,6 +182,7 @@ def status(request: HttpRequest) -> JsonResponse:
             "stats": rt.coordinator.stats,
             "messages_received": inbox.received(),
             "open_transactions": len(rt.coordinator.gxs),
+            "commit_wait": rt.config.commit_wait,
         }
     )
 
@@ -264,6 +265,7 @@ def query(request: HttpRequest) -> JsonResponse:
     statements = _statements(_json_body(request))
     if len(statements) != 1:
         return _error(400, "query takes exactly one statement")
+    rt.coordinator.settle()  # writes already committed whose COMMIT PREPARED is on its way here: wait for them
     try:
         with rt.pool.connection(timeout=5) as conn, conn.transaction():
             conn.execute("SET TRANSACTION READ ONLY")
@@ -287,6 +289,7 @@ def view_snapshot(view: str) -> dict[str, Any]:
     q = sql.SQL("SELECT jsonb_build_array({}) FROM {} ORDER BY {}").format(
         cols, sql.Identifier(view), sql.SQL(", ").join(map(sql.Identifier, spec.key))
     )
+    rt.coordinator.settle()
     with rt.pool.connection(timeout=5) as conn:
         rows = [r[0] for r in conn.execute(q).fetchall()]
     digest = hashlib.sha256()

@@ -1,0 +1,85 @@
+"""Cluster tier: when the client hears "committed" (DEJIMA_COMMIT_WAIT). By default (`decision`) an origin answers
+once its decision is durable and sends COMMIT PREPARED afterwards; a client statement at a participant first lets
+the transactions prepared there finish (`Coordinator.settle`), so a read right after the answer sees the write.
+Real peers, real 2PC.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from peer.network import LocalNetwork
+from tests.test_api_input import EVE_AT_BANK, person, post, propagate
+from tests.test_prepare_on_the_way import committed, finish, prepared_gids
+
+pytestmark = pytest.mark.cluster
+
+ROUNDS = 30
+
+
+def test_a_read_at_a_participant_right_after_committed_sees_the_write(network: LocalNetwork) -> None:
+    committed(
+        network, "bank", "INSERT INTO bank_users (first_name, last_name, phone, address) VALUES ('R', 'W', '0', 'a')"
+    )
+    assert network.get("government", "/api/v1/status")["commit_wait"] == "decision"
+    for i in range(1, ROUNDS + 1):
+        status_code, body = network.exec("bank", f"UPDATE bank_users SET phone = '{i}' WHERE first_name = 'R'")
+        assert (status_code, body["status"], body["phases"]["finish_ms"] < 1.0) == (200, "committed", True), body
+        # at once, through both client paths of a participant: a read-only query and a global transaction
+        assert network.query("government", "SELECT phone FROM government_users") == [{"phone": str(i)}], i
+        status_code, body = network.exec(
+            "government", f"UPDATE government_users SET address = 'r{i}' WHERE phone = '{i}'"
+        )
+        assert (status_code, body["status"]) == (200, "committed"), body
+        assert body["participants"] == ["bank", "insurance"], (i, body)  # the WHERE found the row: it saw phone i
+    assert network.get("government", "/api/v1/status")["stats"]["settle_timeouts"] == 0
+
+
+def test_a_read_waits_for_a_transaction_prepared_here_at_most_its_bound(network: LocalNetwork) -> None:
+    message = propagate("dejima_bank", [person()], origin_keys=EVE_AT_BANK, prepare=True)  # bank never finishes it
+    gxid = message["body"]["gxid"]
+    status, answer = post(network, "government", "/peer/v1/message", message)
+    assert (status, answer["body"]["vote"]) == (200, "yes"), answer
+    assert f"dejima:{gxid}:government" in prepared_gids(network)
+    before = network.get("government", "/api/v1/status")["stats"]["settle_timeouts"]
+    started = time.monotonic()
+    assert network.query("government", "SELECT count(*) AS n FROM government_users") == [{"n": 0}]
+    waited = time.monotonic() - started
+    assert 0.9 <= waited < 4.0, waited  # READ_SETTLE_S (1 s), not the transaction's whole life
+    assert network.get("government", "/api/v1/status")["stats"]["settle_timeouts"] == before + 1
+    for peer in ("government", "insurance"):
+        assert finish(network, peer, gxid, "abort")["ok"]
+    started = time.monotonic()  # nothing prepared any more: no wait
+    assert network.query("government", "SELECT count(*) AS n FROM government_users") == [{"n": 0}]
+    assert time.monotonic() - started < 0.9
+
+
+def test_strict_mode_answers_after_commit_prepared(network: LocalNetwork) -> None:
+    """DEJIMA_COMMIT_WAIT=all (the peers' own setting, read at start): the finish round is inside the answer."""
+    names = ("government", "bank", "insurance")
+    for name in names:
+        network.specs[name].env["DEJIMA_COMMIT_WAIT"] = "all"
+    try:
+        for name in names:
+            network.stop(name)
+            network.start(name)
+        network.wait_ready(timeout=60)
+        assert network.get("bank", "/api/v1/status")["commit_wait"] == "all"
+        committed(
+            network,
+            "bank",
+            "INSERT INTO bank_users (first_name, last_name, phone, address) VALUES ('S', 'M', '1', 'a')",
+        )
+        status_code, body = network.exec("bank", "UPDATE bank_users SET phone = '2' WHERE first_name = 'S'")
+        assert (status_code, body["status"], body["participants"]) == (200, "committed", ["government"]), body
+        assert body["phases"]["finish_ms"] > 0.1, body  # it waited for government's COMMIT PREPARED
+        assert prepared_gids(network) == []
+        assert network.query("government", "SELECT phone FROM government_users") == [{"phone": "2"}]
+    finally:
+        for name in names:
+            network.specs[name].env.pop("DEJIMA_COMMIT_WAIT", None)
+            network.stop(name)
+            network.start(name)
+        network.wait_ready(timeout=60)
