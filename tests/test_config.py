@@ -20,7 +20,7 @@ GOOD = {
 @pytest.mark.unit
 def test_it_reads_defaults_for_a_minimal_peer() -> None:
     config = load_config(GOOD)
-    assert (config.name, config.mode, config.peer_timeout, config.commit_wait) == ("bank", "peer", 5.0, "all")
+    assert (config.name, config.mode, config.peer_timeout, config.commit_wait) == ("bank", "peer", 5.0, "decision")
 
 
 @pytest.mark.unit

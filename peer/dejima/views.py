@@ -347,6 +347,7 @@ def txlog_view(request: HttpRequest) -> JsonResponse:
         return _error(400, "limit must be a whole number")
     if not 0 <= limit <= 1000:
         return _error(400, "limit must be between 0 and 1000")
+    rt.coordinator.settle()  # a write already reported committed is in the log
     with rt.pool.connection(timeout=5) as conn:
         txlog.seal_all(conn)  # the committed entries still staged join the chain first
         entries = txlog.recent(conn, max(limit, 1))
