@@ -16,6 +16,9 @@ loaded at bank (they reach government and insurance). Four series, each a 1-row 
 (*) each forwards to the other over dejima_insurance: the branches meet round the cycle (DESIGN.md trace A2).
 
 Rounds of the four, rotated by one position per round (every series takes every position); warm-up rounds first.
+With ``--commit-wait decision`` (the peers' default) an origin answers before COMMIT PREPARED has reached the
+participants: after each write the bench makes an untimed query at each of its participants (which first waits for
+the transactions prepared there, `Coordinator.settle`), so no sample overlaps the tail of the one before.
 Per series: median / p95 / p99 of the client's wait, and the medians of the origin's `phases` (local, propagate,
 prepare, finish) from the committed answers. Checks: every write committed with exactly the expected participants;
 before measuring, one write of each series is run alone and the peers' `propagate_sent` counters must grow by the
@@ -151,6 +154,13 @@ def run_propagation(runs: int, warmup: int, commit_wait: str = "decision") -> di
                         f"{kind} write reached {answer.get('participants')}, expected {PARTICIPANTS[kind]}"
                     )
                 last[kind] = (i, person)
+                if commit_wait == "decision":
+                    # untimed: COMMIT PREPARED is still on its way; let it land (a query at a participant waits
+                    # for the transactions prepared there) so that every sample starts on a quiet network
+                    for peer in PARTICIPANTS[kind]:
+                        settled, _ = clients[peer].post("/api/v1/query", {"sql": "SELECT 1"})
+                        if settled != 200:
+                            raise BenchError(f"the settling query at {peer} failed: {settled}")
                 if record:
                     latencies[kind].append(elapsed_ms)
                     for phase, ms in (answer.get("phases") or {}).items():
@@ -202,7 +212,9 @@ def run_propagation(runs: int, warmup: int, commit_wait: str = "decision") -> di
         "cpus": described["cpus"],
         "elapsed_s": round(time.perf_counter() - started, 1),
         "method": "POST /api/v1/exec over one keep-alive http.client connection per origin; rounds of local_only, "
-        "one_hop, two_hop, cycle rotated per round; durable 2PC; client-side perf_counter_ns",
+        "one_hop, two_hop, cycle rotated per round; durable 2PC; client-side perf_counter_ns; with commit_wait "
+        "decision, after each write an untimed query at each of its participants (which first waits for the "
+        "transactions prepared there to finish), so that no sample overlaps the previous write's COMMIT PREPARED",
     }
 
 
