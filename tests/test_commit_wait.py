@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from psycopg import sql
 
 from peer.network import LocalNetwork
 from tests.test_api_input import EVE_AT_BANK, person, post, propagate
@@ -19,18 +20,24 @@ pytestmark = pytest.mark.cluster
 ROUNDS = 30
 
 
+def statement(template: str, *values: str) -> str:
+    return sql.SQL(template).format(*map(sql.Literal, values)).as_string(None)
+
+
 def test_a_read_at_a_participant_right_after_committed_sees_the_write(network: LocalNetwork) -> None:
     committed(
         network, "bank", "INSERT INTO bank_users (first_name, last_name, phone, address) VALUES ('R', 'W', '0', 'a')"
     )
     assert network.get("government", "/api/v1/status")["commit_wait"] == "decision"
     for i in range(1, ROUNDS + 1):
-        status_code, body = network.exec("bank", f"UPDATE bank_users SET phone = '{i}' WHERE first_name = 'R'")
+        status_code, body = network.exec(
+            "bank", statement("UPDATE bank_users SET phone = {} WHERE first_name = 'R'", str(i))
+        )
         assert (status_code, body["status"], body["phases"]["finish_ms"] < 1.0) == (200, "committed", True), body
         # at once, through both client paths of a participant: a read-only query and a global transaction
         assert network.query("government", "SELECT phone FROM government_users") == [{"phone": str(i)}], i
         status_code, body = network.exec(
-            "government", f"UPDATE government_users SET address = 'r{i}' WHERE phone = '{i}'"
+            "government", statement("UPDATE government_users SET address = {} WHERE phone = {}", f"r{i}", str(i))
         )
         assert (status_code, body["status"]) == (200, "committed"), body
         assert body["participants"] == ["bank", "insurance"], (i, body)  # the WHERE found the row: it saw phone i

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -265,6 +265,20 @@ class JsonClient:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+def settle(net: LocalNetwork, clients: dict[str, JsonClient], peers: Iterable[str]) -> None:
+    """Untimed, between two samples: a query at each of `peers`, which first waits for the transactions prepared
+    there to finish (`Coordinator.settle`). With DEJIMA_COMMIT_WAIT=decision an origin answers before COMMIT PREPARED
+    has reached its participants: without this the next sample would overlap the previous write's tail. `clients`
+    gains a connection per peer it lacks."""
+    for peer in peers:
+        client = clients.get(peer)
+        if client is None:
+            client = clients[peer] = JsonClient(net.specs[peer].url)
+        status, answer = client.post("/api/v1/query", {"sql": "SELECT 1"})
+        if status != 200:
+            raise BenchError(f"the settling query at {peer} failed: {status} {answer}")
 
 
 # ------------------------------------------------------------------------------------------------ key choice

@@ -45,6 +45,7 @@ from peer.bench.common import (
     machine,
     pg_server,
     running_network,
+    settle,
     total_stat,
     with_env,
 )
@@ -155,12 +156,7 @@ def run_propagation(runs: int, warmup: int, commit_wait: str = "decision") -> di
                     )
                 last[kind] = (i, person)
                 if commit_wait == "decision":
-                    # untimed: COMMIT PREPARED is still on its way; let it land (a query at a participant waits
-                    # for the transactions prepared there) so that every sample starts on a quiet network
-                    for peer in PARTICIPANTS[kind]:
-                        settled, _ = clients[peer].post("/api/v1/query", {"sql": "SELECT 1"})
-                        if settled != 200:
-                            raise BenchError(f"the settling query at {peer} failed: {settled}")
+                    settle(net, clients, PARTICIPANTS[kind])  # untimed: every sample starts on a quiet network
                 if record:
                     latencies[kind].append(elapsed_ms)
                     for phase, ms in (answer.get("phases") or {}).items():
