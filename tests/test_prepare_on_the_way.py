@@ -5,12 +5,16 @@ and the origin sends no prepare round; a write whose branches may meet still get
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
-from peer.network import LocalNetwork
+from peer.bench.topology import star_types, tree_types, write_root
+from peer.network import LocalNetwork, PeerSpec, free_port
+from peer.pgserver import PgServer
 from tests.test_api_input import EVE_AT_BANK, PEERS, envelope, person, post, propagate
 
 pytestmark = pytest.mark.cluster
@@ -110,3 +114,83 @@ def test_a_commit_for_a_transaction_never_prepared_is_refused_and_the_abort_stil
         assert finish(network, peer, gxid, "abort")["ok"]
     assert network.query("government", "SELECT count(*) AS n FROM government_users") == [{"n": 0}]
     assert network.query("insurance", "SELECT count(*) AS n FROM insurance_users") == [{"n": 0}]
+
+
+@pytest.fixture(scope="module")
+def star_and_tree(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
+    """A star of 3 (one view shared by s3m0, s3m1, s3m2) and the tree p1 - p0 - p2 - p3 (a view per edge), generated
+    like the benchmarks' topologies, as real peers."""
+    tmp = tmp_path_factory.mktemp("leaves")
+    root = write_root(tmp / "types", [*star_types(3), *tree_types(4, [(0, 1), (0, 2), (2, 3)])])
+    prefix = f"l{uuid.uuid4().hex[:6]}_"
+    specs = [
+        PeerSpec(name=name, peer_type=name, port=free_port(), database=f"{prefix}{name}")
+        for name in ("s3m0", "s3m1", "s3m2", "p0", "p1", "p2", "p3")
+    ]
+    for group in (specs[:3], specs[3:]):
+        for spec in group:
+            spec.env["DEJIMA_SEEDS"] = ",".join(s.message_url for s in group if s is not spec)
+    net = LocalNetwork(pg_server, tmp / "state", specs, sql_root=root)
+    try:
+        for spec in specs:
+            pg_server.create_database(spec.database, replace=True)
+        net.start_all()
+        net.wait_ready(timeout=90)
+        yield net
+    finally:
+        net.stop_all()
+        for spec in specs:
+            pg_server.drop_database(spec.database)
+
+
+def counters(net: LocalNetwork, names: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name in names:
+        s = net.get(name, "/api/v1/status")["stats"]
+        out[name] = (s["prepare_sent"], s["prepared_on_the_way"])
+    return out
+
+
+def test_a_fan_out_to_leaves_only_prepares_them_on_the_way(star_and_tree: LocalNetwork) -> None:
+    net, star = star_and_tree, ("s3m0", "s3m1", "s3m2")
+    committed(net, "s3m0", "INSERT INTO items (item_key, value) VALUES (1, 'a')")
+    before = counters(net, star)
+    status, body = net.exec("s3m0", "UPDATE items SET value = 'b' WHERE item_key = 1")
+    assert (status, body["participants"], body["phases"]["prepare_ms"] < 1.0) == (200, ["s3m1", "s3m2"], True), body
+    after = counters(net, star)
+    # no prepare round: both receivers are leaves of the one view (they share nothing else) and prepared before
+    # answering
+    assert {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in star} == {
+        "s3m0": (0, 0),
+        "s3m1": (0, 1),
+        "s3m2": (0, 1),
+    }
+    for name in star:
+        assert net.query(name, "SELECT value FROM items WHERE item_key = 1") == [{"value": "b"}]
+
+
+def test_a_fan_out_to_a_peer_with_other_views_keeps_its_prepare_round(star_and_tree: LocalNetwork) -> None:
+    net, tree = star_and_tree, ("p0", "p1", "p2", "p3")
+    # the tree p1 - p0 - p2 - p3: a record homed at p0 reaches p1 (a leaf) and p2, which also shares a view with p3
+    before = counters(net, tree)
+    status, body = net.exec("p0", "INSERT INTO usertable (ycsb_key, home, field0) VALUES (1, 0, 'a')")
+    assert (status, body["participants"]) == (200, ["p1", "p2"]), body
+    after = counters(net, tree)
+    assert {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in tree} == {
+        "p0": (2, 0),  # a prepare round for both
+        "p1": (0, 0),
+        "p2": (0, 0),
+        "p3": (0, 0),
+    }
+    before = after  # a record homed at p3 reaches p2 alone: a chain of one, prepared on the way
+    status, body = net.exec("p3", "INSERT INTO usertable (ycsb_key, home, field0) VALUES (2, 3, 'b')")
+    assert (status, body["participants"]) == (200, ["p2"]), body
+    after = counters(net, tree)
+    assert {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in tree} == {
+        "p0": (0, 0),
+        "p1": (0, 0),
+        "p2": (0, 1),
+        "p3": (0, 0),
+    }
+    for name in ("p0", "p1", "p2"):
+        assert net.query(name, "SELECT field0 FROM usertable WHERE ycsb_key = 1") == [{"field0": "a"}]

@@ -481,7 +481,9 @@ class Coordinator:
 
         `alone`: the global transaction waits on this peer's branch alone. Then a single message (sent to any
         peer but the origin) inherits it as `prepare`: its receiver's branch is the only one left, and once it has
-        answered nothing can reach that receiver again. Several messages (siblings may reach each other) never do."""
+        answered nothing can reach that receiver again. Several messages (siblings may reach each other) inherit it
+        only when every receiver is a leaf (`_all_leaves`): none of them can forward anything, so none is reached
+        again."""
         targets: list[tuple[str, str, Propagate]] = []
         timeout = self._remaining(gx)
         if received is not None:
@@ -515,12 +517,27 @@ class Coordinator:
                 targets.append((member, url, msg))
         if not targets:
             return FanOut(True, {self.name})
-        if alone and len(targets) == 1 and targets[0][0] != gx.origin:
-            member, url, msg = targets[0]
-            targets[0] = (member, url, dataclasses.replace(msg, prepare=True))
+        if alone and all(t[0] != gx.origin for t in targets) and (len(targets) == 1 or self._all_leaves(deltas)):
+            targets = [(member, url, dataclasses.replace(msg, prepare=True)) for member, url, msg in targets]
         self.stats["propagate_sent"] += len(targets)
         results = self.transport.call_many([(url, msg) for _, url, msg in targets], timeout)
         return self._gather(gx, [t[0] for t in targets], results)
+
+    def _all_leaves(self, deltas: dict[str, Delta]) -> bool:
+        """Whether every other member of every view sent on shares that view and nothing else (the catalogs
+        discovery learned): a star of one view, or a tree node whose neighbours are all leaves. Such a member
+        forwards nothing (its only view's other members had the delta from this peer), and only a member of its
+        view could reach it again: this peer, whose branch is the only one left (`alone`), or a sibling that forwards
+        nothing. A stale catalog (a member restarted with more views) can only make a second arrival find the
+        receiver prepared; it votes no and the transaction aborts, never commits half."""
+        members = {view: self.directory.members(view) for view in deltas}
+        with self.directory.lock:
+            for view, names in members.items():
+                for member in names:
+                    peer = self.directory.peers.get(member)
+                    if member != self.name and (peer is None or set(peer.catalog) != {view}):
+                        return False
+        return True
 
     def _gather(self, gx: Gx, members: list[str], results: list[CallResult]) -> FanOut:
         reached = {self.name}
