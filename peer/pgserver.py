@@ -473,6 +473,10 @@ class PgServer:
             logger.info("removing the stale %s", self.data_dir / "postmaster.pid")
             (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
 
+    def postmaster_pid(self) -> int | None:
+        """The pid of the server's postmaster when this object runs it (not an external server) and it is alive."""
+        return None if self.kind == "external" else self._postmaster_pid()
+
     # ----------------------------------------------------------------------------------------- internals: misc
 
     def _postmaster_pid(self) -> int | None:

@@ -41,6 +41,7 @@ from peer.bench.common import (
     Zipf,
     check_consistency,
     closed_loop,
+    cpu_seconds,
     log,
     machine,
     memory_kib,
@@ -118,7 +119,9 @@ def run_point(
         return {"sql": _update(peers[c], zipf.draw(rng), f"tp {point_id}-{c}-{n}")}
 
     committed_before = total_stat(net, "committed")
+    cpu_before, wall_before = cpu_by_process(net), time.perf_counter()
     point = closed_loop([net.specs[p].url for p in peers], body, seconds, warmup_s, SEED + point_id)
+    cpu_after, wall = cpu_by_process(net), time.perf_counter() - wall_before
     committed_after = total_stat(net, "committed")
     if (
         committed_before is not None
@@ -131,7 +134,25 @@ def run_point(
     drain_s = wait_quiet(net)
     if drain_s is None:
         log(f"  the peers still had open global transactions {60} s after the point")
-    return {"keys": keys, **point, "drain_s": drain_s}
+    cpu: dict[str, Any] = {}
+    if committed_before is not None and committed_after is not None and committed_after > committed_before:
+        n = committed_after - committed_before
+        used = {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}
+        cpu = {k: round(v * 1000 / n, 2) for k, v in used.items()}
+        cpu["total"] = round(sum(used.values()) * 1000 / n, 2)
+        cpu["cores_busy"] = round(sum(used.values()) / wall, 2)
+    return {"keys": keys, **point, "drain_s": drain_s, "cpu_ms_per_txn": cpu}
+
+
+def cpu_by_process(net: LocalNetwork) -> dict[str, float]:
+    """CPU seconds used so far by each peer (gunicorn arbiter + worker), PostgreSQL (every process of the server;
+    absent for an external one) and this bench process (its clients)."""
+    out = {name: cpu_seconds(process_tree(spec.pid)) for name, spec in net.specs.items()}
+    postmaster = net.server.postmaster_pid()
+    if postmaster is not None:
+        out["postgres"] = cpu_seconds(process_tree(postmaster))
+    out["clients"] = time.process_time()
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,6 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "elapsed_s": round(time.perf_counter() - started, 1),
         "method": "closed-loop client threads (http.client keep-alive) spread round-robin over bank, government, "
         "insurance; each txn = UPDATE address of one person at the client's peer (reaches both other peers, 2PC); "
+        "CPU per transaction from /proc/<pid>/stat of every peer process, every PostgreSQL process and this one; "
         "the bench's clients share the machine with the peers",
     }
 
@@ -235,6 +257,17 @@ def markdown(report: dict[str, Any]) -> str:
         [name, report["memory"]["idle_rss_mb"].get(name), m["max_rss_mb"], m["hwm_mb_worker"], m["hwm_mb_tree"]]
         for name, m in report["memory"]["under_load"].items()
     ]
+    cpu_keys = ("government", "bank", "insurance", "postgres", "clients", "total")
+    cpu_rows = [
+        [
+            p["clients"],
+            p["keys"],
+            *[(p.get("cpu_ms_per_txn") or {}).get(c) for c in cpu_keys],
+            (p.get("cpu_ms_per_txn") or {}).get("cores_busy"),
+        ]
+        for p in report["points"]
+    ]
+    cpu_columns = [("bench" if c == "clients" else c) for c in cpu_keys]
     t = report["targets"]
     return "\n\n".join(
         [
@@ -259,6 +292,10 @@ def markdown(report: dict[str, Any]) -> str:
             "Peer memory (MB): idle VmRSS, the largest VmRSS sampled under load, VmHWM of the worker, VmHWM of "
             "master + worker.",
             md_table(["peer", "idle RSS", "max RSS under load", "HWM worker", "HWM master+worker"], mem),
+            "Where the CPU goes: CPU time (user + system, /proc/<pid>/stat) of each process over the point (warm-up "
+            "included) divided by the global transactions the peers committed meanwhile, in ms; `bench` is this "
+            "process (its client threads); cores busy = all of it / the point's wall time.",
+            md_table(["clients", "keys", *cpu_columns, "cores busy"], cpu_rows),
             verdict_md(report)
             + f" Best uniform: {t['txn_per_s']['value']} txn/s at {t['txn_per_s']['clients']} clients "
             + f"({'met' if t['txn_per_s']['met'] else 'not met'}); largest peer memory {t['rss']['value_mb']} MB "
