@@ -23,7 +23,7 @@ import pytest
 from peer.dejima.install import SQL_ROOT, install
 from peer.network import LocalNetwork, example_specs
 from peer.pgserver import PgServer
-from peer.testkit.proxy import empty_base_tables
+from peer.testkit.proxy import empty_base_tables, settle
 from tests.helpers import start_client
 
 MakeDatabase = Callable[[str], str]
@@ -104,10 +104,13 @@ def example_network(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactor
 
 
 def reset_network(net: LocalNetwork) -> None:
-    """Empty every base table directly (no gxid: nothing is captured or propagated)."""
-    for spec in net.specs.values():
-        if spec.mode == "peer":
-            empty_base_tables(net.server.url(spec.database))
+    """Empty every base table directly (no gxid: nothing is captured or propagated), once the peers have finished
+    what they prepared (a COMMIT PREPARED landing afterwards would bring a row back)."""
+    peers = [spec for spec in net.specs.values() if spec.mode == "peer"]
+    for spec in peers:
+        settle(spec.url)
+    for spec in peers:
+        empty_base_tables(net.server.url(spec.database))
 
 
 @pytest.fixture

@@ -354,6 +354,14 @@ class Proxy:
         return self._send(link, link.server, request) if link.server is not None else False
 
 
+def settle(peer_url: str) -> None:
+    """Let a peer finish the transactions prepared there (any client statement waits for them first:
+    `Coordinator.settle`), before the database is read or changed behind its back. Best effort: a peer that is down
+    or stopped is not waited for."""
+    with contextlib.suppress(requests.RequestException):
+        requests.post(peer_url + "/api/v1/query", json={"sql": "SELECT 1"}, timeout=2)
+
+
 def empty_base_tables(conninfo: str) -> None:
     """Empty every base table of one peer database directly (no gxid: nothing is captured or propagated)."""
     with psycopg.connect(conninfo, autocommit=True) as conn:
@@ -473,10 +481,13 @@ class ProxiedCluster:
 
     def rows(self, peer: str, table: str, order: tuple[str, ...] = ("first_name", "last_name")) -> list[dict[str, Any]]:
         """Base-table rows read straight from the peer's database (works while the peer service is down); values as
-        text (None for NULL), in `order`."""
+        text (None for NULL), in `order`. A peer that is up is asked first to let the transactions prepared there
+        finish (any client statement does: `Coordinator.settle`), as a client of the peer would see them: with
+        DEJIMA_COMMIT_WAIT=decision a write is answered before its COMMIT PREPARED reached the participants."""
         query = sql.SQL("SELECT * FROM {} ORDER BY {}").format(
             sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, order))
         )
+        settle(self.net.specs[peer].url)
         with psycopg.connect(self.server.url(self.net.specs[peer].database), autocommit=True) as conn:
             cur = conn.execute(query)
             cols = [d.name for d in cur.description or []]
@@ -507,7 +518,10 @@ class ProxiedCluster:
             return False
 
     def reset(self) -> None:
-        """Empty every base table directly (no gxid: nothing is captured or propagated)."""
+        """Empty every base table directly (no gxid: nothing is captured or propagated), once the peers have
+        finished what they prepared (a COMMIT PREPARED landing afterwards would bring a row back)."""
+        for spec in self.net.specs.values():
+            settle(spec.url)
         for spec in self.net.specs.values():
             empty_base_tables(self.server.url(spec.database))
 
