@@ -146,12 +146,12 @@ def run_point(
 
 def cpu_by_process(net: LocalNetwork) -> dict[str, float]:
     """CPU seconds used so far by each peer (gunicorn arbiter + worker), PostgreSQL (every process of the server;
-    absent for an external one) and this bench process (its clients)."""
+    absent for an external one) and this bench process (`bench`: its client threads)."""
     out = {name: cpu_seconds(process_tree(spec.pid)) for name, spec in net.specs.items()}
     postmaster = net.server.postmaster_pid()
     if postmaster is not None:
         out["postgres"] = cpu_seconds(process_tree(postmaster))
-    out["clients"] = time.process_time()
+    out["bench"] = time.process_time()
     return out
 
 
@@ -257,17 +257,16 @@ def markdown(report: dict[str, Any]) -> str:
         [name, report["memory"]["idle_rss_mb"].get(name), m["max_rss_mb"], m["hwm_mb_worker"], m["hwm_mb_tree"]]
         for name, m in report["memory"]["under_load"].items()
     ]
-    cpu_keys = ("government", "bank", "insurance", "postgres", "clients", "total")
+    cpu_columns = ["government", "bank", "insurance", "postgres", "bench", "total"]
     cpu_rows = [
         [
             p["clients"],
             p["keys"],
-            *[(p.get("cpu_ms_per_txn") or {}).get(c) for c in cpu_keys],
+            *[(p.get("cpu_ms_per_txn") or {}).get(c) for c in cpu_columns],
             (p.get("cpu_ms_per_txn") or {}).get("cores_busy"),
         ]
         for p in report["points"]
     ]
-    cpu_columns = [("bench" if c == "clients" else c) for c in cpu_keys]
     t = report["targets"]
     return "\n\n".join(
         [
