@@ -51,6 +51,8 @@ class PeerConfig:
     message_bind: tuple[str, int] | None = None
     # at most this many global transactions started here run at once; the next ones wait their turn (0: no bound)
     max_active: int = 0
+    batch_max: int = 1  # client transactions waiting for a turn that may run as one global transaction
+    batch_running: int = 1  # batches of writes (batchable requests) running at once at this origin
     peer_url_for_client: str = ""  # client mode: the peer service this client talks to
     fault_point: str = ""  # test-only: crash the process at this step of the commit protocol
     # authenticated peers (peer.dejima.auth): this peer's private key (PEM or base64, from DEJIMA_PRIVATE_KEY[_FILE];
@@ -335,6 +337,8 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         pool_size=pool_size,
         message_bind=parse_bind("DEJIMA_MESSAGE_BIND", env.get("DEJIMA_MESSAGE_BIND", "")),
         max_active=max_active,
+        batch_max=_int(env, "DEJIMA_BATCH_MAX", 16, 1, 64),
+        batch_running=_int(env, "DEJIMA_BATCH_RUNNING", 1, 1, 10_000),
         peer_url_for_client=(
             _http_url("DEJIMA_PEER_URL", env["DEJIMA_PEER_URL"]) if env.get("DEJIMA_PEER_URL", "").strip() else ""
         ),

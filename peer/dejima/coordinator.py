@@ -66,6 +66,7 @@ from peer.dejima.messages import (
     Propagate,
     PropagateReply,
 )
+from peer.dejima.sqlguard import statement_heads
 from peer.dejima.transport import CallResult, Transport
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,19 @@ ORIGIN_KEYS_LIMIT = 1000  # above this many changed keys the origin does not lis
 SEAL_GATHER_S = 0.05  # the sealer waits this long after a commit woke it: one batch per burst, not per commit
 READ_SETTLE_S = 1.0  # a client statement waits at most this long for transactions prepared here to finish (settle)
 REPLY_MEMORY = 10_000  # answers to propagate remembered by message id (a retry gets the first answer back)
+BATCHABLE = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})  # the statements a batch may run (`batchable`)
+RETRY_ALONE = frozenset({"constraint", "bad_request", "refused"})  # a batch's failures that one member may have caused
+CLIENT_SAVEPOINT = sql.Identifier("dejima_client")
+CLIENT_ROLLBACK_SQL = sql.SQL("ROLLBACK TO SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)
+# after a client's statement, in the same query: a new line ends a trailing -- comment; an open quote or /* comment
+# makes the whole query fail, as the statement alone would
+NEXT_CLIENT_SAVEPOINT_SQL = b"\n;" + sql.SQL("SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)
+BATCH_LOCK_WAIT_MS = 10  # in a batch, a member after the first waits this long for a row lock, then is put off
+BATCH_TRIES = 3  # times a client transaction is put off or run again (Retry) before its error is final
+# the same, setting the short lock wait first (once the batch holds rows; a savepoint taken later keeps it)
+SHORT_WAIT_SQL = b"\n;" + sql.SQL("SET LOCAL lock_timeout = {}; SAVEPOINT {}").format(
+    sql.Literal(f"{BATCH_LOCK_WAIT_MS}ms"), CLIENT_SAVEPOINT
+).as_bytes(None)
 
 
 class GlobalTxnError(Exception):
@@ -98,6 +112,37 @@ class GlobalTxnError(Exception):
     @property
     def status(self) -> int:
         return HTTP_STATUS.get(self.kind, 500)
+
+
+class Retry(GlobalTxnError):
+    """A batch of client transactions did not commit, perhaps because of another member: run this one again, by
+    itself (`alone`: a constraint or a refusal that one of the members caused), or in the next batch (a conflict
+    with a concurrent global transaction: it has likely finished by then)."""
+
+    def __init__(self, kind: str, message: str, alone: bool) -> None:
+        super().__init__(kind, message)
+        self.alone = alone
+
+
+def batchable(statements: list[str]) -> bool:
+    """Whether a client transaction may share a global transaction with others: plain INSERT, UPDATE, DELETE and
+    MERGE statements only (no SET, no function call in a SELECT, nothing else that could leave state behind)."""
+    return all(head.partition(" ")[0] in BATCHABLE for text in statements for head in statement_heads(text))
+
+
+@dataclass(eq=False)
+class Request:
+    """A client transaction at its origin, from its arrival to its result (`Coordinator.run`)."""
+
+    statements: list[str]
+    batchable: bool
+    started: float = field(default_factory=time.monotonic)
+    turn: threading.Event = field(default_factory=threading.Event)  # set: it leads `batch`, or is in another's
+    done: threading.Event = field(default_factory=threading.Event)  # set: `result` is there
+    batch: list[Request] | None = None  # what it leads (itself first); None for a member of another's
+    needs: frozenset[str] = frozenset()  # the gxids prepared here when it came: it must see them (`settle`)
+    tries: int = 0  # how many times it ran before, in a batch that failed or put it off (Retry)
+    result: dict[str, Any] | GlobalTxnError | None = None
 
 
 def classify(exc: BaseException) -> str:
@@ -193,9 +238,15 @@ class Coordinator:
         self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
         self.seal_wanted = threading.Event()  # set after a commit here: the sealer chains its txlog entry
         # admission: global transactions started here beyond DEJIMA_MAX_ACTIVE wait (in arrival order) for a turn
-        self.admission = threading.BoundedSemaphore(config.max_active) if config.max_active else None
+        self.turns = threading.Lock()
+        self.running = 0  # batches running (each one global transaction)
+        self.running_batchable = 0  # of which led by a batchable request
+        self.waiting: list[Request] = []  # client transactions waiting for a turn, oldest first
         self.stats = {
-            "committed": 0,
+            "committed": 0,  # client transactions started here that committed (several may share one gxid: batch)
+            "global_committed": 0,  # global transactions started here that committed
+            "batched": 0,  # client transactions that committed with others in one global transaction
+            "batch_retried": 0,  # client transactions run once more because their batch failed (Retry)
             "aborted": 0,
             "propagate_sent": 0,
             "propagate_received": 0,
@@ -228,9 +279,9 @@ class Coordinator:
         """Prepared-transaction id: unique per PostgreSQL cluster (several peers may share one locally)."""
         return f"dejima:{gxid}:{participant or self.name}"
 
-    def _open(self, gx: Gx, savepoint: bool = False) -> None:
-        """Start the gxid's database transaction (caller holds gx.lock); with `savepoint`, take apply's savepoint in
-        the same round trip (`apply_and_take(..., savepoint_taken=True)`)."""
+    def _open(self, gx: Gx, savepoint: sql.Identifier | None = None) -> None:
+        """Start the gxid's database transaction (caller holds gx.lock); with `savepoint`, take that savepoint in the
+        same round trip (apply's: `apply_and_take(..., savepoint_taken=True)`; a batch's first client: `_execute`)."""
         if gx.conn is not None:
             return
         remaining = max(0.1, gx.deadline - time.monotonic())
@@ -258,7 +309,7 @@ class Coordinator:
                     sql.Literal(gx.gxid),
                     sql.Literal(f"{lock_ms}ms"),
                     sql.Literal(f"{self.config.statement_timeout_ms}ms"),
-                    sql.SQL("; SAVEPOINT {}").format(SAVEPOINT) if savepoint else sql.SQL(""),
+                    sql.SQL("; SAVEPOINT {}").format(savepoint) if savepoint is not None else sql.SQL(""),
                 )
             )
         except psycopg.Error:
@@ -293,9 +344,9 @@ class Coordinator:
                 self.tombstones[gx.gxid] = time.monotonic() + TOMBSTONE_SECONDS
             self.finished.notify_all()
 
-    def settle(self, timeout: float = READ_SETTLE_S) -> bool:
-        """Wait until the global transactions prepared here before this call have finished, at most `timeout`;
-        False when some still had not.
+    def settle(self, timeout: float = READ_SETTLE_S, gxids: Iterable[str] | None = None) -> bool:
+        """Wait until the global transactions prepared here before this call (or those of `gxids` still prepared)
+        have finished, at most `timeout`; False when some still had not.
 
         With DEJIMA_COMMIT_WAIT=decision an origin answers its client once the decision is durable and sends
         COMMIT PREPARED afterwards: a client statement here right after that answer (a read through the REST API,
@@ -304,17 +355,24 @@ class Coordinator:
         Only transactions prepared before the call are waited for: a busy peer cannot keep a read waiting."""
         deadline = time.monotonic() + timeout
         with self.finished:
-            waiting = {gxid for gxid, gx in self.gxs.items() if gx.phase == "prepared"}
+            waiting = self._unsettled(self.gxs if gxids is None else gxids)
             while waiting:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.stats["settle_timeouts"] += 1
                     return False
                 self.finished.wait(left)
-                waiting = {
-                    gxid for gxid in waiting if (gx := self.gxs.get(gxid)) is not None and gx.phase == "prepared"
-                }
+                waiting = self._unsettled(waiting)
         return True
+
+    def _unsettled(self, gxids: Iterable[str]) -> set[str]:
+        """Those of `gxids` prepared here and not finished yet (caller holds `lock`)."""
+        return {gxid for gxid in gxids if (gx := self.gxs.get(gxid)) is not None and gx.phase == "prepared"}
+
+    def prepared_here(self) -> frozenset[str]:
+        """The global transactions prepared here now: what a client transaction arriving now must see (`settle`)."""
+        with self.lock:
+            return frozenset(self._unsettled(self.gxs))
 
     def _older_open(self, gx: Gx) -> bool:
         with self.lock:
@@ -322,41 +380,208 @@ class Coordinator:
 
     # ---- origin ---------------------------------------------------------------------------------------------
     def run(self, statements: list[str]) -> dict[str, Any]:
-        """Run statements here as one global transaction. Returns the outcome or raises GlobalTxnError.
+        """Run statements here as one client transaction. Returns the outcome or raises GlobalTxnError.
 
-        At most DEJIMA_MAX_ACTIVE run at once: beyond, a transaction waits for a turn (at most the transaction
-        timeout, then "busy", 503 with Retry-After). Without that bound an overloaded network fills every peer's
-        connection pool with transactions that all wait for each other until they time out (docs/performance.md).
-        First it lets the transactions prepared here finish (`settle`), so it sees every write already committed."""
-        self.settle()
-        if self.admission is None:
-            return self._run(statements)
-        if not self.admission.acquire(timeout=self.config.txn_timeout):
-            self.stats["busy"] += 1
-            raise GlobalTxnError(
-                "busy",
-                f"{self.name}: {self.config.max_active} global transactions started here are running"
-                f" (DEJIMA_MAX_ACTIVE); none finished within {self.config.txn_timeout:g}s, try again",
-            )
+        At most DEJIMA_MAX_ACTIVE global transactions started here run at once: beyond, a transaction waits for a
+        turn (at most the transaction timeout, then "busy", 503 with Retry-After). Without that bound an overloaded
+        network fills every peer's connection pool with transactions that all wait for each other until they time
+        out (docs/performance.md). When a turn comes, the client transactions waiting for one (plain INSERT, UPDATE,
+        DELETE and MERGE only, at most DEJIMA_BATCH_MAX) run together as one global transaction: one propagation,
+        one prepare and one decision for all of them (`_run`). First it lets the transactions prepared here finish
+        (`settle`), so it sees every write already committed: a batch does it once for all its members, before it
+        starts (and takes in a write arriving while it runs only when that write has nothing to wait for)."""
+        started = time.monotonic()
+        request = Request(statements, self.config.batch_max > 1 and batchable(statements))
+        while True:
+            if request.batchable:
+                request.needs = self.prepared_here()  # its batch settles them (`_admit`), so it queues at once
+            else:
+                self.settle()
+            self._admit(request)
+            if not isinstance(request.result, Retry):
+                break
+            # its batch failed, perhaps on something another member did, or it met a row lock in a batch
+            self.stats["batch_retried"] += 1
+            alone = request.result.alone
+            request = Request(statements, request.batchable and not alone, tries=request.tries + 1)
+        if isinstance(request.result, GlobalTxnError):
+            raise request.result
+        assert request.result is not None
+        return {**request.result, "ms": _ms(started)}
+
+    def _admit(self, request: Request) -> None:
+        """Run `request` when it has a turn: as the leader of a batch (it runs the batch in this thread), or as a
+        member of another's (it waits for that batch's outcome). Sets `request.result`."""
+        limit = self.config.max_active
+        if not limit:  # no bound: every transaction runs at once, so none waits and none is batched
+            self._run_batch([request])
+            return
+        with self.turns:
+            lead = self._may_run(request)  # else every turn it may take is taken: none waiting could run either
+            if lead:
+                self._start(request, [request])
+            elif request.tries:
+                self.waiting.insert(0, request)  # it waited its turn already
+            else:
+                self.waiting.append(request)
+        if not lead:
+            if not request.turn.wait(self.config.txn_timeout):
+                with self.turns:
+                    if request in self.waiting:  # no turn came: refused, nothing was done
+                        self.waiting.remove(request)
+                        self.stats["busy"] += 1
+                        request.result = GlobalTxnError(
+                            "busy",
+                            f"{self.name}: {self.running} global transactions started here are running"
+                            f" (DEJIMA_MAX_ACTIVE {limit}, DEJIMA_BATCH_RUNNING {self.config.batch_running} for"
+                            f" writes that batch); none finished within {self.config.txn_timeout:g}s, try again",
+                        )
+                        return
+                request.turn.wait()  # handed a turn just as the wait ran out: it is set already
+            if request.batch is None:  # a member of another leader's batch
+                if not request.done.wait(self._batch_bound()):
+                    request.result = GlobalTxnError("timeout", f"{self.name}: the batch of this transaction hung")
+                return
+        assert request.batch is not None
         try:
-            return self._run(statements)
+            if request.batchable:
+                self.settle(gxids=frozenset().union(*(r.needs for r in request.batch)))
+            self._run_batch(request.batch)
         finally:
-            self.admission.release()
+            self._next_turn(request)
 
-    def _run(self, statements: list[str]) -> dict[str, Any]:
+    def _batch_bound(self) -> float:
+        """How long a batch can take at most: its deadline, then telling every participant it aborted."""
+        return self.config.txn_timeout + 2 * self.config.peer_timeout + 5.0
+
+    def _may_run(self, request: Request) -> bool:
+        """Whether a turn is free for `request` (caller holds `turns`): fewer than DEJIMA_MAX_ACTIVE running, and for a
+        batchable one fewer than DEJIMA_BATCH_RUNNING batchable ones (the writes arriving meanwhile gather)."""
+        if self.running >= self.config.max_active:
+            return False
+        return not request.batchable or self.running_batchable < self.config.batch_running
+
+    def _start(self, leader: Request, batch: list[Request]) -> None:
+        """Give `leader` its turn to run `batch` (caller holds `turns`)."""
+        self.running += 1
+        self.running_batchable += leader.batchable
+        leader.batch = batch
+        for member in batch:
+            member.turn.set()
+
+    def _next_turn(self, ended: Request) -> None:
+        """A batch ended: give the free turns to the oldest waiting requests, each with the batchable ones behind it."""
+        with self.turns:
+            self.running -= 1
+            self.running_batchable -= ended.batchable
+            for leader in list(self.waiting):
+                if leader not in self.waiting or not self._may_run(leader):
+                    continue
+                self.waiting.remove(leader)
+                batch = [leader]
+                if leader.batchable:
+                    batch += [r for r in self.waiting if r.batchable][: self.config.batch_max - 1]
+                    self.waiting = [r for r in self.waiting if r not in batch]
+                self._start(leader, batch)
+                if self.running >= self.config.max_active:
+                    return
+
+    def _run_batch(self, batch: list[Request]) -> None:
+        """Run the batch as one global transaction (it may grow while its statements run: `_join`); give every
+        member its result and wake it."""
+        try:
+            results = self._run(batch)
+        except Exception as exc:  # _run answers every failure as a value; this is a bug, still answered
+            log.exception("a batch of %d failed", len(batch))
+            results = [GlobalTxnError("internal", f"{self.name}: {type(exc).__name__}: {exc}")] * len(batch)
+        finally:
+            for request, result in zip(batch, results, strict=True):
+                request.result = result
+                request.done.set()
+
+    def _join(self, batch: list[Request]) -> None:
+        """Add to a running batch of writes the batchable requests that came since it started, up to
+        DEJIMA_BATCH_MAX: closed-loop clients answered by one batch come back a moment after it ended, so the next
+        batch starts with the first of them and gathers the others here instead of leaving them for the one after."""
+        if not batch[0].batchable or len(batch) >= self.config.batch_max:
+            return
+        with self.turns, self.lock:
+            ready = [r for r in self.waiting if r.batchable and not self._unsettled(r.needs)]
+            joining = ready[: self.config.batch_max - len(batch)]
+            if not joining:
+                return
+            self.waiting = [r for r in self.waiting if r not in joining]
+            for request in joining:
+                batch.append(request)
+                request.turn.set()
+
+    def _execute(self, gx: Gx, batch: list[Request]) -> dict[int, GlobalTxnError]:
+        """Run the batch's statements in the gxid's transaction (open); the members whose statements failed.
+
+        A member alone: its first failure is the transaction's (raised). In a batch of writes each member runs
+        after a savepoint of its own, a failure rolls back to it, so only that member's changes (and what its
+        statements captured) are undone, and the next member goes on; before each member the batch takes in the
+        writes that arrived meanwhile (`_join`). The first member's savepoint rode on BEGIN; the next one's is
+        taken after a member's last statement, in the same query string (simple protocol: it runs only when the
+        statement did; a statement that fails, even one that does not parse, fails alone, and the savepoint it
+        rolls back to, still there, is the next member's)."""
+        assert gx.conn is not None
+        if not batch[0].batchable:
+            for statement in batch[0].statements:
+                try:
+                    gx.conn.execute(statement.encode())
+                except psycopg.Error as exc:
+                    raise GlobalTxnError(classify(exc), f"{self.name}: {exc}".strip()) from None
+            return {}
+        failed: dict[int, GlobalTxnError] = {}
+        short = False  # whether the members' lock wait is BATCH_LOCK_WAIT_MS already
+        i = 0
+        while i < len(batch):
+            statements = batch[i].statements
+            try:
+                for j, statement in enumerate(statements):
+                    if j == len(statements) - 1:  # the next member's savepoint, in the same round trip
+                        gx.conn.execute(statement.encode() + (NEXT_CLIENT_SAVEPOINT_SQL if short else SHORT_WAIT_SQL))
+                        short = True
+                    else:
+                        gx.conn.execute(statement.encode())
+            except pgerr.LockNotAvailable as exc:
+                # a row another global transaction holds: waiting would hold up the whole batch (and the rows it
+                # has written), so it goes first in the next batch instead (the first member waits, as alone)
+                error = f"{self.name}: {exc}".strip()
+                put_off = short and i > 0 and batch[i].tries < BATCH_TRIES
+                failed[i] = Retry("conflict", error, alone=False) if put_off else GlobalTxnError("conflict", error)
+                gx.conn.execute(CLIENT_ROLLBACK_SQL)
+            except psycopg.Error as exc:
+                failed[i] = GlobalTxnError(classify(exc), f"{self.name}: {exc}".strip())
+                gx.conn.execute(CLIENT_ROLLBACK_SQL)  # the savepoint stays: the next member's too
+            i += 1
+            self._join(batch)
+        if len(batch) == 1 and failed:
+            raise failed[0]  # alone after all: its failure is the transaction's
+        return failed
+
+    def _run(self, batch: list[Request]) -> list[dict[str, Any] | GlobalTxnError]:
+        """Run the batch's client transactions as one global transaction; each one's result.
+
+        A member whose statements fail gets its own error; the others go on. When the global transaction fails,
+        every member that ran gets its error, or, when there were several and the failure may come from what one
+        of them changed (a constraint, a refusal) or a conflict, `Retry`: each then runs once more, by itself or in
+        the next batch, so it hears its own outcome."""
         gxid = self.new_gxid()
         gx = self._get_or_create(gxid, self.name, self.config.txn_timeout)
         started = time.monotonic()
         participants: set[str] = set()
+        failed: dict[int, GlobalTxnError] = {}
+        ran = [0]
         try:
             with gx.lock:
-                self._open(gx)
+                self._open(gx, savepoint=CLIENT_SAVEPOINT if batch[0].batchable else None)
                 assert gx.conn is not None and gx.state is not None
-                for statement in statements:
-                    try:
-                        gx.conn.execute(statement.encode())
-                    except psycopg.Error as exc:
-                        raise GlobalTxnError(classify(exc), f"{self.name}: {exc}".strip()) from None
+                failed = self._execute(gx, batch)
+                ran = [i for i in range(len(batch)) if i not in failed]
+                if not ran:
+                    raise GlobalTxnError("bad_request", "every client transaction of the batch failed")
                 changes = take_changes(gx.conn, gxid)
                 txlog.fold_into(gx.changes, changes)
                 deltas = outgoing(gx.state, changes)
@@ -364,8 +589,9 @@ class Coordinator:
                 with gx.lock:
                     self._release(gx, "COMMIT")
                     gx.phase = "committed"
-                self.stats["committed"] += 1
-                return {"status": "committed", "gxid": gxid, "participants": [], "ms": _ms(started)}
+                self._count_committed(len(ran))
+                outcome: dict[str, Any] = {"status": "committed", "gxid": gxid, "participants": [], "batch": len(ran)}
+                return [failed.get(i, outcome) for i in range(len(batch))]
             phases = {"local_ms": _ms(started)}
             gx.origin_keys = origin_keys(self.ptype, deltas)
             fan = self._fan_out(gx, deltas, received=None, alone=True)
@@ -391,7 +617,7 @@ class Coordinator:
                 self._release(gx, None)
                 gx.phase = "committed"
             self.seal_wanted.set()
-            self.stats["committed"] += 1
+            self._count_committed(len(ran))
             self.fault("origin_after_decision")
             mark = _ms(started)
             if self.config.commit_wait == "all":
@@ -399,22 +625,34 @@ class Coordinator:
             else:
                 self.transport.pool.submit(self._finish_commit, gxid, participants)
             phases["finish_ms"] = _ms(started) - mark
-            return {
+            outcome = {
                 "status": "committed",
                 "gxid": gxid,
                 "participants": sorted(participants),
-                "ms": _ms(started),
+                "batch": len(ran),
                 "phases": {k: round(v, 3) for k, v in phases.items()},
             }
-        except GlobalTxnError:
+            return [failed.get(i, outcome) for i in range(len(batch))]
+        except GlobalTxnError as exc:
             self._abort(gx, participants)
-            raise
+            error = exc
         except Exception as exc:
             log.exception("gxid %s failed", gxid)
             self._abort(gx, participants)
-            raise GlobalTxnError("internal", f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            error = GlobalTxnError("internal", f"{self.name}: {type(exc).__name__}: {exc}")
         finally:
             self._forget(gx, aborted=gx.phase != "committed")
+        if len(ran) > 1 and (error.kind in RETRY_ALONE or error.kind == "conflict"):
+            retry = Retry(error.kind, str(error), alone=error.kind != "conflict")
+            return [failed.get(i, error if batch[i].tries >= BATCH_TRIES else retry) for i in range(len(batch))]
+        return [failed.get(i, error) for i in range(len(batch))]
+
+    def _count_committed(self, clients: int) -> None:
+        with self.lock:
+            self.stats["committed"] += clients
+            self.stats["global_committed"] += 1
+            if clients > 1:
+                self.stats["batched"] += clients
 
     def _prepare_all(self, gx: Gx, participants: list[str]) -> None:
         if not participants:
@@ -626,7 +864,7 @@ class Coordinator:
                 if gx.phase != "open":
                     return no("refused", f"{self.name}: global transaction {msg.gxid} is {gx.phase} here")
                 fresh = gx.conn is None  # the first arrival here: the savepoint rides along the BEGIN
-                self._open(gx, savepoint=fresh)
+                self._open(gx, savepoint=SAVEPOINT if fresh else None)
                 changes = self._apply_wait_die(gx, msg, savepoint_taken=fresh)
                 assert gx.state is not None
                 txlog.fold_into(gx.changes, changes)
