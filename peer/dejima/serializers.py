@@ -83,6 +83,11 @@ class CommittedSerializer(serializers.Serializer[Any]):
     gxid = serializers.CharField(help_text="the global transaction's id: <origin>.<start ns, hex>.<random>")
     participants = serializers.ListField(child=serializers.CharField(), help_text="every other peer it reached")
     ms = serializers.FloatField(help_text="milliseconds from start to the answer")
+    batch = serializers.IntegerField(
+        min_value=1,
+        help_text="client transactions committed in this global transaction (1: alone; more: writes that waited for a"
+        " turn together, DEJIMA_BATCH_MAX)",
+    )
     phases = serializers.DictField(
         child=serializers.FloatField(), required=False, help_text="milliseconds per phase of the commit protocol"
     )
@@ -131,6 +136,9 @@ class StatusSerializer(GroupsSerializer):
         child=serializers.IntegerField(), help_text="peer messages received since start, by kind (both listeners)"
     )
     open_transactions = serializers.IntegerField(min_value=0)
+    queued_transactions = serializers.IntegerField(
+        min_value=0, help_text="client transactions waiting here for a turn (DEJIMA_MAX_ACTIVE, DEJIMA_BATCH_RUNNING)"
+    )
     commit_wait = serializers.ChoiceField(
         choices=["decision", "all"], help_text="DEJIMA_COMMIT_WAIT: when this peer answers its clients 'committed'"
     )

@@ -182,6 +182,7 @@ def status(request: HttpRequest) -> JsonResponse:
             "stats": rt.coordinator.stats,
             "messages_received": inbox.received(),
             "open_transactions": len(rt.coordinator.gxs),
+            "queued_transactions": len(rt.coordinator.waiting),
             "commit_wait": rt.config.commit_wait,
         }
     )
