@@ -42,7 +42,8 @@ def person(first: str, phone: str = "555-0100") -> str:
 
 @pytest.fixture(scope="module")
 def module_cluster(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedCluster]:
-    with proxied_cluster(pg_server, Path(tmp_path_factory.mktemp("batching")), env={"DEJIMA_PEER_TIMEOUT": "8", "DEJIMA_LOCK_TIMEOUT_MS": "5000"}) as c:
+    env = {"DEJIMA_PEER_TIMEOUT": "8", "DEJIMA_LOCK_TIMEOUT_MS": "5000"}
+    with proxied_cluster(pg_server, Path(tmp_path_factory.mktemp("batching")), env=env) as c:
         yield c
 
 
