@@ -1,6 +1,6 @@
 """throughput: committed global transactions per second under closed-loop clients, and the peers' memory.
 
-``python -m peer.bench throughput [--json] [--quick] [--clients 1,4,16,64] [--seconds S] [--warmup-seconds S]
+``python -m peer.bench throughput [--json] [--quick] [--clients 1,4,16,32,64] [--seconds S] [--warmup-seconds S]
 [--keys uniform,zipf] [--commit-wait all|decision]``
 
 The shipped example (government, bank, insurance), 1,000 people loaded at bank. Each point runs C closed-loop
@@ -9,6 +9,11 @@ sends one global transaction, waits for its answer and sends the next at once. A
 address at its peer (`UPDATE <peer>_users SET address = … WHERE first_name = 'p<k>'`): the address is in dejima_bank
 and dejima_insurance, so every transaction reaches both other peers (durable 2PC). k is drawn uniformly, or Zipf
 (theta 0.8, hot people spread by a seeded permutation).
+
+Each client transaction is a global one: it commits at all three peers or nowhere. Its origin may run it together
+with other writes waiting there for a turn, as one protocol-level global transaction (DEJIMA_BATCH_MAX;
+docs/decisions.md "Writes that wait run as one global transaction"): `batching` per point gives how many client
+transactions and protocol-level ones the peers committed, and the client transactions per protocol-level one.
 
 Per point: committed global txn/s in the measured window (after the warm-up seconds), abort rate = aborted /
 (committed + aborted) (409 conflict, 503, 504), latency of the committed ones. The two key distributions alternate
@@ -61,7 +66,7 @@ HELP = "closed-loop clients over the three example peers: committed global txn/s
 PEERS = ("bank", "government", "insurance")
 TABLES = {"bank": "bank_users", "government": "government_users", "insurance": "insurance_users"}
 THETA = {"uniform": 0.0, "zipf": 0.8}
-DEFAULT_CLIENTS = (1, 4, 16, 64)
+DEFAULT_CLIENTS = (1, 4, 16, 32, 64)
 DEFAULT_SECONDS, QUICK_SECONDS = 15.0, 2.0
 TARGET_TXN_S = 500.0
 TARGET_RSS_MB = 150.0
@@ -119,10 +124,12 @@ def run_point(
         return {"sql": _update(peers[c], zipf.draw(rng), f"tp {point_id}-{c}-{n}")}
 
     committed_before = total_stat(net, "committed")
+    global_before = total_stat(net, "global_committed")
     cpu_before, wall_before = cpu_by_process(net), time.perf_counter()
     point = closed_loop([net.specs[p].url for p in peers], body, seconds, warmup_s, SEED + point_id)
     cpu_after, wall = cpu_by_process(net), time.perf_counter() - wall_before
     committed_after = total_stat(net, "committed")
+    global_after = total_stat(net, "global_committed")
     if (
         committed_before is not None
         and committed_after is not None
@@ -141,7 +148,17 @@ def run_point(
         cpu = {k: round(v * 1000 / n, 2) for k, v in used.items()}
         cpu["total"] = round(sum(used.values()) * 1000 / n, 2)
         cpu["cores_busy"] = round(sum(used.values()) / wall, 2)
-    return {"keys": keys, **point, "drain_s": drain_s, "cpu_ms_per_txn": cpu}
+    batches: dict[str, Any] = {}
+    if None not in (committed_before, committed_after, global_before, global_after):
+        assert committed_before is not None and committed_after is not None
+        assert global_before is not None and global_after is not None
+        clients_n, global_n = committed_after - committed_before, global_after - global_before
+        batches = {
+            "client_txns": clients_n,
+            "global_txns": global_n,
+            "per_global_txn": round(clients_n / global_n, 2) if global_n else None,
+        }
+    return {"keys": keys, **point, "drain_s": drain_s, "cpu_ms_per_txn": cpu, "batching": batches}
 
 
 def cpu_by_process(net: LocalNetwork) -> dict[str, float]:
@@ -229,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from peer.bench.runner import int_list, positive_float
 
-    parser.add_argument("--clients", type=int_list, help="client counts (default 1,4,16,64)")
+    parser.add_argument("--clients", type=int_list, help="client counts (default 1,4,16,32,64)")
     parser.add_argument(
         "--seconds", type=positive_float, help=f"measured seconds per point (default {DEFAULT_SECONDS})"
     )
@@ -249,6 +266,7 @@ def markdown(report: dict[str, Any]) -> str:
             p["aborted"],
             (p["latency"] or {}).get("median_ms"),
             (p["latency"] or {}).get("p99_ms"),
+            (p.get("batching") or {}).get("per_global_txn"),
             p.get("drain_s"),
         ]
         for p in report["points"]
@@ -284,6 +302,7 @@ def markdown(report: dict[str, Any]) -> str:
                     "aborted",
                     "median ms",
                     "p99 ms",
+                    "per batch",
                     "drain s",
                 ],
                 rows,
@@ -292,7 +311,7 @@ def markdown(report: dict[str, Any]) -> str:
             "master + worker.",
             md_table(["peer", "idle RSS", "max RSS under load", "HWM worker", "HWM master+worker"], mem),
             "Where the CPU goes: CPU time (user + system, /proc/<pid>/stat) of each process over the point (warm-up "
-            "included) divided by the global transactions the peers committed meanwhile, in ms; `bench` is this "
+            "included) divided by the client transactions the peers committed meanwhile, in ms; `bench` is this "
             "process (its client threads); cores busy = all of it / the point's wall time.",
             md_table(["clients", "keys", *cpu_columns, "cores busy"], cpu_rows),
             verdict_md(report)
