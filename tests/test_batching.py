@@ -234,3 +234,23 @@ def test_batching_can_be_switched_off(pg_server: PgServer, tmp_path: Path) -> No
 )
 def test_only_plain_writes_are_batched(statements: list[str], expected: bool) -> None:
     assert batchable(statements) is expected
+
+
+def test_a_write_sees_what_committed_before_it_came_without_a_bound_too(pg_server: PgServer, tmp_path: Path) -> None:
+    # DEJIMA_MAX_ACTIVE=0: no turns, no batches; a write still settles what was prepared at its origin when it came
+    with proxied_cluster(pg_server, tmp_path, env={"DEJIMA_MAX_ACTIVE": "0"}) as unbounded:
+        status, body = unbounded.exec(
+            "bank", "INSERT INTO bank_users (first_name, last_name, phone) VALUES ('R', 'W', '0')"
+        )
+        assert status == 200, body
+        for i in range(1, 16):
+            phone = sql.Literal(str(i))
+            update = sql.SQL("UPDATE bank_users SET phone = {} WHERE first_name = 'R'").format(phone)
+            status, body = unbounded.exec("bank", update.as_string(None))
+            assert (status, body["batch"]) == (200, 1), body
+            follow = sql.SQL("UPDATE government_users SET address = {} WHERE phone = {}").format(
+                sql.Literal(f"r{i}"), phone
+            )
+            status, body = unbounded.exec("government", follow.as_string(None))
+            assert (status, body["participants"]) == (200, ["bank", "insurance"]), (i, body)  # it saw phone i
+        settled(unbounded)

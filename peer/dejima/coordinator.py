@@ -414,6 +414,7 @@ class Coordinator:
         member of another's (it waits for that batch's outcome). Sets `request.result`."""
         limit = self.config.max_active
         if not limit:  # no bound: every transaction runs at once, so none waits and none is batched
+            self.settle(gxids=request.needs)
             self._run_batch([request])
             return
         with self.turns:
