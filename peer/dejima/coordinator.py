@@ -490,14 +490,15 @@ class Coordinator:
     def _run_batch(self, batch: list[Request]) -> None:
         """Run the batch as one global transaction (it may grow while its statements run: `_join`); give every
         member its result and wake it."""
+        results: list[dict[str, Any] | GlobalTxnError] = []
         try:
             results = self._run(batch)
         except Exception as exc:  # _run answers every failure as a value; this is a bug, still answered
             log.exception("a batch of %d failed", len(batch))
             results = [GlobalTxnError("internal", f"{self.name}: {type(exc).__name__}: {exc}")] * len(batch)
         finally:
-            for request, result in zip(batch, results, strict=True):
-                request.result = result
+            for i, request in enumerate(batch):  # whatever happened, no member is left waiting
+                request.result = results[i] if i < len(results) else GlobalTxnError("internal", "the batch stopped")
                 request.done.set()
 
     def _join(self, batch: list[Request]) -> None:
