@@ -7,6 +7,7 @@ Real peers, real 2PC.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from psycopg import sql
@@ -90,3 +91,27 @@ def test_strict_mode_answers_after_commit_prepared(network: LocalNetwork) -> Non
             network.stop(name)
             network.start(name)
         network.wait_ready(timeout=60)
+
+
+def test_a_write_whose_row_a_transaction_prepared_here_inserted_applies_once_that_commits(
+    network: LocalNetwork,
+) -> None:
+    # the insert of Eve is prepared at government (its COMMIT PREPARED still on its way) when the next write, an
+    # update of Eve, arrives: its apply does not see the row, waits on the key, and must apply as an update once the
+    # first commits, not fail as a duplicate key
+    first = propagate("dejima_bank", [person()], origin_keys=EVE_AT_BANK, prepare=True)
+    status, answer = post(network, "government", "/peer/v1/message", first)
+    assert (status, answer["body"]["vote"]) == (200, "yes"), answer
+    update = propagate(
+        "dejima_bank", [person(phone="555-0777")], deletions=[person()], origin_keys=EVE_AT_BANK, timeout_ms=20_000
+    )
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(post, network, "government", "/peer/v1/message", update)
+        time.sleep(0.5)
+        assert not second.done(), second.result()  # waiting on Eve's key
+        for peer in ("government", "insurance"):
+            assert finish(network, peer, first["body"]["gxid"], "commit")["ok"]
+        status, answer = second.result(timeout=30)
+    assert (status, answer["body"]["vote"]) == (200, "yes"), answer
+    for peer in ("government", "insurance"):
+        finish(network, peer, update["body"]["gxid"], "abort")

@@ -913,6 +913,7 @@ class Coordinator:
         at_origin = gx.origin == self.name  # a delta come back round a cycle: the origin's own lock_timeout is long
         if at_origin:
             conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{APPLY_LOCK_WAIT_MS}ms")))
+        raced = False
         try:
             while True:
                 try:
@@ -920,6 +921,14 @@ class Coordinator:
                     return apply_and_take(
                         state, msg.view, msg.insertions, msg.deletions, savepoint_taken=savepoint_taken
                     )
+                except pgerr.UniqueViolation:
+                    # A row this apply did not see, inserted by a transaction prepared here whose COMMIT PREPARED
+                    # landed while this insert waited for it (with DEJIMA_COMMIT_WAIT=decision its origin may
+                    # already have sent the next write): once more, now that the row is visible. A true duplicate
+                    # fails again.
+                    if raced:
+                        raise
+                    raced = True
                 except pgerr.LockNotAvailable:
                     if self._older_open(gx):
                         raise GlobalTxnError(
