@@ -746,6 +746,81 @@ def test_a_conflict_midway_rolls_back_the_whole_delta(gov: psycopg.Connection[An
     apply_delta(state, "dejima_bank", [ann], [])  # the transaction is still usable
 
 
+def _people(gov: psycopg.Connection[Any]) -> None:
+    gov.execute(
+        "INSERT INTO government_users (first_name, last_name, phone, address) VALUES"
+        " ('Ann', 'Lee', '1', 'X'), ('Bob', 'Ray', '2', 'Y'), ('Cid', 'Fox', '3', 'Z')"
+    )
+    gov.commit()
+
+
+def person(first: str, last: str, phone: str | None, address: str | None) -> dict[str, Any]:
+    return {"first_name": first, "last_name": last, "phone": phone, "address": address}
+
+
+def test_a_delta_of_many_rows_applies_as_its_rows_one_at_a_time(gov: psycopg.Connection[Any]) -> None:
+    """The reads-then-writes path of a delta of several rows (no renames) ends where applying its rows one by one
+    ends: the same rows, the same captured changes, the same marks."""
+    _people(gov)
+    insertions = [
+        jane_bank(phone="555-0000"),
+        person("Bob", "Ray", "2", "Y"),  # an update that changes nothing
+        person("Dee", "Kim", "4", None),
+        {**person("Eve", "Orr", None, None), UNKNOWN: ["phone"]},
+    ]
+    deletions = [
+        jane_bank(),
+        person("Bob", "Ray", "2", "Y"),
+        person("Ann", "Lee", "1", "X"),
+        person("Zed", "No", None, None),
+    ]
+    pairs = [
+        ([insertions[0]], [deletions[0]]),
+        ([insertions[1]], [deletions[1]]),
+        ([insertions[2]], []),
+        ([insertions[3]], []),
+        ([], [deletions[2]]),
+        ([], [deletions[3]]),
+    ]
+
+    def outcome(steps: list[tuple[list[Any], list[Any]]]) -> tuple[Any, ...]:
+        state = gx(gov)
+        for ins, dels in steps:
+            apply_delta(state, "dejima_bank", ins, dels)
+        changes = take_changes(gov, state.gxid)
+        written = {(row_key, tuple(sorted(c))) for (_, row_key), c in state.written.items()}
+        result = (
+            {v: view_rows(gov, v) for v in VIEWS["government"]},
+            sorted((c.view, json.dumps(c.old, sort_keys=True), json.dumps(c.new, sort_keys=True)) for c in changes),
+            len(state.touched),
+            sorted(state.deleted),
+            sorted(tuple(sorted(m)) for m in state.unknown.values()),
+            len(written),
+        )
+        gov.rollback()
+        return result
+
+    together = outcome([(insertions, deletions)])
+    assert together == outcome(pairs)
+    assert [r["first_name"] for r in together[0]["dejima_bank"]] == ["Bob", "Cid", "Dee", "Eve", "Jane"]
+
+
+def test_a_failed_write_in_a_delta_of_many_rows_changes_nothing(gov: psycopg.Connection[Any]) -> None:
+    _people(gov)
+    gov.execute("ALTER TABLE government_users ADD CONSTRAINT short_phone CHECK (length(phone) < 9)")
+    gov.commit()
+    state = gx(gov)
+    before = {v: view_rows(gov, v) for v in VIEWS["government"]}
+    rows = [person("Ann", "Lee", "9", "X"), person("Bob", "Ray", "2", "Q"), person("Dee", "Kim", "123456789", None)]
+    with pytest.raises(psycopg.errors.CheckViolation):
+        apply_delta(state, "dejima_bank", rows, [person("Ann", "Lee", "1", "X"), person("Bob", "Ray", "2", "Y")])
+    assert {v: view_rows(gov, v) for v in VIEWS["government"]} == before
+    assert take_changes(gov, state.gxid) == []
+    assert (state.touched, state.unknown, state.deleted, state.written) == (set(), {}, set(), {})
+    apply_delta(state, "dejima_bank", rows[:2], [])  # the transaction is still usable
+    assert [r["phone"] for r in view_rows(gov, "dejima_bank")][:2] == ["9", "2"]
+
+
 def test_a_filtered_view_with_defaults(peer_db: Callable[..., str], tmp_path: Path) -> None:
     """Putback defaults are unknown, a known value replaces them; a row outside the filter is refused intact."""
     root = make_peer_type_root(tmp_path / "types", {"school": SCHOOL_MANIFEST})

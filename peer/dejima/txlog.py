@@ -130,9 +130,11 @@ def seal(conn: psycopg.Connection[Any], limit: int = SEAL_BATCH) -> int:
 def seal_all(conn: psycopg.Connection[Any]) -> int:
     """Seal every committed staged entry. Returns how many."""
     total = 0
-    while (n := seal(conn)) > 0:
+    while True:
+        n = seal(conn)
         total += n
-    return total
+        if n < SEAL_BATCH:  # the last batch was not full: nothing was left (no empty transaction to tell so)
+            return total
 
 
 @dataclass
