@@ -14,7 +14,7 @@ A delta keeps the prototype's shape `{view, insertions, deletions}`.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, Self
 
 PROTOCOL = "dejima/1"
@@ -36,12 +36,21 @@ def new_message_id() -> str:
     return uuid.uuid4().hex
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # message class -> its field names, in order
+
+
 @dataclass(frozen=True)
 class Message:
     kind: ClassVar[str] = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"protocol": PROTOCOL, "kind": self.kind, "body": asdict(self), "signature": None}
+        """The envelope. Its body holds the message's own field values (no deep copy, as `asdict` makes: they are
+        JSON values already, and the envelope is serialised at once): do not change it."""
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:
+            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in fields(self))
+        body = {name: getattr(self, name) for name in names}
+        return {"protocol": PROTOCOL, "kind": self.kind, "body": body, "signature": None}
 
     @classmethod
     def from_body(cls, body: object) -> Self:
