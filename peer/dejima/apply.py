@@ -29,7 +29,8 @@ Pairing inside one delta: an insertion with `$was` = K0 and the deletion of K0 a
 `$was` and no such deletion is a rename too); otherwise an insertion and a deletion with the same key are an
 UPDATE; other deletions are deletes, other insertions inserts. Order of work: deletes, then renames (a rename onto
 a key another rename frees goes after it; a cycle, two rows swapping keys, parks one row at a temporary key first),
-then updates and inserts.
+then updates and inserts. A delta of several rows without renames reads all its rows first (one round trip),
+then writes them (one more; `_apply_rows`); otherwise each row is read and written in turn.
 
 - DELETE of K: no row at K → nothing (idempotent). A row at K that this gxid already wrote (touched) →
   `ApplyConflict` (delete vs update from two branches), whatever its values in this view: an update that
