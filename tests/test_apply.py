@@ -821,6 +821,39 @@ def test_a_failed_write_in_a_delta_of_many_rows_changes_nothing(gov: psycopg.Con
     assert [r["phone"] for r in view_rows(gov, "dejima_bank")][:2] == ["9", "2"]
 
 
+@pytest.mark.parametrize("failure", ["constraint", "lock"])
+def test_failed_deltas_of_many_rows_leave_no_statement_half_prepared(
+    gov: psycopg.Connection[Any], failure: str
+) -> None:
+    """A delta of several rows that fails midway (its writes, or its reads) leaves the connection able to run
+    every statement of the next ones, time after time (the reads and writes go in pipelines)."""
+    _people(gov)
+    gov.execute("ALTER TABLE government_users ADD CONSTRAINT short_phone CHECK (length(phone) < 9)")
+    gov.commit()
+    holder = psycopg.connect(gov.info.dsn)
+    old = [person("Ann", "Lee", "1", "X"), person("Bob", "Ray", "2", "Y")]
+    for i in range(8):
+        state = gx(gov)
+        bad = [
+            person("Ann", "Lee", "123456789" if failure == "constraint" else "1", "X"),
+            person("Bob", "Ray", "2", f"Q{i}"),
+        ]
+        if failure == "lock":
+            gov.execute("SET LOCAL lock_timeout = '20ms'")
+            holder.execute("SELECT 1 FROM government_users WHERE first_name = 'Bob' FOR UPDATE")
+        with pytest.raises(
+            psycopg.errors.CheckViolation if failure == "constraint" else psycopg.errors.LockNotAvailable
+        ):
+            apply_delta(state, "dejima_bank", bad, old)
+        holder.rollback()
+        good = [person("Ann", "Lee", "1", f"A{i}"), person("Bob", "Ray", "2", f"B{i}")]
+        apply_delta(state, "dejima_bank", good, old)
+        gov.commit()
+        old = good
+    holder.close()
+    assert [r["address"] for r in view_rows(gov, "dejima_bank")][:2] == ["A7", "B7"]
+
+
 def test_a_filtered_view_with_defaults(peer_db: Callable[..., str], tmp_path: Path) -> None:
     """Putback defaults are unknown, a known value replaces them; a row outside the filter is refused intact."""
     root = make_peer_type_root(tmp_path / "types", {"school": SCHOOL_MANIFEST})
