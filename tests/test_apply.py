@@ -822,9 +822,7 @@ def test_a_failed_write_in_a_delta_of_many_rows_changes_nothing(gov: psycopg.Con
 
 
 @pytest.mark.parametrize("failure", ["constraint", "lock"])
-def test_failed_deltas_of_many_rows_leave_no_statement_half_prepared(
-    gov: psycopg.Connection[Any], failure: str
-) -> None:
+def test_failed_deltas_of_many_rows_leave_the_connection_usable(gov: psycopg.Connection[Any], failure: str) -> None:
     """A delta of several rows that fails midway (its writes, or its reads) leaves the connection able to run
     every statement of the next ones, time after time (the reads and writes go in pipelines)."""
     _people(gov)

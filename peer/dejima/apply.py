@@ -623,7 +623,7 @@ def _apply_rows(state: GxState, io: _ViewIO, plan: _Plan) -> None:
     updates: list[tuple[Key, Row]] = []
     inserts: list[_Incoming] = []
     touched: list[tuple[str, int]] = []
-    for (row, _), current in zip(plan.deletes, found, strict=False):
+    for (row, _), current in zip(plan.deletes, found[: len(plan.deletes)], strict=True):
         if current is not None:
             if (io.table.name, current[0]) in state.touched:
                 raise _delete_conflict(state, io, row, current[1])
