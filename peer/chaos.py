@@ -19,10 +19,12 @@ request is recorded: gxid (when answered), peer, statements, HTTP status, outcom
 (an answer that is not "committed": 4xx, 503, 504; the write must have no effect), or `unknown` (timeout,
 connection error, 500: it may have committed or not).
 
-At the end every fault is undone, the client threads stop, every peer is restarted cleanly, and recovery gets 5 s
-after the last restart; then it checks: every dejima view identical across its group and every hash chain valid
+At the end every fault is undone, the client threads stop, every peer is restarted cleanly, and recovery gets 15 s
+after the last restart (a global transaction still open or prepared then is stuck); once the network is quiet (at
+most 60 s more) it checks: every dejima view identical across its group and every hash chain valid
 (`check_network`); every key's state at every peer is one the history allows (an acknowledged write missing is a
-lost ack, a failed write visible is a phantom write); no prepared transaction left.
+lost ack, a failed write visible is a phantom write); nothing left stuck. `settle_seconds`: how long
+the network took to become quiet after the clients stopped.
 
 Output: a JSON report (`--json`) or a summary; exit 1 when any of divergent_views, lost_acks, phantom_writes,
 stuck_prepared, broken_chains is non-zero, 2 when the run itself could not be done.
@@ -70,7 +72,8 @@ PEERS = tuple(TABLES)
 CLIENTS = 3
 CLIENT_TIMEOUT = 8.0  # seconds per request; longer than a global transaction (DEJIMA_TXN_TIMEOUT)
 PEER_ENV = {"DEJIMA_TXN_TIMEOUT": "3", "DEJIMA_PEER_TIMEOUT": "1.5", "DEJIMA_LOG_LEVEL": "info"}
-RECOVERY_GRACE = 5.0  # seconds after the last restart by which no prepared transaction may be left
+RECOVERY_GRACE = 15.0  # seconds after the last restart by which no global transaction may be left open or prepared
+SETTLE_LIMIT = 60.0  # seconds past the grace the verification still waits for a quiet network before it reads
 FAILED_STATUSES = frozenset({400, 403, 404, 409, 422, 503, 504})
 ABSENT = None  # the state of a key with no row
 
@@ -337,6 +340,8 @@ class Chaos:
         self.stopped_peers: set[str] = set()
         self.last_restart = time.monotonic()
         self.controller: Client | None = None
+        self.settle_seconds = 0.0  # from the end of the clients to a quiet network (or to the limit)
+        self.left_open: list[str] = []  # what was still open or prepared at the end of the grace
 
     def kinds(self) -> tuple[str, ...]:
         if self.server.kind == "external":
@@ -502,10 +507,27 @@ class Chaos:
         for name in PEERS:
             self.cluster.net.wait_healthy(name, timeout=30)
         self.wait_groups()
-        # recovery gets RECOVERY_GRACE seconds after the last restart (or after the clients stopped)
-        deadline = max(self.last_restart, time.monotonic()) + RECOVERY_GRACE
+        # Recovery gets RECOVERY_GRACE seconds after the last restart (or after the clients stopped); what is still
+        # open then is a finding (stuck_prepared). The views are compared only once the network is quiet (or
+        # SETTLE_LIMIT later): a transaction still committing would show as a divergence that is not one.
+        start = time.monotonic()
+        deadline = max(self.last_restart, start) + RECOVERY_GRACE
         while time.monotonic() < deadline and not self.cluster.quiet():
             time.sleep(0.1)
+        if not self.cluster.quiet():
+            self.left_open = self.still_open()
+            limit = time.monotonic() + SETTLE_LIMIT
+            while time.monotonic() < limit and not self.cluster.quiet():
+                time.sleep(0.2)
+        self.settle_seconds = round(time.monotonic() - start, 3)
+
+    def still_open(self) -> list[str]:
+        """The prepared transactions (gid) and the peers with open global transactions ('peer: N open')."""
+        try:
+            opened = [f"{name}: {n} open" for name, n in self.cluster.open_transactions().items() if n]
+        except (requests.RequestException, NetworkError) as exc:
+            opened = [f"status unreadable: {exc}"]
+        return [*self.cluster.prepared(), *opened]
 
     def read_states(self) -> dict[str, dict[tuple[str, str], list[State]]]:
         """peer -> key -> the addresses of its rows (more than one: a duplicate), read from the databases."""
@@ -520,9 +542,26 @@ class Chaos:
             out[peer] = rows
         return out
 
+    def key_ops(self, key: tuple[str, str]) -> list[dict[str, Any]]:
+        """The requests that changed `key`, in the order they were issued: peer, gxid, outcome, the key's op."""
+        with self.history.lock:
+            return [
+                {
+                    "peer": r.peer,
+                    "gxid": r.gxid,
+                    "outcome": r.outcome,
+                    "status": r.status,
+                    "op": op.kind,
+                    "address": op.address,
+                }
+                for r in self.history.requests
+                for op in r.ops
+                if op.key == key
+            ]
+
     def verify(self) -> dict[str, Any]:
         report = self.cluster.check()
-        stuck = self.cluster.prepared()
+        stuck = sorted({*self.left_open, *self.cluster.prepared()})
         states = self.read_states()
         per_key: dict[tuple[str, str], list[tuple[Op, str]]] = {}
         with self.history.lock:
@@ -531,8 +570,12 @@ class Chaos:
                     per_key.setdefault(op.key, []).append((op, req.outcome))
         lost: list[dict[str, Any]] = []
         phantom: list[dict[str, Any]] = []
+        split: list[dict[str, Any]] = []  # keys whose rows differ between peers: what a divergent view is made of
         for key in sorted(set(per_key) | {k for rows in states.values() for k in rows}):
             ops = per_key.get(key, [])
+            found_at = {peer: states[peer].get(key, []) for peer in PEERS}
+            if len({tuple(rows) for rows in found_at.values()}) > 1:
+                split.append({"key": list(key), "found": found_at, "ops": self.key_ops(key)})
             allowed = possible_states(ops)
             for peer in PEERS:
                 found = states[peer].get(key, [])
@@ -554,12 +597,14 @@ class Chaos:
             "phantom_writes": len(phantom),
             "stuck_prepared": len(stuck),
             "broken_chains": len(report["broken_chains"]),
+            "settle_seconds": self.settle_seconds,
             "details": {
                 "divergent_views": report["divergent_views"],
                 "broken_chains": report["broken_chains"],
                 "stuck_prepared": stuck,
                 "lost_acks": lost[:20],
                 "phantom_writes": phantom[:20],
+                "split_keys": split[:20],
                 "check_errors": report["errors"],
                 "fault_points_missed": self.missed,
             },
@@ -659,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             f"{result['trials']} trials (seed {seed}): {result['committed']} committed, {result['aborted']} aborted, "
-            f"{result['unknown']} unknown; faults {result['faults']}"
+            f"{result['unknown']} unknown; faults {result['faults']}; quiet {result['settle_seconds']} s after the end"
         )
         print(", ".join(f"{k} {result[k]}" for k in FINDINGS) + (" - NOT OK" if failed else " - ok"))
     return 1 if failed else 0

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from peer.network import LocalNetwork
+from peer.testkit.proxy import settle
 
 pytestmark = pytest.mark.cluster
 
@@ -36,6 +37,9 @@ def test_it_fails_on_a_database_tampered_with_directly(network: LocalNetwork) ->
         "bank", "INSERT INTO bank_users (first_name, last_name, address, phone) VALUES ('Ann', 'Lee', '1 Main', '5')"
     )
     assert status == 200, body
+    # The origin answers once it decided (DEJIMA_COMMIT_WAIT=decision): government may not have committed the row yet,
+    # and an UPDATE behind its back would then find nothing to change.
+    settle(network.specs["government"].url)
     # A direct write without a gxid bypasses Dejima: nothing is captured or propagated.
     with psycopg.connect(network.server.url(network.specs["government"].database), autocommit=True) as conn:
         conn.execute("UPDATE government_users SET address = 'tampered' WHERE first_name = 'Ann'")
