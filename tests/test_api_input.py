@@ -21,6 +21,7 @@ import requests
 from peer.cli import check_network
 from peer.dejima.config import load_config
 from peer.network import LocalNetwork
+from peer.testkit.proxy import settle
 from tests.helpers import claimed_sender, sign_as, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -62,9 +63,12 @@ def post(net: LocalNetwork, peer: str, path: str, body: Any, front: str = "gunic
 
 
 def base_rows(net: LocalNetwork) -> dict[str, list[tuple[Any, ...]]]:
-    """Every peer's base table, read straight from its database (committed state only)."""
+    """Every peer's base table, read straight from its database (committed state only), once the transactions
+    prepared there have finished: with DEJIMA_COMMIT_WAIT=decision a write is answered before its COMMIT PREPARED
+    reached the participants."""
     out = {}
     for peer in PEERS:
+        settle(net.specs[peer].url)
         with psycopg.connect(net.server.url(net.specs[peer].database)) as conn:
             out[peer] = conn.execute(f"SELECT * FROM {TABLES[peer]} ORDER BY id").fetchall()  # noqa: S608
     return out

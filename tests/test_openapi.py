@@ -32,6 +32,7 @@ from schemathesis.generation.feedback import FeedbackSources
 from schemathesis.pytest._test_builder import build_operation_test
 
 from peer.network import LocalNetwork
+from peer.testkit.proxy import settle
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +134,7 @@ class Watch:
     """Reads every peer's state straight from its database (autocommit: committed state only)."""
 
     def __init__(self, net: LocalNetwork) -> None:
+        self.net = net
         self.conns = {
             p: psycopg.connect(net.server.url(net.specs[p].database), autocommit=True) for p in PEERS if p in net.specs
         }
@@ -141,6 +143,10 @@ class Watch:
 
     def quiet(self) -> dict[str, Any]:
         """The state once nothing is prepared anywhere (a write's participants commit after its answer)."""
+        # First let each peer finish what it prepared: the poll below reads the tables before the prepared count, so a
+        # COMMIT PREPARED landing between the two would pass a state that misses the write.
+        for peer in self.conns:
+            settle(self.net.specs[peer].url)
 
         def settled() -> dict[str, Any] | None:
             state = {p: peer_state(c, p) for p, c in self.conns.items()}
