@@ -76,6 +76,7 @@ Limits: a view must be the generated projection + selection of one base table (`
 from __future__ import annotations
 
 import datetime
+import decimal
 import math
 import uuid
 from collections.abc import Iterable, Sequence
@@ -314,9 +315,9 @@ def _check_value(io: _ViewIO, where: str, column: str, value: Any) -> Any:
             raise _bad(name, where, f"column {column!r}: {value} is out of range for {pg_type}")
         return value
     if pg_type in ("numeric", "double precision"):
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        if not isinstance(value, int | float | decimal.Decimal) or isinstance(value, bool):
             raise wrong
-        if isinstance(value, float) and not math.isfinite(value):
+        if not (value.is_finite() if isinstance(value, decimal.Decimal) else math.isfinite(value)):
             raise _bad(name, where, f"column {column!r}: {value!r} is not a finite number")
         return value
     if pg_type == "boolean":

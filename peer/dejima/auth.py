@@ -14,8 +14,9 @@ and the signed bytes are `b"dejima-signature/1\\n"` followed by the canonical JS
 
     {"protocol": …, "kind": …, "body": …, "peer": …, "ts": …, "id": …, "reply_to": …}
 
-where canonical JSON is `json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)` (UTF-8 bytes;
-only ASCII in fact). The body is signed as it is on the wire (the JSON object received), not as re-serialized.
+where canonical JSON is `jsonvalues.canonical(value)`: keys sorted, no spaces, non-ASCII characters escaped, a
+number with a fraction written exactly as received (UTF-8 bytes; only ASCII in fact). The body is signed as it is
+on the wire (the JSON object received), not as re-serialized.
 
 Requests (`verify_request`, at the message endpoint) are refused with 401 when: there is no signature or it is
 malformed; the signer is not a trusted peer; the signature does not verify with the signer's trusted key (forged, or
@@ -45,7 +46,6 @@ from __future__ import annotations
 import base64
 import binascii
 import heapq
-import json
 import logging
 import os
 import threading
@@ -59,6 +59,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from peer.dejima import jsonvalues
 from peer.dejima.messages import Ack, DecisionQuery, Finish, Hello, Message, Prepare, Propagate, PropagateReply
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
 
 
 def canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return jsonvalues.canonical(value).encode()
 
 
 def signed_bytes(envelope: Mapping[str, Any], peer: str, ts: int, sig_id: str, reply_to: str) -> bytes:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import secrets
@@ -50,7 +49,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from peer.dejima import txlog
+from peer.dejima import jsonvalues, txlog
 from peer.dejima.apply import SAVEPOINT, ApplyConflict, ApplyError, GxState, apply_and_take, outgoing, without_echo
 from peer.dejima.config import PeerConfig
 from peer.dejima.delta import Delta, RowChange, take_changes
@@ -1165,23 +1164,25 @@ def origin_keys(ptype: PeerType, deltas: dict[str, Delta]) -> dict[str, list[lis
     total = 0
     for view, delta in deltas.items():
         key = ptype.view(view).key
-        keys = {json.dumps([row.get(k) for k in key]) for row in [*delta.insertions, *delta.deletions]}
+        keys = {jsonvalues.dumps([row.get(k) for k in key]) for row in [*delta.insertions, *delta.deletions]}
         keys |= {
-            json.dumps([row[WAS].get(k) for k in key]) for row in delta.insertions if isinstance(row.get(WAS), dict)
+            jsonvalues.dumps([row[WAS].get(k) for k in key])
+            for row in delta.insertions
+            if isinstance(row.get(WAS), dict)
         }
         total += len(keys)
-        out[view] = [json.loads(k) for k in sorted(keys)]
+        out[view] = [jsonvalues.loads(k) for k in sorted(keys)]
     return out if total <= ORIGIN_KEYS_LIMIT else {}
 
 
 def _without_keys(delta: Delta, key: tuple[str, ...], keys: list[list[Any]]) -> Delta:
     """The delta without rows whose identity key (or old key) is among `keys`."""
-    drop = {json.dumps(k) for k in keys}
+    drop = {jsonvalues.dumps(k) for k in keys}
 
     def kept(row: dict[str, Any]) -> bool:
         was = row.get(WAS)
-        old = json.dumps([was.get(k) for k in key]) if isinstance(was, dict) else None
-        return json.dumps([row.get(k) for k in key]) not in drop and old not in drop
+        old = jsonvalues.dumps([was.get(k) for k in key]) if isinstance(was, dict) else None
+        return jsonvalues.dumps([row.get(k) for k in key]) not in drop and old not in drop
 
     return Delta(delta.view, [r for r in delta.insertions if kept(r)], [r for r in delta.deletions if kept(r)])
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import psycopg
 
+from peer.dejima import jsonvalues  # noqa: F401  (json/jsonb numbers load exactly: see the module)
+
 Row = dict[str, Any]
 
 TAKE_SQL = """

@@ -20,13 +20,14 @@ path (seeds may name either) and everything else.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, BinaryIO
+
+from peer.dejima import jsonvalues
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class PeerServer:
         if method != "POST":
             return 405, {"status": "error", "kind": "method_not_allowed", "error": f"{method} not allowed"}, close
         try:
-            envelope = json.loads(body)
+            envelope = jsonvalues.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             return 400, _error_body(f"malformed JSON: {exc}"), close
         try:
@@ -212,7 +213,7 @@ class PeerServer:
 
     @staticmethod
     def _response(status: int, answer: dict[str, Any], close: bool) -> bytes:
-        body = json.dumps(answer, separators=(",", ":")).encode()
+        body = jsonvalues.dumps(answer).encode()
         try:
             reason = HTTPStatus(status).phrase
         except ValueError:

@@ -12,7 +12,6 @@ when it is signed by a trusted peer and bound to the request (`verify_answer`); 
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import select
 import socket
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from peer.dejima import jsonvalues
 from peer.dejima.auth import Authenticator, AuthError, authorize, signature_id
 from peer.dejima.messages import Message, MessageError, parse
 
@@ -164,7 +164,7 @@ class Transport:
     def call(self, url: str, message: Message, timeout: float) -> CallResult:
         """POST one message to a peer; the answer (or the failure) as a value."""
         envelope = sign(self.auth, message.to_json())
-        body = json.dumps(envelope, separators=(",", ":")).encode()
+        body = jsonvalues.dumps(envelope).encode()
         try:
             status, data = self.connections.post(url, MESSAGE_PATH, body, timeout)
         except CallTimeout:
@@ -172,7 +172,7 @@ class Transport:
         except (OSError, http.client.HTTPException) as exc:
             return CallResult(url, None, error=f"{url} is unreachable ({type(exc).__name__})", error_kind="unreachable")
         try:
-            raw = json.loads(data)
+            raw = jsonvalues.loads(data)
             answer = parse(raw)
         except (ValueError, MessageError) as exc:
             kind = "refused" if 400 <= status < 500 else "internal"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from peer.dejima import jsonvalues
 from peer.dejima.delta import RowChange
 
 GENESIS = "0" * 64
@@ -80,7 +80,7 @@ def summary(changes: Iterable[RowChange]) -> dict[str, dict[str, Any]]:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return jsonvalues.canonical(value, default=str)
 
 
 def timestamp(at: datetime.datetime) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +36,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from psycopg import sql
 from rest_framework.decorators import api_view
 
-from peer.dejima import inbox, txlog
+from peer.dejima import inbox, jsonvalues, txlog
 from peer.dejima.coordinator import GlobalTxnError, classify
 from peer.dejima.runtime import get_runtime
 from peer.dejima.serializers import (
@@ -89,6 +88,11 @@ class BadInput(Exception):
         super().__init__(message)
 
 
+def exact_json(data: Any, status: int = 200) -> HttpResponse:
+    """A JSON answer whose numbers are exact (`jsonvalues`): JsonResponse would write a Decimal as a string."""
+    return HttpResponse(jsonvalues.dumps(data), content_type="application/json", status=status)
+
+
 def _json_body(request: HttpRequest) -> Any:
     """The request body as JSON, within the size limit. Raises BadInput with a clear message."""
     limit = get_runtime().config.max_body_bytes
@@ -102,7 +106,7 @@ def _json_body(request: HttpRequest) -> Any:
     if len(body) > limit:
         raise BadInput(413, f"body is larger than the limit of {limit} bytes")
     try:
-        return json.loads(body)
+        return jsonvalues.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInput(400, f"malformed JSON: {exc}") from None
 
@@ -159,7 +163,7 @@ def health(request: HttpRequest) -> JsonResponse:
 def message(request: HttpRequest) -> HttpResponse:
     """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello): `peer.dejima.inbox`."""
     status, answer = inbox.handle_message(_json_body(request), request.META.get("REMOTE_ADDR", ""))
-    return JsonResponse(answer, status=status)
+    return exact_json(answer, status=status)
 
 
 @extend_schema(
@@ -294,7 +298,7 @@ def view_snapshot(view: str) -> dict[str, Any]:
     with rt.pool.connection(timeout=5) as conn:
         rows = [r[0] for r in conn.execute(q).fetchall()]
     digest = hashlib.sha256()
-    for line in sorted(json.dumps(r, sort_keys=True) for r in rows):
+    for line in sorted(jsonvalues.canonical(r) for r in rows):
         digest.update(line.encode() + b"\n")
     return {"view": view, "columns": list(spec.columns), "rows": rows, "digest": digest.hexdigest()}
 
@@ -305,11 +309,11 @@ def view_snapshot(view: str) -> dict[str, Any]:
     responses={200: ViewRowsSerializer, 404: _err("not a dejima view of this peer"), **NOT_ALLOWED},
 )
 @api_view(["GET"])
-def view_rows(request: HttpRequest, view: str) -> JsonResponse:
+def view_rows(request: HttpRequest, view: str) -> HttpResponse:
     rt = get_runtime()
     if view not in rt.directory.my_views:
         return _error(404, f"unknown view {view!r}; this peer shares {sorted(rt.directory.my_views)}")
-    return JsonResponse(view_snapshot(view))
+    return exact_json(view_snapshot(view))
 
 
 @extend_schema(
