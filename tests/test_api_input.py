@@ -237,6 +237,15 @@ def test_it_refuses_a_write_through_the_query_endpoint(net: LocalNetwork) -> Non
     assert_nothing_applied(net, sent)
 
 
+def test_a_query_answers_numbers_as_it_always_did(net: LocalNetwork) -> None:
+    """numeric as a string (exact for any client), a number inside json/jsonb as a JSON number."""
+    status, answer = post(
+        net, "bank", "/api/v1/query", {"sql": """SELECT 12.50::numeric AS n, '{"a": 1.5}'::jsonb AS j"""}
+    )
+    assert status == 200, answer
+    assert answer == {"columns": ["n", "j"], "rows": [["12.50", {"a": 1.5}]]}
+
+
 @pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query", "/peer/v1/message"])
 def test_it_refuses_a_body_over_the_limit_with_413(net: LocalNetwork, path: str) -> None:
     sent = sent_messages(net)

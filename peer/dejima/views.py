@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from psycopg import sql
+from psycopg.types.json import set_json_loads
 from rest_framework.decorators import api_view
 
 from peer.dejima import inbox, jsonvalues, txlog
@@ -277,7 +279,9 @@ def query(request: HttpRequest) -> JsonResponse:
             conn.execute(
                 sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{rt.config.statement_timeout_ms}ms"))
             )
-            cur = conn.execute(statements[0].encode())
+            cur = conn.cursor()
+            set_json_loads(json.loads, cur)  # a client's json/jsonb as before (a Decimal would answer as a string)
+            cur.execute(statements[0].encode())
             columns = [d.name for d in cur.description or []]
             rows = [list(r) for r in cur.fetchall()] if cur.description else []
     except psycopg.Error as exc:
