@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import decimal
 import json
-from collections.abc import Callable
 from typing import Any
 
 import simplejson
 from psycopg.types.json import set_json_dumps, set_json_loads
 
 _DECODER = json.JSONDecoder(parse_float=decimal.Decimal)
-_COMPACT = simplejson.JSONEncoder(separators=(",", ":"), use_decimal=True, namedtuple_as_object=False)
-_CANONICAL = simplejson.JSONEncoder(sort_keys=True, separators=(",", ":"), use_decimal=True, namedtuple_as_object=False)
+_OPTIONS: dict[str, Any] = {"separators": (",", ":"), "use_decimal": True, "namedtuple_as_object": False}
+_COMPACT = simplejson.JSONEncoder(**_OPTIONS)
+_CANONICAL = simplejson.JSONEncoder(sort_keys=True, **_OPTIONS)
+_CANONICAL_OR_TEXT = simplejson.JSONEncoder(sort_keys=True, default=str, **_OPTIONS)
 
 
 def loads(data: str | bytes | bytearray) -> Any:
@@ -40,14 +41,10 @@ def dumps(value: Any) -> str:
     return _COMPACT.encode(value)
 
 
-def canonical(value: Any, default: Callable[[Any], Any] | None = None) -> str:
-    """The canonical text signed and hashed: keys sorted, compact, ASCII; a Decimal as the number it holds.
-    `default` converts what JSON has no form for (None: a TypeError)."""
-    if default is None:
-        return _CANONICAL.encode(value)
-    return simplejson.dumps(
-        value, sort_keys=True, separators=(",", ":"), use_decimal=True, namedtuple_as_object=False, default=default
-    )
+def canonical(value: Any, anything_as_text: bool = False) -> str:
+    """The canonical text signed and hashed: keys sorted, compact, ASCII; a Decimal as the number it holds. What
+    JSON has no form for is a TypeError, or its str() with `anything_as_text`."""
+    return (_CANONICAL_OR_TEXT if anything_as_text else _CANONICAL).encode(value)
 
 
 set_json_loads(loads)

@@ -80,7 +80,7 @@ def summary(changes: Iterable[RowChange]) -> dict[str, dict[str, Any]]:
 
 
 def _json(value: Any) -> str:
-    return jsonvalues.canonical(value, default=str)
+    return jsonvalues.canonical(value, anything_as_text=True)
 
 
 def timestamp(at: datetime.datetime) -> str:
