@@ -435,5 +435,5 @@ def test_numeric_values_cross_the_wire_and_apply_exactly(peer_db: Callable[..., 
             take_changes(receiver, gxid)
             origin.commit()
             receiver.commit()
-        (balance,) = receiver.execute("SELECT balance FROM accounts WHERE owner = 'Ann'").fetchone() or (None,)
-        assert balance == exact + 1
+        (stored,) = receiver.execute("SELECT balance FROM accounts WHERE owner = 'Ann'").fetchone() or (None,)
+        assert stored == exact + 1
