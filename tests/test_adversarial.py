@@ -1,7 +1,8 @@
 """Adversarial input, the part of the hand list tests/test_api_input.py and tests/test_auth.py do not cover yet:
-transaction control smuggled into /api/v1/exec and /api/v1/query, SQL-injection strings in identifiers (view, table
-and column names) and in values, an oversized body at the client, and a delta that breaks a UNIQUE or NOT NULL
-constraint only a receiver has. Every refusal is checked against the databases: nothing applied anywhere.
+transaction control and session state (a plain SET, RESET, …) smuggled into /api/v1/exec and /api/v1/query,
+SQL-injection strings in identifiers (view, table and column names) and in values, an oversized body at the client,
+and a delta that breaks a UNIQUE or NOT NULL constraint only a receiver has. Every refusal is checked against the
+databases: nothing applied anywhere.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import psycopg
 import pytest
 import requests
 
-from peer.dejima.sqlguard import statement_heads, transaction_control
+from peer.dejima.sqlguard import session_state, statement_heads, transaction_control
 from peer.network import LocalNetwork
 from tests.test_api_input import (
     PEERS,
@@ -92,6 +93,46 @@ def test_it_refuses_transaction_control_in_a_query(network: LocalNetwork) -> Non
     assert status == 400, answer
     assert "COMMIT is not allowed" in answer["error"], answer
     assert_nothing_applied(network)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("sql", "found"),
+    [
+        ("SET search_path TO evil", "SET SEARCH_PATH"),
+        ("select 1; set session statement_timeout = 0", "SET SESSION"),
+        ("SET ROLE postgres", "SET ROLE"),
+        ("SET TIME ZONE 'UTC'", "SET TIME"),
+        ("RESET ALL", "RESET"),
+        ("DISCARD PLANS", "DISCARD"),
+        ("PREPARE p AS SELECT 1", "PREPARE"),
+        ("DEALLOCATE ALL", "DEALLOCATE"),
+        ("LISTEN channel", "LISTEN"),
+        ("LOAD 'plugin'", "LOAD"),
+        ("SET LOCAL statement_timeout = '1s'", None),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+        ("SET CONSTRAINTS ALL DEFERRED", None),
+        ("PREPARE TRANSACTION 'x'", None),  # transaction control: refused by transaction_control
+        ("UPDATE t SET x = 1", None),
+        ("SELECT 'SET search_path TO x'", None),
+        ("SELECT set_config('search_path', 'x', true)", None),
+    ],
+)
+def test_it_finds_statements_that_would_leave_state_on_the_session(sql: str, found: str | None) -> None:
+    assert session_state([sql]) == found, statement_heads(sql)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query"])
+def test_it_refuses_session_state_and_leaves_later_requests_as_they_were(network: LocalNetwork, path: str) -> None:
+    sent = sent_messages(network)
+    status, answer = post(network, "bank", path, {"sql": ["SET search_path TO pg_catalog", INSERT]})
+    assert status == 400, answer
+    assert "SET SEARCH_PATH is not allowed" in answer["error"], answer
+    assert "SET LOCAL" in answer["error"], answer
+    assert_nothing_applied(network, sent)
+    for _ in range(4):  # whatever pooled connection serves it
+        assert network.query("bank", "SHOW search_path") == [{"search_path": '"$user", public'}]
 
 
 # ---- SQL injection in identifiers and values ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Refuse transaction control in statements a client sends (/api/v1/exec, /api/v1/query).
+"""Refuse transaction control, and session state, in statements a client sends (/api/v1/exec, /api/v1/query).
 
 The peer runs a client's statements inside the one database transaction of a global transaction. A `COMMIT`,
 `ROLLBACK`, `BEGIN`, `SAVEPOINT`/`RELEASE` or `PREPARE TRANSACTION` among them would end (or split) that transaction
@@ -7,6 +7,13 @@ origin only, though the request was refused; a PREPARE TRANSACTION left a prepar
 statements are found here, at the start of every top-level statement (outside quotes, dollar quotes and comments),
 and refused before anything runs. (COMMIT inside a DO block or procedure is refused by PostgreSQL itself inside a
 transaction block.)
+
+Session state is refused too (`session_state`): the peer serves every request on a pooled connection, so a plain
+`SET` (or `SET SESSION`), `RESET`, `DISCARD`, `PREPARE <name>`, `DEALLOCATE`, `LISTEN`, `UNLISTEN` or `LOAD` would
+outlive the request and change what later requests of any client, and the peer's own work, run with (a `SET`
+persists even after PREPARE TRANSACTION; a `DEALLOCATE` would take away psycopg's prepared statements). `SET LOCAL`,
+`SET TRANSACTION` and `SET CONSTRAINTS` end with the transaction and are allowed. (`set_config(…, false)` inside a
+query is not found here.)
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import re
 
 TRANSACTION_CONTROL = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"})
+SESSION_STATE = frozenset({"RESET", "DISCARD", "DEALLOCATE", "LISTEN", "UNLISTEN", "LOAD"})
+TRANSACTION_SCOPED_SET = frozenset({"LOCAL", "TRANSACTION", "CONSTRAINTS"})
 _DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
 _WORD = re.compile(r"[^\W\d]\w*")  # a letter or _ (any script), then letters, digits, _
 
@@ -96,4 +105,19 @@ def transaction_control(statements: list[str]) -> str | None:
                 return first
             if first == "PREPARE" and second == "TRANSACTION":
                 return head
+    return None
+
+
+def session_state(statements: list[str]) -> str | None:
+    """The first command among `statements` that would leave state on the session (plain SET, RESET, PREPARE <name>,
+    …: see the module), as its first two words, or None."""
+    for statement in statements:
+        for head in statement_heads(statement):
+            first, _, second = head.partition(" ")
+            if first in SESSION_STATE:
+                return first
+            if first == "SET" and second not in TRANSACTION_SCOPED_SET:
+                return head
+            if first == "PREPARE" and second != "TRANSACTION":
+                return first
     return None

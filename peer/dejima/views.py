@@ -12,6 +12,7 @@ themselves.
 | /api/v1/exec | POST {"sql": str or [str]} | 200 committed; 400 bad SQL or input; 409 conflict (Retry-After); |
 | | | 422 constraint; 503 unreachable peer, or busy (Retry-After); 504 timeout |
 | /api/v1/query | POST {"sql": str} | 200 {columns, rows}; 400 |
+| | | (both: transaction control or session state, a plain SET, … is 400: `peer.dejima.sqlguard`) |
 | /api/v1/views/<view> | GET | 200 {view, columns, rows, digest}; 404 unknown view |
 | /api/v1/prepared | GET | 200 prepared transactions of this peer's database |
 | /api/v1/txlog | GET ?verify=1&limit=N | 200 {peer, length, head, entries, verify?}; 400 bad limit |
@@ -58,7 +59,7 @@ from peer.dejima.serializers import (
     UnhealthySerializer,
     ViewRowsSerializer,
 )
-from peer.dejima.sqlguard import transaction_control
+from peer.dejima.sqlguard import session_state, transaction_control
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,13 @@ def _statements(body: Any) -> list[str]:
     control = transaction_control(stmts)
     if control is not None:
         raise BadInput(400, f"{control} is not allowed: the peer itself commits or aborts every request as a whole")
+    state = session_state(stmts)
+    if state is not None:
+        raise BadInput(
+            400,
+            f"{state} is not allowed: it would outlive the request on the peer's pooled connection; "
+            "use SET LOCAL (or set_config(…, true)) for this request's transaction only",
+        )
     return stmts
 
 
