@@ -110,7 +110,7 @@ def transaction_control(statements: list[str]) -> str | None:
 
 def session_state(statements: list[str]) -> str | None:
     """The first command among `statements` that would leave state on the session (plain SET, RESET, PREPARE <name>,
-    …: see the module), as its first two words, or None."""
+    …: see the module), named as the error names it (`SET SEARCH_PATH`, `RESET`), or None."""
     for statement in statements:
         for head in statement_heads(statement):
             first, _, second = head.partition(" ")
