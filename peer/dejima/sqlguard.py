@@ -19,6 +19,7 @@ query is not found here.)
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 TRANSACTION_CONTROL = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"})
 SESSION_STATE = frozenset({"RESET", "DISCARD", "DEALLOCATE", "LISTEN", "UNLISTEN", "LOAD"})
@@ -96,28 +97,32 @@ def statement_heads(text: str) -> list[str]:
     return heads
 
 
-def transaction_control(statements: list[str]) -> str | None:
-    """The first transaction-control command (COMMIT, PREPARE TRANSACTION, …) among `statements`, or None."""
+def _commands(statements: list[str]) -> Iterator[tuple[str, str, str]]:
+    """(first word, second word, both) of every top-level statement among `statements`."""
     for statement in statements:
         for head in statement_heads(statement):
             first, _, second = head.partition(" ")
-            if first in TRANSACTION_CONTROL:
-                return first
-            if first == "PREPARE" and second == "TRANSACTION":
-                return head
+            yield first, second, head
+
+
+def transaction_control(statements: list[str]) -> str | None:
+    """The first transaction-control command (COMMIT, PREPARE TRANSACTION, …) among `statements`, or None."""
+    for first, second, head in _commands(statements):
+        if first in TRANSACTION_CONTROL:
+            return first
+        if first == "PREPARE" and second == "TRANSACTION":
+            return head
     return None
 
 
 def session_state(statements: list[str]) -> str | None:
     """The first command among `statements` that would leave state on the session (plain SET, RESET, PREPARE <name>,
     …: see the module), named as the error names it (`SET SEARCH_PATH`, `RESET`), or None."""
-    for statement in statements:
-        for head in statement_heads(statement):
-            first, _, second = head.partition(" ")
-            if first in SESSION_STATE:
-                return first
-            if first == "SET" and second not in TRANSACTION_SCOPED_SET:
-                return head
-            if first == "PREPARE" and second != "TRANSACTION":
-                return first
+    for first, second, head in _commands(statements):
+        if first in SESSION_STATE:
+            return first
+        if first == "SET" and second not in TRANSACTION_SCOPED_SET:
+            return head
+        if first == "PREPARE" and second != "TRANSACTION":
+            return first
     return None
