@@ -33,6 +33,7 @@ from psycopg import sql
 from peer.dejima.apply import (
     ApplyBadRequest,
     ApplyConflict,
+    ApplyUnseen,
     GxState,
     ViewDelta,
     apply_delta,
@@ -684,6 +685,47 @@ def test_a_delete_is_idempotent(gov: psycopg.Connection[Any]) -> None:
     assert take_changes(gov, state.gxid) == []
     assert view_rows(gov, "dejima_bank") == []
     assert state.deleted == {("dejima_bank", JANE), ("dejima_insurance", JANE)}
+
+
+def test_a_deletion_that_finds_no_row_while_transactions_are_prepared_here_says_so(
+    peer_db: Callable[..., str],
+) -> None:
+    """A row inserted by a prepared transaction is invisible and locks nothing a read waits on: while the
+    coordinator says transactions are prepared here (`unseen_possible`), a deletion that finds no row raises
+    ApplyUnseen, changing nothing; a deletion this gxid already made, or one with nothing prepared, is a no-op."""
+    conninfo = peer_db("government")
+    ann = {"first_name": "Ann", "last_name": "Lee", "phone": "1", "address": "X"}
+    with psycopg.connect(conninfo, autocommit=True) as other:
+        other.execute("BEGIN")
+        set_gxid(other, "t-prepared")
+        other.execute("INSERT INTO dejima_bank (first_name, last_name, phone, address) VALUES ('Ann', 'Lee', '1', 'X')")
+        other.execute("PREPARE TRANSACTION 'dejima-test-unseen'")
+    try:
+        with psycopg.connect(conninfo) as conn:
+            conn.execute(
+                "INSERT INTO government_users (first_name, last_name, phone, address) VALUES ('Bob', 'Ray', '2', 'Y')"
+            )
+            conn.commit()
+            bob = {"first_name": "Bob", "last_name": "Ray", "phone": "2", "address": "Y"}
+            state = gx(conn)
+            state.unseen_possible = True
+            renamed = {**ann, "first_name": "Anna", WAS: {"first_name": "Ann", "last_name": "Lee"}}
+            for insertions, deletions in (([], [ann]), ([], [bob, ann]), ([renamed], [ann])):
+                saved = state.snapshot()
+                with pytest.raises(ApplyUnseen) as err:
+                    apply_delta(state, "dejima_bank", insertions, deletions)
+                assert (err.value.view, err.value.key) == ("dejima_bank", ("Ann", "Lee"))
+                assert state.snapshot() == saved
+                assert [r["first_name"] for r in view_rows(conn, "dejima_bank")] == ["Bob"]
+            apply_delta(state, "dejima_bank", [], [bob])
+            apply_delta(state, "dejima_bank", [], [bob])  # deleted in this gxid already: a second arrival
+            state.unseen_possible = False
+            apply_delta(state, "dejima_bank", [], [ann])  # nothing prepared that could hold it: gone
+            assert view_rows(conn, "dejima_bank") == []
+            conn.rollback()
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as other:
+            other.execute("ROLLBACK PREPARED 'dejima-test-unseen'")
 
 
 def test_rename_keeps_id_and_private_columns(gov: psycopg.Connection[Any]) -> None:

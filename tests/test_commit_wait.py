@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 
 from peer.network import LocalNetwork
-from tests.test_api_input import EVE_AT_BANK, person, post, propagate
+from tests.test_api_input import EVE_AT_BANK, PEERS, person, post, propagate
 from tests.test_prepare_on_the_way import committed, finish, prepared_gids
 
 pytestmark = pytest.mark.cluster
@@ -45,23 +45,50 @@ def test_a_read_at_a_participant_right_after_committed_sees_the_write(network: L
     assert network.get("government", "/api/v1/status")["stats"]["settle_timeouts"] == 0
 
 
-def test_a_read_waits_for_a_transaction_prepared_here_at_most_its_bound(network: LocalNetwork) -> None:
-    message = propagate("dejima_bank", [person()], origin_keys=EVE_AT_BANK, prepare=True)  # bank never finishes it
+def settle_stats(network: LocalNetwork) -> tuple[int, int]:
+    stats = network.get("government", "/api/v1/status")["stats"]
+    return stats["settle_asked"], stats["settle_timeouts"]
+
+
+def test_a_read_waits_for_a_late_commit_at_most_its_bound_then_asks_the_origin(network: LocalNetwork) -> None:
+    # bank never finishes it, and never decided it (it did not run it): asked, bank presumes abort
+    message = propagate("dejima_bank", [person()], origin_keys=EVE_AT_BANK, prepare=True)
     gxid = message["body"]["gxid"]
     status, answer = post(network, "government", "/peer/v1/message", message)
     assert (status, answer["body"]["vote"]) == (200, "yes"), answer
     assert f"dejima:{gxid}:government" in prepared_gids(network)
-    before = network.get("government", "/api/v1/status")["stats"]["settle_timeouts"]
-    started = time.monotonic()
-    assert network.query("government", "SELECT count(*) AS n FROM government_users") == [{"n": 0}]
-    waited = time.monotonic() - started
-    assert 0.9 <= waited < 4.0, waited  # READ_SETTLE_S (1 s), not the transaction's whole life
-    assert network.get("government", "/api/v1/status")["stats"]["settle_timeouts"] == before + 1
-    for peer in ("government", "insurance"):
-        assert finish(network, peer, gxid, "abort")["ok"]
+    asked, timeouts = settle_stats(network)
+    try:
+        started = time.monotonic()
+        assert network.query("government", "SELECT count(*) AS n FROM government_users") == [{"n": 0}]
+        waited = time.monotonic() - started
+        assert 0.9 <= waited < 4.0, waited  # READ_SETTLE_S (1 s), then one question, not the transaction's life
+        assert settle_stats(network) == (asked + 1, timeouts)
+        assert f"dejima:{gxid}:government" not in prepared_gids(network)  # rolled back, as its origin said
+    finally:
+        for peer in PEERS:
+            assert finish(network, peer, gxid, "abort")["ok"]
     started = time.monotonic()  # nothing prepared any more: no wait
     assert network.query("government", "SELECT count(*) AS n FROM government_users") == [{"n": 0}]
     assert time.monotonic() - started < 0.9
+
+
+def test_a_read_runs_after_its_bound_when_the_origin_cannot_say(network: LocalNetwork) -> None:
+    # the origin is no peer government knows: nobody can tell the decision, the transaction stays prepared
+    message = propagate("dejima_bank", [person()], origin="nowhere", origin_keys=EVE_AT_BANK, prepare=True)
+    gxid = message["body"]["gxid"]
+    status, answer = post(network, "government", "/peer/v1/message", message)
+    assert (status, answer["body"]["vote"]) == (200, "yes"), answer
+    asked, timeouts = settle_stats(network)
+    try:
+        started = time.monotonic()
+        assert network.query("government", "SELECT count(*) AS n FROM government_users") == [{"n": 0}]
+        assert 0.9 <= time.monotonic() - started < 4.0
+        assert settle_stats(network) == (asked + 1, timeouts + 1)
+        assert f"dejima:{gxid}:government" in prepared_gids(network)
+    finally:
+        for peer in PEERS:
+            assert finish(network, peer, gxid, "abort")["ok"]
 
 
 def test_strict_mode_answers_after_commit_prepared(network: LocalNetwork) -> None:
@@ -115,3 +142,40 @@ def test_a_write_whose_row_a_transaction_prepared_here_inserted_applies_once_tha
     assert (status, answer["body"]["vote"]) == (200, "yes"), answer
     for peer in ("government", "insurance"):
         finish(network, peer, update["body"]["gxid"], "abort")
+
+
+def test_a_delete_of_a_row_a_transaction_prepared_here_inserted_waits_for_it_and_deletes_it(
+    network: LocalNetwork,
+) -> None:
+    # the insert of Eve is prepared at government (its COMMIT PREPARED still on its way) when the delete of Eve
+    # arrives: the row is invisible to the delete's read (an uncommitted insert takes no lock a read would wait on),
+    # so the delete must wait for the insert to finish, not find nothing and vote yes: the insert would then
+    # commit after it and Eve would stay at government while bank has deleted her (the chaos run found this)
+    first = propagate("dejima_bank", [person()], origin_keys=EVE_AT_BANK, prepare=True)
+    delete = propagate(
+        "dejima_bank", [], deletions=[person()], origin_keys=EVE_AT_BANK, timeout_ms=20_000, prepare=True
+    )
+    gxids = [first["body"]["gxid"], delete["body"]["gxid"]]
+    try:
+        status, answer = post(network, "government", "/peer/v1/message", first)
+        assert (status, answer["body"]["vote"]) == (200, "yes"), answer
+        before = network.get("government", "/api/v1/status")["stats"]["unseen_waits"]
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(post, network, "government", "/peer/v1/message", delete)
+            time.sleep(0.3)  # less than READ_SETTLE_S: after it, government would ask bank, which never decided it
+            assert not second.done(), second.result()  # waiting for the insert
+            for peer in PEERS:
+                assert finish(network, peer, gxids[0], "commit")["ok"]
+            status, answer = second.result(timeout=30)
+        assert (status, answer["body"]["vote"]) == (200, "yes"), answer
+        assert "insurance" in answer["body"]["reached"], answer  # the delete went on to insurance
+        assert network.get("government", "/api/v1/status")["stats"]["unseen_waits"] == before + 1
+        for peer in PEERS:
+            assert finish(network, peer, gxids[1], "commit")["ok"]
+        for peer, table in (("government", "government_users"), ("insurance", "insurance_users")):
+            count = sql.SQL("SELECT count(*) AS n FROM {} WHERE first_name = 'Eve'").format(sql.Identifier(table))
+            assert network.query(peer, count.as_string(None)) == [{"n": 0}], peer
+    finally:  # nothing left prepared when it failed (a committed one stays committed)
+        for gxid in gxids:
+            for peer in PEERS:
+                finish(network, peer, gxid, "abort")

@@ -32,13 +32,16 @@ a key another rename frees goes after it; a cycle, two rows swapping keys, parks
 then updates and inserts. A delta of several rows without renames reads all its rows first (one round trip),
 then writes them (one more; `_apply_rows`); otherwise each row is read and written in turn.
 
-- DELETE of K: no row at K → nothing (idempotent). A row at K that this gxid already wrote (touched) →
-  `ApplyConflict` (delete vs update from two branches), whatever its values in this view: an update that
-  changed only columns of another view must conflict too, as it does in the other arrival order (the update finds
-  the key deleted). Else the row is deleted. (view, K) is remembered as deleted; `outgoing` adds the keys the
-  deleted base row had in the peer's other views, so call it after every `apply_delta`. One exception: when the
-  same delta renames another row onto K ("delete Jane, rename John to Jane") and the row at K was written in
-  this gxid, it is that renamed row (an earlier arrival applied the delta): the deletion is done already.
+- DELETE of K: no row at K → nothing (idempotent), except while transactions prepared here may hold a row no
+  read sees yet (`GxState.unseen_possible`, set by the coordinator): then `ApplyUnseen`, and the coordinator
+  applies again once they finished (a rename that finds neither its new nor its old key likewise). A row at K
+  that this gxid already wrote (touched) → `ApplyConflict` (delete vs update from two branches), whatever its
+  values in this view: an update that changed only columns of another view must conflict too, as it does in the
+  other arrival order (the update finds the key deleted). Else the row is deleted. (view, K) is remembered as
+  deleted; `outgoing` adds the keys the deleted base row had in the peer's other views, so call it after every
+  `apply_delta`. One exception: when the same delta renames another row onto K ("delete Jane, rename John to
+  Jane") and the row at K was written in this gxid, it is that renamed row (an earlier arrival applied the
+  delta): the deletion is done already.
 - INSERT/UPDATE/RENAME of row I (key K, unknown columns U): the current row R is the row at K; for a rename
   with no row at K, the row at `$was` = K0 (renamed in place: id and private columns kept). A rename that finds
   K already here (renamed by an earlier arrival) merges into it, and deletes a row still at K0 only when this
@@ -139,6 +142,18 @@ class ApplyBadRequest(ApplyError):
     """The delta is malformed (unknown view, wrong columns, missing key, wrong type); nothing was changed."""
 
 
+class ApplyUnseen(ApplyError):
+    """A deletion (a delete, or a rename's old key) found no row at its key while `GxState.unseen_possible`: the row
+    may be one that a transaction prepared here inserted and whose COMMIT PREPARED is still on its way, which no read
+    sees and none waits for (an uncommitted insert locks no row a read could wait on). Nothing was changed: the
+    caller lets those transactions finish and applies again with `unseen_possible` off."""
+
+    def __init__(self, view: str, key: Key) -> None:
+        self.view = view
+        self.key = key
+        super().__init__(f"{view}: no row at key {list(key)!r} yet")
+
+
 @dataclass
 class GxState:
     """Everything a peer remembers about one open global transaction (one per gxid, lives until prepare)."""
@@ -154,6 +169,8 @@ class GxState:
     # the gxid, or an invented one): the column-level refinement of `touched` that the merge uses
     written: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     peer: str = ""  # this peer's name, for messages
+    # transactions prepared here may hold rows no read sees yet: a deletion that finds no row raises ApplyUnseen
+    unseen_possible: bool = False
 
     def snapshot(self) -> Snapshot:
         """A copy of the bookkeeping, for `restore` (apply_delta restores it itself when it fails)."""
@@ -474,7 +491,16 @@ def _delete(state: GxState, io: _ViewIO, row: _Incoming, displaced: bool) -> Non
                 return
             raise _delete_conflict(state, io, row, current)
         io.write_delete(state.conn, row.key)
+    else:
+        _absent(state, io, row.key)
     state.deleted.add((view.name, row.key))
+
+
+def _absent(state: GxState, io: _ViewIO, key: Key) -> None:
+    """A deletion found no row at `key`: done already in this gxid (a second arrival), or gone before it; or, while
+    transactions prepared here may hold it, perhaps not visible yet (ApplyUnseen)."""
+    if state.unseen_possible and (io.view.name, key) not in state.deleted:
+        raise ApplyUnseen(io.view.name, key)
 
 
 def _delete_conflict(state: GxState, io: _ViewIO, row: _Incoming, current: Row) -> ApplyConflict:
@@ -554,6 +580,8 @@ def _upsert(state: GxState, io: _ViewIO, row: _Incoming, is_update: bool) -> Non
         old = io.read(conn, row.was)
         if found is None:
             found, at = old, row.was  # rename in place (or nothing there: insert below)
+            if old is None:
+                _absent(state, io, row.was)
         elif old is not None and (io.table.name, old[0]) not in state.touched:
             # the new key is here already (this gxid renamed it, or another branch brought it): the old key's row
             # from before the gxid goes, as the rename says; a row this gxid wrote there (a new row that took the
@@ -625,7 +653,9 @@ def _apply_rows(state: GxState, io: _ViewIO, plan: _Plan) -> None:
     inserts: list[_Incoming] = []
     touched: list[tuple[str, int]] = []
     for (row, _), current in zip(plan.deletes, found[: len(plan.deletes)], strict=True):
-        if current is not None:
+        if current is None:
+            _absent(state, io, row.key)
+        else:
             if (io.table.name, current[0]) in state.touched:
                 raise _delete_conflict(state, io, row, current[1])
             deletes.append(row.key)

@@ -50,7 +50,16 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from peer.dejima import jsonvalues, txlog
-from peer.dejima.apply import SAVEPOINT, ApplyConflict, ApplyError, GxState, apply_and_take, outgoing, without_echo
+from peer.dejima.apply import (
+    SAVEPOINT,
+    ApplyConflict,
+    ApplyError,
+    ApplyUnseen,
+    GxState,
+    apply_and_take,
+    outgoing,
+    without_echo,
+)
 from peer.dejima.config import PeerConfig
 from peer.dejima.delta import Delta, RowChange, take_changes
 from peer.dejima.directory import Directory
@@ -234,6 +243,9 @@ class Coordinator:
         self.lock = threading.Lock()
         self.finished = threading.Condition(self.lock)  # notified whenever a global transaction is forgotten here
         self.pending_finish: dict[str, set[str]] = {}  # gxid -> participants still to be told "commit"
+        # gxids prepared here by an earlier run of this peer (no Gx here): until recovery finishes them they count as
+        # prepared here for `settle` and `ApplyUnseen` like any other (`adopt_prepared`)
+        self.orphans: set[str] = set()
         self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
         self.seal_wanted = threading.Event()  # set after a commit here: the sealer chains its txlog entry
         # admission: global transactions started here beyond DEJIMA_MAX_ACTIVE wait (in arrival order) for a turn
@@ -253,6 +265,8 @@ class Coordinator:
             "prepared_on_the_way": 0,  # participant: prepared at the end of its propagate (Propagate.prepare)
             "busy": 0,  # origin: transactions refused because DEJIMA_MAX_ACTIVE were running for the whole timeout
             "settle_timeouts": 0,  # client statements that ran before prepared transactions here finished (settle)
+            "settle_asked": 0,  # prepared transactions here whose origin a settle asked for the decision (late finish)
+            "unseen_waits": 0,  # deletions that found no row and waited for transactions prepared here (ApplyUnseen)
         }
 
     # ---- helpers --------------------------------------------------------------------------------------------
@@ -351,27 +365,62 @@ class Coordinator:
         COMMIT PREPARED afterwards: a client statement here right after that answer (a read through the REST API,
         or a global transaction started here) first waits for it, so it sees the write. A transaction prepared here
         was voted for before its origin decided, so every write a client has been told is committed is covered.
-        Only transactions prepared before the call are waited for: a busy peer cannot keep a read waiting."""
+        Only transactions prepared before the call are waited for: a busy peer cannot keep a read waiting.
+
+        Those still prepared when `timeout` ran out (their origin's COMMIT PREPARED is late: it failed, or the origin
+        is slow) are finished as recovery would, at once: their origins are asked for the decision (`_resolve`)."""
         deadline = time.monotonic() + timeout
         with self.finished:
-            waiting = self._unsettled(self.gxs if gxids is None else gxids)
+            waiting = self._unsettled(self.gxs.keys() | self.orphans if gxids is None else gxids)
             while waiting:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.stats["settle_timeouts"] += 1
-                    return False
+                    break
                 self.finished.wait(left)
                 waiting = self._unsettled(waiting)
+        if not waiting:
+            return True
+        for gxid in sorted(waiting):
+            self.stats["settle_asked"] += 1
+            self._resolve(gxid)
+        with self.lock:
+            waiting = self._unsettled(waiting)
+        if waiting:
+            self.stats["settle_timeouts"] += 1
+            return False
         return True
 
     def _unsettled(self, gxids: Iterable[str]) -> set[str]:
         """Those of `gxids` prepared here and not finished yet (caller holds `lock`)."""
-        return {gxid for gxid in gxids if (gx := self.gxs.get(gxid)) is not None and gx.phase == "prepared"}
+        return {
+            gxid
+            for gxid in gxids
+            if gxid in self.orphans or ((gx := self.gxs.get(gxid)) is not None and gx.phase == "prepared")
+        }
 
     def prepared_here(self) -> frozenset[str]:
         """The global transactions prepared here now: what a client transaction arriving now must see (`settle`)."""
         with self.lock:
-            return frozenset(self._unsettled(self.gxs))
+            return frozenset(self._unsettled(self.gxs.keys() | self.orphans))
+
+    def adopt_prepared(self) -> int:
+        """Count the transactions prepared here by an earlier run of this peer as prepared here (`orphans`), before
+        this one serves anything: the first recovery pass, which finishes them, runs beside the serving. How many."""
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE %s",
+                (f"dejima:%:{self.name}",),
+            ).fetchall()
+        with self.lock:
+            self.orphans.update(gid.split(":")[1] for (gid,) in rows if gid.split(":")[1] not in self.gxs)
+            return len(self.orphans)
+
+    def _finished_here(self, gxid: str) -> None:
+        """gxid, prepared here, is finished: an orphan no more; whoever waits for it (`settle`) wakes."""
+        with self.lock:
+            if gxid in self.orphans:
+                self.orphans.discard(gxid)
+                self.finished.notify_all()
 
     def _older_open(self, gx: Gx) -> bool:
         with self.lock:
@@ -910,6 +959,10 @@ class Coordinator:
         assert gx.conn is not None and gx.state is not None
         conn, state = gx.conn, gx.state
         at_origin = gx.origin == self.name  # a delta come back round a cycle: the origin's own lock_timeout is long
+        # a write this one follows may still be prepared here (its origin answered its client once it decided, and
+        # COMMIT PREPARED is on its way); a deletion that finds no row waits for those (ApplyUnseen)
+        unseen = self.prepared_here()
+        state.unseen_possible = bool(unseen)
         if at_origin:
             conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{APPLY_LOCK_WAIT_MS}ms")))
         raced = False
@@ -920,6 +973,13 @@ class Coordinator:
                     return apply_and_take(
                         state, msg.view, msg.insertions, msg.deletions, savepoint_taken=savepoint_taken
                     )
+                except ApplyUnseen as exc:
+                    self.stats["unseen_waits"] += 1
+                    state.unseen_possible = False
+                    if not self.settle(min(READ_SETTLE_S, max(0.0, gx.deadline - time.monotonic())), gxids=unseen):
+                        raise GlobalTxnError(
+                            "busy", f"{self.name}: {exc}, and a transaction prepared here that may hold it is not done"
+                        ) from None
                 except pgerr.UniqueViolation:
                     # A row this apply did not see, inserted by a transaction prepared here whose COMMIT PREPARED
                     # landed while this insert waited for it (with DEJIMA_COMMIT_WAIT=decision its origin may
@@ -937,6 +997,7 @@ class Coordinator:
                     if time.monotonic() > gx.deadline:
                         raise GlobalTxnError("timeout", f"{self.name}: {msg.view} rows stayed locked") from None
         finally:
+            state.unseen_possible = False
             if at_origin:
                 conn.execute(
                     sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.config.lock_timeout_ms}ms"))
@@ -1028,6 +1089,8 @@ class Coordinator:
                 return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} was never prepared here", "refused")
             self.fault("participant_before_commit")
             ok = self._finish_prepared(msg.gxid, "COMMIT PREPARED")
+        if ok:
+            self._finished_here(msg.gxid)
         if gx is not None and ok:
             gx.phase = "committed" if msg.decision == "commit" else "aborted"
             self._forget(gx, aborted=msg.decision == "abort")
@@ -1086,19 +1149,13 @@ class Coordinator:
             ).fetchall()
         for gid, age in rows:
             gxid = gid.split(":")[1]
-            gx = self.gxs.get(gxid)
+            with self.lock:
+                gx = self.gxs.get(gxid)
+                if gx is None:
+                    self.orphans.add(gxid)
             if gx is not None and float(age) < min_age:
                 continue  # its origin is finishing it right now
-            outcome = self._ask_origin(gxid)
-            if outcome == "commit" and self._finish_prepared(gxid, "COMMIT PREPARED"):
-                counts["committed"] += 1
-            elif outcome == "abort" and self._finish_prepared(gxid, "ROLLBACK PREPARED"):
-                counts["aborted"] += 1
-            else:
-                counts["waiting"] += 1
-                continue
-            if gx is not None:
-                self._forget(gx, aborted=outcome == "abort")
+            counts[self._resolve(gxid)] += 1
         with self.lock:
             pending = dict(self.pending_finish)
         for gxid, names in pending.items():
@@ -1109,6 +1166,24 @@ class Coordinator:
                 else:
                     self.pending_finish.pop(gxid, None)
         return counts
+
+    def _resolve(self, gxid: str) -> str:
+        """Finish gxid, prepared here, as its origin decided: "committed", "aborted", or "waiting" (no decision yet,
+        or the origin did not answer). Safe at any moment: an origin answers abort only for a gxid it neither runs
+        nor decided, and a COMMIT PREPARED its own finish sends too finds nothing left to do."""
+        outcome = self._ask_origin(gxid)
+        if outcome == "commit" and self._finish_prepared(gxid, "COMMIT PREPARED"):
+            done = "committed"
+        elif outcome == "abort" and self._finish_prepared(gxid, "ROLLBACK PREPARED"):
+            done = "aborted"
+        else:
+            return "waiting"
+        self._finished_here(gxid)
+        gx = self.gxs.get(gxid)
+        if gx is not None:
+            gx.phase = done
+            self._forget(gx, aborted=done == "aborted")
+        return done
 
     def _ask_origin(self, gxid: str) -> str:
         origin = gxid_origin(gxid)

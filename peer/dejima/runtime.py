@@ -89,6 +89,8 @@ class PeerRuntime:
         self.transport = Transport(config.name, self.auth)
         self.directory = Directory(config, self.ptype, self.pool, self.transport)
         self.coordinator = Coordinator(config, self.ptype, self.pool, self.directory, self.transport)
+        if adopted := self.coordinator.adopt_prepared():
+            log.info("peer %s: %d transactions left prepared here; recovery finishes them", config.name, adopted)
         self.stopped = threading.Event()
         self.threads: list[threading.Thread] = []
         self.listener: PeerServer | None = None
