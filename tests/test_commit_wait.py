@@ -86,6 +86,14 @@ def test_a_read_runs_after_its_bound_when_the_origin_cannot_say(network: LocalNe
         assert 0.9 <= time.monotonic() - started < 4.0
         assert settle_stats(network) == (asked + 1, timeouts + 1)
         assert f"dejima:{gxid}:government" in prepared_gids(network)
+        # after a restart it is prepared here still, though this run of government never saw it: reads wait for it
+        network.stop("government")
+        network.start("government")
+        network.wait_ready(timeout=60)
+        started = time.monotonic()
+        assert network.query("government", "SELECT count(*) AS n FROM government_users") == [{"n": 0}]
+        assert 0.9 <= time.monotonic() - started < 4.0
+        assert settle_stats(network) == (1, 1)
     finally:
         for peer in PEERS:
             assert finish(network, peer, gxid, "abort")["ok"]
