@@ -15,8 +15,8 @@ the decision row, at a participant in the transaction it then PREPAREs — as a 
 at the same time do not wait for each other. The peer's sealer (`seal`, a background thread woken after every
 commit, and every read of the log) links the committed staged entries into the chain, several per database
 transaction, serialized by a transaction-level advisory lock (`CHAIN_LOCK`): the order of the chain is the order
-of sealing. A staged entry that is not sealed yet (a few milliseconds, or until the peer restarts after a crash) is
-not covered by the chain; `GET /api/v1/txlog` and `dejima check` seal first.
+of sealing. A staged entry that is not sealed yet (half a second, `SEAL_GATHER_S`, or until the peer restarts after a
+crash) is not covered by the chain; `GET /api/v1/txlog` and `dejima check` seal first.
 """
 
 from __future__ import annotations
