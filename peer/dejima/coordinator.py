@@ -407,14 +407,20 @@ class Coordinator:
     def adopt_prepared(self) -> int:
         """Count the transactions prepared here by an earlier run of this peer as prepared here (`orphans`), before
         this one serves anything: the first recovery pass, which finishes them, runs beside the serving. How many."""
+        rows = self._prepared_rows()
+        with self.lock:
+            self.orphans.update(gxid for gxid, _ in rows if gxid not in self.gxs)
+            return len(self.orphans)
+
+    def _prepared_rows(self) -> list[tuple[str, float]]:
+        """(gxid, seconds since PREPARE) of every transaction prepared here, by this peer's database."""
         with self.pool.connection() as conn:
             rows = conn.execute(
-                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE %s",
+                "SELECT gid, extract(epoch FROM now() - prepared) FROM pg_prepared_xacts"
+                " WHERE database = current_database() AND gid LIKE %s",
                 (f"dejima:%:{self.name}",),
             ).fetchall()
-        with self.lock:
-            self.orphans.update(gid.split(":")[1] for (gid,) in rows if gid.split(":")[1] not in self.gxs)
-            return len(self.orphans)
+        return [(gid.split(":")[1], float(age)) for gid, age in rows]
 
     def _finished_here(self, gxid: str) -> None:
         """gxid, prepared here, is finished: an orphan no more; whoever waits for it (`settle`) wakes."""
@@ -1142,20 +1148,13 @@ class Coordinator:
         # while the janitor waited behind the query below)
         self._janitor()
         min_age = self.config.txn_timeout if min_age_s is None else min_age_s
-        with self.pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT gid, extract(epoch FROM now() - prepared) FROM pg_prepared_xacts"
-                " WHERE database = current_database() AND gid LIKE %s",
-                (f"dejima:%:{self.name}",),
-            ).fetchall()
         due = []
-        for gid, age in rows:
-            gxid = gid.split(":")[1]
+        for gxid, age in self._prepared_rows():
             with self.lock:
                 gx = self.gxs.get(gxid)
                 if gx is None:
                     self.orphans.add(gxid)
-            if gx is None or float(age) >= min_age:  # else its origin is finishing it right now
+            if gx is None or age >= min_age:  # else its origin is finishing it right now
                 due.append(gxid)
         for done in self._resolve(due).values():
             counts[done] += 1
