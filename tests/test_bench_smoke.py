@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from peer.bench.common import Zipf
+from peer.bench.common import Zipf, cpu_split
 from peer.bench.topology import manifest_text, random_tree, star_types, tree_types
 from peer.pgserver import PgServer
 
@@ -43,6 +43,8 @@ def bench(pg_server: PgServer, out: Path, *args: str) -> dict[str, Any]:
     assert report["machine"]["cpus"] >= 1
     assert report["machine"]["postgres"]["server_version"]
     assert report["machine"]["postgres"]["max_prepared_transactions"]
+    assert_cpu_split(report["machine"]["cpu_during_run_pct"])
+    assert "% stolen by the host" in (out / "report.md").read_text()
     assert json.loads((out / "result.json").read_text())["bench"] == args[0]
     assert (out / "report.md").read_text().startswith(f"# {args[0]}")
     plots = [Path(p) for p in report["outputs"]["plots"]]
@@ -50,6 +52,23 @@ def bench(pg_server: PgServer, out: Path, *args: str) -> dict[str, Any]:
     for plot in plots:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
     return report
+
+
+def assert_cpu_split(split: dict[str, float]) -> None:
+    """Shares of the machine's CPU (/proc/stat): each within 0 to 100, together 100 but for rounding."""
+    assert set(split) == {"busy", "idle", "stolen"}, split
+    assert all(0 <= v <= 100 for v in split.values()), split
+    assert abs(sum(split.values()) - 100) <= 0.2, split
+
+
+def test_cpu_split_counts_the_ticks_between_two_readings() -> None:
+    #        user nice system idle iowait irq softirq steal
+    before = (100, 0, 50, 1000, 10, 0, 5, 20)
+    after = (160, 0, 70, 1090, 20, 0, 10, 70)  # +60 +0 +20 +90 +10 +0 +5 +50: 235 ticks
+    assert cpu_split(before, after) == {"busy": 36.2, "idle": 42.6, "stolen": 21.3}
+    assert cpu_split(before, before) is None  # no time passed
+    assert cpu_split(None, after) is None
+    assert cpu_split(before, after[:4]) is None
 
 
 def assert_latency(summary: dict[str, Any], samples: int) -> None:
@@ -107,6 +126,7 @@ def test_throughput_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
     for point in report["points"]:
         assert point["txn_per_s"] >= 0
         assert point["committed"] + point["aborted"] + point["finished_outside_window"] > 0
+        assert_cpu_split(point["machine_cpu_pct"])
     assert report["points"][0]["committed"] > 0  # one client alone never conflicts
     assert set(report["targets"]) == {"txn_per_s", "rss"}
     for peer in ("bank", "government", "insurance"):

@@ -339,6 +339,37 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / _CLOCK_TICKS
 
 
+_STAT_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_cpu() -> tuple[int, ...] | None:
+    """The whole machine's CPU time so far by kind (`_STAT_KINDS`, the first line of /proc/stat, in ticks); None
+    without /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return tuple(int(x) for x in fields[1 : 1 + len(_STAT_KINDS)])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_split(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> dict[str, float] | None:
+    """How the machine's CPU time went between two `machine_cpu` readings, in % of it: `busy` (user, system,
+    interrupts), `idle` (waiting for I/O included) and `stolen` (a virtual machine's CPU the host gave to someone
+    else meanwhile: on a shared host it varies by the hour, and the figures with it). None when unknown."""
+    if before is None or after is None or len(before) != len(after):
+        return None
+    d = dict(zip(_STAT_KINDS, (b - a for a, b in zip(before, after, strict=True)), strict=False))
+    total = sum(d.values())
+    if total <= 0:
+        return None
+    busy = d["user"] + d["nice"] + d["system"] + d["irq"] + d["softirq"]
+    return {
+        "busy": round(100 * busy / total, 1),
+        "idle": round(100 * (d["idle"] + d["iowait"]) / total, 1),
+        "stolen": round(100 * d.get("steal", 0) / total, 1),
+    }
+
+
 def memory_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of one process in KiB; (0, 0) when it is gone."""
     rss = hwm = 0

@@ -55,6 +55,12 @@ def machine_md(machine: Mapping[str, Any]) -> str:
         f"{machine.get('kernel')}, Python {machine.get('python')}",
         f"load average at start {machine.get('loadavg_at_start')}",
     ]
+    split = machine.get("cpu_during_run_pct")
+    if isinstance(split, Mapping):
+        parts.append(
+            f"the machine's CPU during the run: {split.get('busy')} % busy, {split.get('idle')} % idle, "
+            f"{split.get('stolen')} % stolen by the host"
+        )
     if isinstance(pg, Mapping) and pg.get("server_version"):
         parts.append(
             f"PostgreSQL {pg.get('server_version')} ({machine.get('postgres_server')}): "

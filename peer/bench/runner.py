@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from peer.bench.common import RESULTS_ROOT, BenchError, log
+from peer.bench.common import RESULTS_ROOT, BenchError, cpu_split, log, machine_cpu
 from peer.dejima.install import InstallError
 from peer.dejima.manifest import ManifestError
 from peer.network import NetworkError
@@ -99,7 +99,10 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
 def run_one(module: ModuleType, args: argparse.Namespace, out_dir: Path, argv: Sequence[str]) -> dict[str, Any]:
     from peer.bench.report import write_outputs
 
+    cpu_before = machine_cpu()
     report: dict[str, Any] = module.run(args)
+    if isinstance(report.get("machine"), dict):
+        report["machine"]["cpu_during_run_pct"] = cpu_split(cpu_before, machine_cpu())
     report.setdefault("bench", module.NAME)
     report["quick"] = bool(args.quick)
     report["command"] = " ".join(["python -m peer.bench", *argv])

@@ -47,8 +47,10 @@ from peer.bench.common import (
     check_consistency,
     closed_loop,
     cpu_seconds,
+    cpu_split,
     log,
     machine,
+    machine_cpu,
     memory_kib,
     pg_server,
     process_tree,
@@ -125,9 +127,10 @@ def run_point(
 
     committed_before = total_stat(net, "committed")
     global_before = total_stat(net, "global_committed")
-    cpu_before, wall_before = cpu_by_process(net), time.perf_counter()
+    cpu_before, wall_before, machine_before = cpu_by_process(net), time.perf_counter(), machine_cpu()
     point = closed_loop([net.specs[p].url for p in peers], body, seconds, warmup_s, SEED + point_id)
     cpu_after, wall = cpu_by_process(net), time.perf_counter() - wall_before
+    machine_split = cpu_split(machine_before, machine_cpu())
     committed_after = total_stat(net, "committed")
     global_after = total_stat(net, "global_committed")
     if (
@@ -158,7 +161,14 @@ def run_point(
             "global_txns": global_n,
             "per_global_txn": round(clients_n / global_n, 2) if global_n else None,
         }
-    return {"keys": keys, **point, "drain_s": drain_s, "cpu_ms_per_txn": cpu, "batching": batches}
+    return {
+        "keys": keys,
+        **point,
+        "drain_s": drain_s,
+        "cpu_ms_per_txn": cpu,
+        "machine_cpu_pct": machine_split,
+        "batching": batches,
+    }
 
 
 def cpu_by_process(net: LocalNetwork) -> dict[str, float]:
@@ -282,6 +292,8 @@ def markdown(report: dict[str, Any]) -> str:
             p["keys"],
             *[(p.get("cpu_ms_per_txn") or {}).get(c) for c in cpu_columns],
             (p.get("cpu_ms_per_txn") or {}).get("cores_busy"),
+            (p.get("machine_cpu_pct") or {}).get("idle"),
+            (p.get("machine_cpu_pct") or {}).get("stolen"),
         ]
         for p in report["points"]
     ]
@@ -312,8 +324,9 @@ def markdown(report: dict[str, Any]) -> str:
             md_table(["peer", "idle RSS", "max RSS under load", "HWM worker", "HWM master+worker"], mem),
             "Where the CPU goes: CPU time (user + system, /proc/<pid>/stat) of each process over the point (warm-up "
             "included) divided by the client transactions the peers committed meanwhile, in ms; `bench` is this "
-            "process (its client threads); cores busy = all of it / the point's wall time.",
-            md_table(["clients", "keys", *cpu_columns, "cores busy"], cpu_rows),
+            "process (its client threads); cores busy = all of it / the point's wall time; idle % and stolen % "
+            "of the machine's CPU over the point (/proc/stat; stolen: taken by the host of this virtual machine).",
+            md_table(["clients", "keys", *cpu_columns, "cores busy", "idle %", "stolen %"], cpu_rows),
             verdict_md(report)
             + f" Best uniform: {t['txn_per_s']['value']} txn/s at {t['txn_per_s']['clients']} clients "
             + f"({'met' if t['txn_per_s']['met'] else 'not met'}); largest peer memory {t['rss']['value_mb']} MB "
