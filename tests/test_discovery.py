@@ -210,6 +210,32 @@ def test_it_forms_the_peer_group_table_whatever_the_start_order(
     # (what each peer persisted is checked below, without the race of test_it_persists_every_peer_…)
 
 
+def test_a_peer_greets_the_peers_a_greeting_named_at_once_not_at_its_next_cycle(make_network: NetworkFactory) -> None:
+    """A chain of seeds (government knows only bank, bank only insurance) and cycles 60 s apart: government hears
+    of insurance in bank's answer and greets it at once, so both know each other within seconds (at the next
+    cycle it would take a minute: bank tells insurance of government only when it greets it again, 10 cycles on)."""
+    net = make_network()
+    for spec in net.specs.values():
+        spec.env["DEJIMA_DISCOVERY_INTERVAL"] = "60"
+    net.specs["government"].env["DEJIMA_SEEDS"] = net.specs["bank"].message_url
+    net.specs["bank"].env["DEJIMA_SEEDS"] = net.specs["insurance"].message_url
+    net.specs["insurance"].env["DEJIMA_SEEDS"] = ""
+    for name in ("insurance", "bank", "government"):  # each one's seed is up when it starts
+        net.start(name)
+        net.wait_healthy(name)
+
+    def knows(observer: str, peer: str) -> bool:
+        return any(p["name"] == peer and p["status"] == "up" for p in status(net, observer)["peers"])
+
+    wait_until(
+        lambda: knows("government", "insurance") and knows("insurance", "government"),
+        15,
+        describe(net),
+    )
+    wait_for_table(net)
+    assert_table(net)
+
+
 # ---- found again ------------------------------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from peer.dejima.transport import Transport
 
 log = logging.getLogger(__name__)
 REFRESH_FACTOR = 10  # a peer that answered is greeted again after this many discovery intervals
+WAKE_GATHER_S = 0.02  # after a greeting named new peers, the next cycle waits this long for more such greetings
 
 
 def catalog_of(ptype: PeerType) -> list[dict[str, Any]]:
@@ -77,6 +78,7 @@ class Directory:
         self.lock = threading.RLock()
         self.save_lock = threading.Lock()  # one snapshot written at a time, the latest last
         self.stopped = threading.Event()
+        self.wake = threading.Event()  # set: a greeting named peers not known before; greet them now (`run`)
         self.greetings = 0  # messages sent, for the discovery benchmark
         self.seed_urls = sorted({u for urls in config.seeds.values() for u in urls if u != config.url})
         self.seed_state: dict[str, tuple[int, float]] = dict.fromkeys(self.seed_urls, (0, 0.0))  # failures, next try
@@ -164,15 +166,18 @@ class Directory:
             peer.status, peer.last_seen, peer.failures = "up", time.time(), 0
             peer.next_try = time.monotonic() + self.config.discovery_interval * REFRESH_FACTOR
             self.peers[hello.peer] = peer
+            learned = False
             for entry in hello.known:
                 name, url = entry.get("name", ""), entry.get("url", "")
                 if name and url and name != self.config.name and name not in self.peers and self._trusted(name):
                     self.peers[name] = KnownPeer(name, url, entry.get("peer_type", ""))
-                    changed = True
+                    changed = learned = True
             if hello.url in self.seed_state:
                 self.seed_state.pop(hello.url)
         if changed:
             self._save()
+        if learned:
+            self.wake.set()
         return errors
 
     def _trusted(self, name: str) -> bool:
@@ -220,13 +225,21 @@ class Directory:
         return float(base * random.uniform(0.5, 1.0))  # noqa: S311  (jitter, not security)
 
     def run(self) -> None:
-        """The discovery loop (a daemon thread)."""
+        """The discovery loop (a daemon thread): a cycle every discovery interval, and one as soon as a greeting
+        named peers this peer did not know (each hop of who-knows-whom no longer waits up to an interval; the
+        greetings of a moment are gathered for `WAKE_GATHER_S` first)."""
         while not self.stopped.is_set():
             try:
                 self.greet_once()
             except Exception:  # the loop must survive anything; the cause is logged
                 log.exception("discovery cycle failed")
-            self.stopped.wait(self.config.discovery_interval)
+            if self.wake.wait(self.config.discovery_interval) and not self.stopped.is_set():
+                self.stopped.wait(WAKE_GATHER_S)
+            self.wake.clear()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.wake.set()
 
     # ---- persistence ----------------------------------------------------------------------------------------
     def _load(self) -> None:

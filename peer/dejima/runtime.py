@@ -131,7 +131,7 @@ class PeerRuntime:
         if self.listener is not None:
             self.listener.close()
         self.coordinator.seal_wanted.set()  # the sealer sees `stopped` at once
-        self.directory.stopped.set()
+        self.directory.stop()
         self.transport.close()
         self.pool.close()
 
