@@ -101,17 +101,17 @@ BATCHABLE = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})  # the statements
 RETRY_ALONE = frozenset({"constraint", "bad_request", "refused"})  # a batch's failures that one member may have caused
 CLIENT_SAVEPOINT = sql.Identifier("dejima_client")
 CLIENT_ROLLBACK_SQL = sql.SQL("ROLLBACK TO SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)
+CLIENT_SAVEPOINT_SQL = sql.SQL("SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)  # in a pipeline: by itself
 # after a client's statement, in the same query: a new line ends a trailing -- comment; an open quote or /* comment
 # makes the whole query fail, as the statement alone would
-NEXT_CLIENT_SAVEPOINT_SQL = b"\n;" + sql.SQL("SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)
+NEXT_CLIENT_SAVEPOINT_SQL = b"\n;" + CLIENT_SAVEPOINT_SQL
 BATCH_LOCK_WAIT_MS = 10  # in a batch, a member after the first waits this long for a row lock, then is put off
 BATCH_TRIES = 3  # times a client transaction is put off or run again (Retry) before its error is final
 # the same, setting the short lock wait first (once the batch holds rows; a savepoint taken later keeps it)
 SHORT_WAIT_SET_SQL = (
     sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{BATCH_LOCK_WAIT_MS}ms")).as_bytes(None)
 )
-SHORT_WAIT_SQL = b"\n;" + SHORT_WAIT_SET_SQL + b"; " + sql.SQL("SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)
-CLIENT_SAVEPOINT_SQL = sql.SQL("SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)  # in a pipeline: by itself
+SHORT_WAIT_SQL = b"\n;" + SHORT_WAIT_SET_SQL + b"; " + CLIENT_SAVEPOINT_SQL
 
 
 class GlobalTxnError(Exception):
