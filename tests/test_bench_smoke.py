@@ -71,6 +71,18 @@ def test_cpu_split_counts_the_ticks_between_two_readings() -> None:
     assert cpu_split(before, after[:4]) is None
 
 
+def test_a_peer_setting_for_a_bench_run_is_checked() -> None:
+    import argparse
+
+    from peer.bench.runner import peer_setting
+
+    assert peer_setting("DEJIMA_BATCH_MAX=32") == ("DEJIMA_BATCH_MAX", "32")
+    assert peer_setting("DEJIMA_SEEDS=") == ("DEJIMA_SEEDS", "")
+    for bad in ("DEJIMA_BATCH_MAX", "BATCH_MAX=3", "dejima_batch_max=3", "DEJIMA_=1", "DEJIMA_A-B=1", "=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="DEJIMA_NAME=value"):
+            peer_setting(bad)
+
+
 def assert_latency(summary: dict[str, Any], samples: int) -> None:
     for key in ("median_ms", "p95_ms", "p99_ms"):
         assert isinstance(summary[key], int | float), (key, summary)
@@ -115,7 +127,12 @@ def test_propagation_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
 
 
 def test_throughput_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
-    report = bench(pg_server, tmp_path, "throughput", "--clients", "1,3", "--seconds", "1", "--warmup-seconds", "0.2")
+    report = bench(
+        pg_server,
+        tmp_path,
+        "throughput",
+        *("--clients", "1,3", "--seconds", "1", "--warmup-seconds", "0.2", "--peer-env", "DEJIMA_BATCH_MAX=8"),
+    )
 
     assert [(p["clients"], p["keys"]) for p in report["points"]] == [
         (1, "uniform"),
@@ -128,6 +145,11 @@ def test_throughput_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
         assert point["committed"] + point["aborted"] + point["finished_outside_window"] > 0
         assert_cpu_split(point["machine_cpu_pct"])
     assert report["points"][0]["committed"] > 0  # one client alone never conflicts
+    # the origin's phases of its committed writes (each reaches both other peers: there is a propagation)
+    assert {"settle_ms", "local_ms", "propagate_ms"} <= set(report["points"][0]["phases_median_ms"])
+    assert all(v >= 0 for v in report["points"][0]["phases_median_ms"].values())
+    assert report["peer_env"] == {"DEJIMA_BATCH_MAX": "8"}
+    assert "DEJIMA_BATCH_MAX=8" in (tmp_path / "report.md").read_text()
     assert set(report["targets"]) == {"txn_per_s", "rss"}
     for peer in ("bank", "government", "insurance"):
         memory = report["memory"]["under_load"][peer]
@@ -167,6 +189,15 @@ def test_fanout_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
     for k, star in report["stars"].items():
         assert_latency(star, 4)
         assert star["participants"] == int(k) - 1
+        cpu = star["cpu_ms_per_write"]  # every process's CPU over the measured writes, per write
+        # (4 writes: a process's CPU, read in ticks of 10 ms, may round to 0)
+        assert min(cpu[p] for p in ("origin", "members", "postgres", "bench")) >= 0
+        assert cpu["all"] >= cpu["origin"] + cpu["members"] + cpu["postgres"] - 0.005
+        assert cpu["per_member"] == pytest.approx(cpu["members"] / (int(k) - 1), abs=0.002)
+        assert cpu["floor_ms"] == pytest.approx(cpu["all"] / report["machine"]["cpus"], abs=0.002)
+        assert_cpu_split(star["machine_cpu_during_writes_pct"])
+    assert set(report["quiet_cpu_pct"]) == {"peers", "postgres", "seconds"}
+    assert report["quiet_cpu_pct"]["seconds"] >= 2
     assert report["ratio_largest_to_smallest"] > 0
     assert report["meets_target"] is None  # stars of 2 and 10 were not both run
 

@@ -339,6 +339,17 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / _CLOCK_TICKS
 
 
+def cpu_by_process(net: LocalNetwork) -> dict[str, float]:
+    """CPU seconds used so far by each peer (gunicorn arbiter + worker), PostgreSQL (every process of the server;
+    absent for an external one) and this bench process (`bench`: its client threads)."""
+    out = {name: cpu_seconds(process_tree(spec.pid)) for name, spec in net.specs.items()}
+    postmaster = net.server.postmaster_pid()
+    if postmaster is not None:
+        out["postgres"] = cpu_seconds(process_tree(postmaster))
+    out["bench"] = time.process_time()
+    return out
+
+
 _STAT_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
@@ -396,6 +407,17 @@ class Outcome:
     done_at: float
     status: int
     ms: float
+    phases: dict[str, float] | None = None  # the origin's timing of a committed write (its answer's `phases`)
+
+
+def phase_medians(answers: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The median of each phase (local_ms, propagate_ms, …) over the answers that report it."""
+    values: dict[str, list[float]] = {}
+    for phases in answers:
+        for name, v in phases.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                values.setdefault(name, []).append(float(v))
+    return {name: round(statistics.median(vs), 3) for name, vs in sorted(values.items())}
 
 
 def closed_loop(
@@ -430,7 +452,8 @@ def closed_loop(
                 status, answer = conn.post("/api/v1/exec", payload)
                 t1 = time.perf_counter()
                 if status == 200 and isinstance(answer, dict) and answer.get("status") == "committed":
-                    mine.append(Outcome(t1, 200, (t1 - t0) * 1000))
+                    phases = answer.get("phases")
+                    mine.append(Outcome(t1, 200, (t1 - t0) * 1000, phases if isinstance(phases, dict) else None))
                 elif status in ABORT_STATUSES:
                     mine.append(Outcome(t1, status, (t1 - t0) * 1000))
                 else:
@@ -470,6 +493,7 @@ def closed_loop(
         "abort_rate": round(len(aborted) / len(counted), 4) if counted else None,
         "finished_outside_window": len(every) - len(counted),
         "latency": latency_summary([o.ms for o in committed]) if committed else None,
+        "phases_median_ms": phase_medians([o.phases for o in committed if o.phases]),
         "aborted_latency_median_ms": round(statistics.median(o.ms for o in aborted), 3) if aborted else None,
         "client_committed": sum(1 for o in every if o.status == 200),
     }

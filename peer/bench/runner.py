@@ -71,6 +71,14 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def peer_setting(text: str) -> tuple[str, str]:
+    """`DEJIMA_BATCH_MAX=32` -> ("DEJIMA_BATCH_MAX", "32"): a setting of every peer of the run (docs/settings.md)."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.startswith("DEJIMA_") or not name[7:].replace("_", "").isalnum() or not name.isupper():
+        raise argparse.ArgumentTypeError(f"expected DEJIMA_NAME=value, got {text!r}")
+    return name, value
+
+
 def modules() -> dict[str, ModuleType]:
     from peer.bench import capture, discovery, fanout, propagation, throughput, ycsb
 

@@ -46,7 +46,7 @@ from peer.bench.common import (
     Zipf,
     check_consistency,
     closed_loop,
-    cpu_seconds,
+    cpu_by_process,
     cpu_split,
     log,
     machine,
@@ -171,17 +171,6 @@ def run_point(
     }
 
 
-def cpu_by_process(net: LocalNetwork) -> dict[str, float]:
-    """CPU seconds used so far by each peer (gunicorn arbiter + worker), PostgreSQL (every process of the server;
-    absent for an external one) and this bench process (`bench`: its client threads)."""
-    out = {name: cpu_seconds(process_tree(spec.pid)) for name, spec in net.specs.items()}
-    postmaster = net.server.postmaster_pid()
-    if postmaster is not None:
-        out["postgres"] = cpu_seconds(process_tree(postmaster))
-    out["bench"] = time.process_time()
-    return out
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     counts: tuple[int, ...] = args.clients or DEFAULT_CLIENTS
     seconds: float = args.seconds or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
@@ -193,7 +182,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     with pg_server() as server:
         described = machine(server)
-        specs = with_env(example_specs(base_port=0, prefix="benchtp_"), {"DEJIMA_COMMIT_WAIT": args.commit_wait})
+        peer_env = {"DEJIMA_COMMIT_WAIT": args.commit_wait, **dict(args.peer_env)}
+        specs = with_env(example_specs(base_port=0, prefix="benchtp_"), peer_env)
         with running_network(server, specs) as net:
             load_people(net)
             sampler = MemorySampler({name: spec.pid for name, spec in net.specs.items()})
@@ -244,6 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": seconds,
         "warmup_seconds": warmup_s,
         "commit_wait": args.commit_wait,
+        "peer_env": dict(args.peer_env),
         "machine": described,
         "elapsed_s": round(time.perf_counter() - started, 1),
         "method": "closed-loop client threads (http.client keep-alive) spread round-robin over bank, government, "
@@ -254,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from peer.bench.runner import int_list, positive_float
+    from peer.bench.runner import int_list, peer_setting, positive_float
 
     parser.add_argument("--clients", type=int_list, help="client counts (default 1,4,16,32,64)")
     parser.add_argument(
@@ -263,6 +254,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-seconds", type=float, help="unmeasured seconds before each point (default 2)")
     parser.add_argument("--keys", help="uniform,zipf (default both)")
     parser.add_argument("--commit-wait", choices=("all", "decision"), default="decision", help="DEJIMA_COMMIT_WAIT")
+    parser.add_argument(
+        "--peer-env",
+        type=peer_setting,
+        action="append",
+        default=[],
+        metavar="DEJIMA_NAME=VALUE",
+        help="a setting for every peer of the run (repeatable), e.g. DEJIMA_BATCH_MAX=32",
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -297,13 +296,25 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for p in report["points"]
     ]
+    phase_names = ("settle_ms", "local_ms", "propagate_ms", "prepare_ms", "finish_ms")
+    phase_rows = [
+        [
+            p["clients"],
+            p["keys"],
+            (p["latency"] or {}).get("median_ms"),
+            *[(p.get("phases_median_ms") or {}).get(n) for n in phase_names],
+        ]
+        for p in report["points"]
+    ]
     t = report["targets"]
     return "\n\n".join(
         [
             "# throughput — closed-loop clients over the three example peers",
             machine_md(report["machine"]),
             f"{report['seconds']} s measured per point after {report['warmup_seconds']} s warm-up; "
-            f"DEJIMA_COMMIT_WAIT={report['commit_wait']}.",
+            f"DEJIMA_COMMIT_WAIT={report['commit_wait']}"
+            + "".join(f", {k}={v}" for k, v in (report.get("peer_env") or {}).items())
+            + ".",
             md_table(
                 [
                     "clients",
@@ -327,6 +338,12 @@ def markdown(report: dict[str, Any]) -> str:
             "process (its client threads); cores busy = all of it / the point's wall time; idle % and stolen % "
             "of the machine's CPU over the point (/proc/stat; stolen: taken by the host of this virtual machine).",
             md_table(["clients", "keys", *cpu_columns, "cores busy", "idle %", "stolen %"], cpu_rows),
+            "Where a committed write's time goes at its origin (medians of its answer's `phases`, ms): its global "
+            "transaction's local part (the batch's statements and captured changes), propagation (every hop's "
+            "apply, and each participant's PREPARE on the way), the PREPAREs still to send, and the hand-off of "
+            "the finish round; the rest of the client's wait is its turn in the queue, the decision's commit and "
+            "HTTP.",
+            md_table(["clients", "keys", "median ms", *phase_names], phase_rows),
             verdict_md(report)
             + f" Best uniform: {t['txn_per_s']['value']} txn/s at {t['txn_per_s']['clients']} clients "
             + f"({'met' if t['txn_per_s']['met'] else 'not met'}); largest peer memory {t['rss']['value_mb']} MB "

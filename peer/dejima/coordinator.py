@@ -166,6 +166,7 @@ class Request:
     needs: frozenset[str] = frozenset()  # the gxids prepared here when it came: it must see them (`settle`)
     tries: int = 0  # how many times it ran before, in a batch that failed or put it off (Retry)
     result: dict[str, Any] | GlobalTxnError | None = None
+    settle_ms: float = 0.0  # how long it (or its batch, it leading) waited for the transactions prepared here
 
 
 def classify(exc: BaseException) -> str:
@@ -465,7 +466,9 @@ class Coordinator:
             if request.batchable:
                 request.needs = self.prepared_here()  # its batch settles them (`_admit`), so it queues at once
             else:
+                settling = time.monotonic()
                 self.settle()
+                request.settle_ms = _ms(settling)
             self._admit(request)
             if not isinstance(request.result, Retry):
                 break
@@ -515,7 +518,9 @@ class Coordinator:
         assert request.batch is not None
         try:
             if request.batchable:
+                settling = time.monotonic()
                 self.settle(gxids=frozenset().union(*(r.needs for r in request.batch)))
+                request.settle_ms = _ms(settling)
             self._run_batch(request.batch)
         finally:
             self._next_turn(request)
@@ -715,7 +720,7 @@ class Coordinator:
                 self._count_committed(len(ran))
                 outcome: dict[str, Any] = {"status": "committed", "gxid": gxid, "participants": [], "batch": len(ran)}
                 return [failed.get(i, outcome) for i in range(len(batch))]
-            phases = {"local_ms": _ms(started)}
+            phases = {"settle_ms": batch[0].settle_ms, "local_ms": _ms(started)}
             gx.origin_keys = origin_keys(self.ptype, deltas)
             fan = self._fan_out(gx, deltas, received=None, alone=True)
             phases["propagate_ms"] = _ms(started) - phases["local_ms"]
