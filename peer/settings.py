@@ -42,7 +42,7 @@ LOGGING = {
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["stderr"], "level": os.environ.get("DEJIMA_LOG_LEVEL", "INFO").upper()},
 }
-MIDDLEWARE: list[str] = []
+MIDDLEWARE: list[str] = ["peer.middleware.content_length"]  # peer/middleware.py
 ROOT_URLCONF = "peer.urls"
 WSGI_APPLICATION = "peer.wsgi.application"
 DATABASES: dict[str, dict[str, object]] = {}
@@ -78,6 +78,7 @@ if PEER_MODE == "client":
         }
     }
     MIDDLEWARE = [
+        "peer.middleware.content_length",
         "django.middleware.security.SecurityMiddleware",
         "django.contrib.sessions.middleware.SessionMiddleware",
         "django.middleware.csrf.CsrfViewMiddleware",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import pytest
 
 from peer.cli import check_network
@@ -26,3 +29,43 @@ def test_it_propagates_an_insert_at_government_to_bank_and_insurance(network: Lo
     assert insurance == [{"first_name": "Jane", "address": "2 Elm St", "b": "1980-05-17"}]
     report = check_network({n: s.url for n, s in network.specs.items()})
     assert report["ok"], report
+
+
+def _answer(sock: socket.socket) -> tuple[bytes, dict[str, str], bytes]:
+    """One HTTP answer read from `sock`: (status line, headers by lower-case name, body by its Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the peer closed the connection after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    assert "transfer-encoding" not in headers, headers
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the peer closed the connection inside the body"
+        body += chunk
+    assert len(body) == length, (body, length)
+    return status.encode(), headers, body
+
+
+def test_its_answers_carry_their_length_on_a_kept_alive_connection(network: LocalNetwork) -> None:
+    # a Content-Length instead of a chunked body: two writes to the socket per answer where three did
+    spec = network.specs["bank"]
+    with socket.create_connection(("127.0.0.1", spec.port), timeout=10) as sock:
+        for body, path, expected in (
+            (b'{"sql": "SELECT 1 AS one"}', "/api/v1/query", b"200"),
+            (b"{not json", "/api/v1/exec", b"400"),
+            (b'{"sql": "SELECT 2 AS two"}', "/api/v1/query", b"200"),
+        ):
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            status, headers, answer = _answer(sock)
+            assert status.split()[1] == expected, (status, answer)
+            assert headers.get("connection", "keep-alive").lower() == "keep-alive"
+            assert json.loads(answer)  # the whole JSON answer, and nothing of the next one
