@@ -83,6 +83,32 @@ def test_a_peer_setting_for_a_bench_run_is_checked() -> None:
             peer_setting(bad)
 
 
+def test_the_closed_loop_reads_an_answer_by_its_length_or_its_chunks() -> None:
+    from peer.bench.loop import parse_answer
+
+    sized = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"a": 1234}'
+    assert parse_answer(sized + b"HTTP/1.1 ...") == (200, b'{"a": 1234}', False, len(sized))  # the next one stays
+    for cut in (10, sized.index(b"\r\n\r\n") + 2, len(sized) - 1):
+        assert parse_answer(sized[:cut]) is None  # not complete yet
+    chunked = (
+        b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    assert parse_answer(chunked) == (409, b"abcde", True, len(chunked))
+    assert parse_answer(chunked[:-1]) is None
+    assert parse_answer(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n") == (200, b"", True, 38)
+    for bad in (
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\nbody without a length",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ):
+        with pytest.raises(ValueError):
+            parse_answer(bad)
+    with pytest.raises(ValueError, match="no end of the headers"):
+        parse_answer(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20_000)
+
+
 def assert_latency(summary: dict[str, Any], samples: int) -> None:
     for key in ("median_ms", "p95_ms", "p99_ms"):
         assert isinstance(summary[key], int | float), (key, summary)
@@ -232,3 +258,97 @@ def test_zipf_is_skewed_and_uniform_is_not() -> None:
     flat = [uniform.draw(rng) for _ in range(5000)]
     assert max(flat.count(k) for k in range(100)) < 5000 / 100 * 2
     assert len(set(zipf.distinct(rng, 10))) == 10
+
+
+class _TinyServer:
+    """A loopback HTTP server for the closed loop's own checks: `mode` "ok" answers every request committed and
+    closes every second connection after its answer; "silent" reads requests and never answers; "drop" closes each
+    connection as soon as a request arrives."""
+
+    def __init__(self, mode: str) -> None:
+        import socket
+        import threading
+
+        self.mode = mode
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests = 0
+        self.threads: list[threading.Thread] = []
+        self.stopped = threading.Event()
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _serve(self, conn: Any) -> None:
+        with conn:
+            served = 0
+            buf = b""
+            while not self.stopped.is_set():
+                try:
+                    chunk = conn.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+                head, sep, rest = buf.partition(b"\r\n\r\n")
+                if not sep:
+                    continue
+                fields = dict(h.partition(b":")[::2] for h in head.split(b"\r\n")[1:])
+                length = int(fields[b"Content-Length"])
+                if len(rest) < length:
+                    continue
+                buf = rest[length:]
+                self.requests += 1
+                if self.mode == "drop":
+                    return
+                if self.mode == "silent":
+                    continue
+                served += 1
+                body = b'{"status": "committed", "phases": {"local_ms": 1.5}}'
+                close = served == 2
+                closing = b"Connection: close\r\n" if close else b""
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (len(body), closing) + body)
+                if close:
+                    return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+def test_the_closed_loop_reconnects_when_the_server_closes_and_stops_on_a_hung_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from peer.bench import loop
+    from peer.bench.common import BenchError
+
+    server = _TinyServer("ok")
+    try:
+        point = loop.closed_loop([server.url] * 3, lambda c, rng, n: {"sql": "UPDATE t SET v = v + 1"}, 0.3, 0.1, 1)
+    finally:
+        server.close()
+    assert point["clients"] == 3
+    assert point["committed"] > 6 and point["aborted"] == 0  # past every second answer's Connection: close
+    assert point["client_committed"] == server.requests  # each request answered once, none sent twice
+    assert point["phases_median_ms"] == {"local_ms": 1.5}
+
+    monkeypatch.setattr(loop, "REQUEST_TIMEOUT_S", 0.5)
+    for mode, message in (("silent", "a request hung"), ("drop", "closed the connection without an answer")):
+        server = _TinyServer(mode)
+        try:
+            with pytest.raises(BenchError, match=message):
+                loop.closed_loop([server.url], lambda c, rng, n: {"sql": "SELECT 1"}, 0.2, 0.0, 1)
+        finally:
+            server.close()

@@ -21,9 +21,8 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -395,108 +394,6 @@ def memory_kib(pid: int) -> tuple[int, int]:
 
 def elapsed_since(started: float) -> float:
     return round(time.perf_counter() - started, 1)
-
-
-# ------------------------------------------------------------------------------------------------ closed loop
-
-ABORT_STATUSES = {409: "conflict", 503: "unavailable", 504: "timeout"}
-
-
-@dataclasses.dataclass
-class Outcome:
-    done_at: float
-    status: int
-    ms: float
-    phases: dict[str, float] | None = None  # the origin's timing of a committed write (its answer's `phases`)
-
-
-def phase_medians(answers: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """The median of each phase (local_ms, propagate_ms, …) over the answers that report it."""
-    values: dict[str, list[float]] = {}
-    for phases in answers:
-        for name, v in phases.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                values.setdefault(name, []).append(float(v))
-    return {name: round(statistics.median(vs), 3) for name, vs in sorted(values.items())}
-
-
-def closed_loop(
-    targets: Sequence[str],
-    body: Callable[[int, random.Random, int], Any],
-    seconds: float,
-    warmup_s: float,
-    seed: int,
-) -> dict[str, Any]:
-    """Closed-loop clients: client c posts `body(c, rng, n)` to `targets[c]` + /api/v1/exec, waits for the answer
-    and posts the next at once, for warmup_s + seconds. Counts what finished inside the measured window: committed
-    (200 committed), aborted (409 conflict, 503, 504; retryable); any other answer is a broken run (BenchError).
-    Returns the window's figures and `client_committed` (every commit the clients saw, window or not)."""
-    clients = len(targets)
-    outcomes: list[list[Outcome]] = [[] for _ in range(clients)]
-    errors: list[str] = []
-    barrier = threading.Barrier(clients + 1)
-    t_start = [0.0]
-
-    def client(c: int) -> None:
-        conn = JsonClient(targets[c])
-        rng = random.Random(seed * 1000 + c)  # noqa: S311 - key choice, not security
-        mine = outcomes[c]
-        barrier.wait()
-        end = t_start[0] + warmup_s + seconds
-        n = 0
-        try:
-            while time.perf_counter() < end:
-                payload = body(c, rng, n)
-                n += 1
-                t0 = time.perf_counter()
-                status, answer = conn.post("/api/v1/exec", payload)
-                t1 = time.perf_counter()
-                if status == 200 and isinstance(answer, dict) and answer.get("status") == "committed":
-                    phases = answer.get("phases")
-                    mine.append(Outcome(t1, 200, (t1 - t0) * 1000, phases if isinstance(phases, dict) else None))
-                elif status in ABORT_STATUSES:
-                    mine.append(Outcome(t1, status, (t1 - t0) * 1000))
-                else:
-                    errors.append(f"{targets[c]}: {status} {answer}")
-                    if len(errors) > 20:
-                        return
-        except OSError as exc:
-            errors.append(f"{targets[c]}: {exc}")
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
-    for t in threads:
-        t.start()
-    t_start[0] = time.perf_counter()
-    barrier.wait()
-    for t in threads:
-        t.join(timeout=warmup_s + seconds + 120)
-    if any(t.is_alive() for t in threads):
-        raise BenchError(f"{clients} clients: a client did not finish (a request hung)")
-    if errors:
-        raise BenchError(f"{clients} clients: unexpected answers: {'; '.join(errors[:5])}")
-    window_start, window_end = t_start[0] + warmup_s, t_start[0] + warmup_s + seconds
-    every = [o for mine in outcomes for o in mine]
-    counted = [o for o in every if window_start <= o.done_at <= window_end]
-    committed = [o for o in counted if o.status == 200]
-    aborted = [o for o in counted if o.status != 200]
-    if not every:
-        raise BenchError(f"{clients} clients: no transaction finished at all")
-    return {
-        "clients": clients,
-        "seconds": seconds,
-        "committed": len(committed),
-        "aborted": len(aborted),
-        "aborted_by_kind": {kind: sum(1 for o in aborted if o.status == s) for s, kind in ABORT_STATUSES.items()},
-        "txn_per_s": round(len(committed) / seconds, 1),
-        "abort_rate": round(len(aborted) / len(counted), 4) if counted else None,
-        "finished_outside_window": len(every) - len(counted),
-        "latency": latency_summary([o.ms for o in committed]) if committed else None,
-        "phases_median_ms": phase_medians([o.phases for o in committed if o.phases]),
-        "aborted_latency_median_ms": round(statistics.median(o.ms for o in aborted), 3) if aborted else None,
-        "client_committed": sum(1 for o in every if o.status == 200),
-    }
 
 
 def check_consistency(net: LocalNetwork, timeout: float = 60.0) -> dict[str, Any]:

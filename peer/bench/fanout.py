@@ -16,8 +16,9 @@ Figures per star: median / p95 / p99 commit latency and the origin's phase media
 median to the smallest's; the CPU one write costs (`cpu_ms_per_write`: every peer process and PostgreSQL read from
 /proc right before and right after each measured write, the bench's own process time inside the window only) and
 its floor on this machine (that CPU over the cores), with the machine's busy / idle / stolen split over the
-writes; and what the network uses with no writes at all (`quiet_cpu_pct`, 2 s before the rounds). Checks: every write committed with exactly the other k - 1 members as participants, and
-after the run every view is identical across its group (`dejima check`).
+writes; and what the network uses with no writes at all (`quiet_cpu_pct`, 2 s before the rounds). Checks: every
+write committed with exactly the other k - 1 members as participants, and after the run every view is identical
+across its group (`dejima check`).
 """
 
 from __future__ import annotations

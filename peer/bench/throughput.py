@@ -1,14 +1,14 @@
 """throughput: committed global transactions per second under closed-loop clients, and the peers' memory.
 
 ``python -m peer.bench throughput [--json] [--quick] [--clients 1,4,16,32,64] [--seconds S] [--warmup-seconds S]
-[--keys uniform,zipf] [--commit-wait all|decision]``
+[--keys uniform,zipf] [--commit-wait all|decision] [--peer-env DEJIMA_NAME=VALUE …]``
 
 The shipped example (government, bank, insurance), 1,000 people loaded at bank. Each point runs C closed-loop
-clients (threads, one keep-alive http.client connection each) spread round-robin over the three peers; a client
-sends one global transaction, waits for its answer and sends the next at once. A transaction updates one person's
-address at its peer (`UPDATE <peer>_users SET address = … WHERE first_name = 'p<k>'`): the address is in dejima_bank
-and dejima_insurance, so every transaction reaches both other peers (durable 2PC). k is drawn uniformly, or Zipf
-(theta 0.8, hot people spread by a seeded permutation).
+clients (one keep-alive HTTP connection each, all on one event loop: peer/bench/loop.py) spread round-robin over the
+three peers; a client sends one global transaction, waits for its answer and sends the next at once. A transaction
+updates one person's address at its peer (`UPDATE <peer>_users SET address = … WHERE first_name = 'p<k>'`): the
+address is in dejima_bank and dejima_insurance, so every transaction reaches both other peers (durable 2PC). k is
+drawn uniformly, or Zipf (theta 0.8, hot people spread by a seeded permutation).
 
 Each client transaction is a global one: it commits at all three peers or nowhere. Its origin may run it together
 with other writes waiting there for a turn, as one protocol-level global transaction (DEJIMA_BATCH_MAX;
@@ -45,7 +45,6 @@ from peer.bench.common import (
     BenchError,
     Zipf,
     check_consistency,
-    closed_loop,
     cpu_by_process,
     cpu_split,
     log,
@@ -59,6 +58,7 @@ from peer.bench.common import (
     wait_quiet,
     with_env,
 )
+from peer.bench.loop import closed_loop
 from peer.bench.propagation import PEOPLE, load_people
 from peer.bench.report import Chart, machine_md, md_table, verdict_md
 from peer.network import LocalNetwork, example_specs
@@ -237,7 +237,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peer_env": dict(args.peer_env),
         "machine": described,
         "elapsed_s": round(time.perf_counter() - started, 1),
-        "method": "closed-loop client threads (http.client keep-alive) spread round-robin over bank, government, "
+        "method": "closed-loop clients (keep-alive HTTP, one event loop in the bench process) spread round-robin "
+        "over bank, government, "
         "insurance; each txn = UPDATE address of one person at the client's peer (reaches both other peers, 2PC); "
         "CPU per transaction from /proc/<pid>/stat of every peer process, every PostgreSQL process and this one; "
         "the bench's clients share the machine with the peers",
@@ -335,7 +336,7 @@ def markdown(report: dict[str, Any]) -> str:
             md_table(["peer", "idle RSS", "max RSS under load", "HWM worker", "HWM master+worker"], mem),
             "Where the CPU goes: CPU time (user + system, /proc/<pid>/stat) of each process over the point (warm-up "
             "included) divided by the client transactions the peers committed meanwhile, in ms; `bench` is this "
-            "process (its client threads); cores busy = all of it / the point's wall time; idle % and stolen % "
+            "process (its clients' event loop); cores busy = all of it / the point's wall time; idle % and stolen % "
             "of the machine's CPU over the point (/proc/stat; stolen: taken by the host of this virtual machine).",
             md_table(["clients", "keys", *cpu_columns, "cores busy", "idle %", "stolen %"], cpu_rows),
             "Where a committed write's time goes at its origin (medians of its answer's `phases`, ms): its global "

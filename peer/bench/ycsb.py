@@ -38,13 +38,13 @@ from peer.bench.common import (
     BenchError,
     Zipf,
     check_consistency,
-    closed_loop,
     log,
     machine,
     pg_server,
     running_network,
     total_stat,
 )
+from peer.bench.loop import closed_loop
 from peer.bench.report import Chart, machine_md, md_table
 from peer.bench.topology import YCSB_TABLE, neighbours, random_tree, tree_peer, tree_types, write_root
 from peer.dejima.install import install
