@@ -237,6 +237,30 @@ def test_it_refuses_a_write_through_the_query_endpoint(net: LocalNetwork) -> Non
     assert_nothing_applied(net, sent)
 
 
+def test_a_query_runs_read_only_under_the_statement_timeout_and_a_failed_one_leaves_nothing_open(
+    net: LocalNetwork,
+) -> None:
+    timeout_ms = load_config(
+        {"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://localhost/x", "DEJIMA_DEBUG": "1"}
+    ).statement_timeout_ms
+    for _ in range(12):  # more than the pool's connections: each one comes back out of its transaction
+        status, answer = post(net, "bank", "/api/v1/query", {"sql": "SELECT nope FROM bank_users"})
+        assert status == 400 and '"nope"' in answer["error"], answer
+        status, answer = post(
+            net,
+            "bank",
+            "/api/v1/query",
+            {"sql": "SELECT current_setting('transaction_read_only') AS ro, current_setting('statement_timeout') AS t"},
+        )
+        assert status == 200, answer
+        assert answer["rows"] == [["on", f"{timeout_ms}ms" if timeout_ms % 1000 else f"{timeout_ms // 1000}s"]]
+    idle_in_transaction = net.query(
+        "bank",
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in%'",
+    )
+    assert idle_in_transaction == [{"n": 0}]
+
+
 def test_a_query_answers_numbers_as_it_always_did(net: LocalNetwork) -> None:
     """numeric as a string (exact for any client), a number inside json/jsonb as a JSON number."""
     status, answer = post(
