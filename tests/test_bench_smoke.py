@@ -158,6 +158,7 @@ def test_throughput_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
         tmp_path,
         "throughput",
         *("--clients", "1,3", "--seconds", "1", "--warmup-seconds", "0.2", "--peer-env", "DEJIMA_BATCH_MAX=8"),
+        *("--people", "300"),
     )
 
     assert [(p["clients"], p["keys"]) for p in report["points"]] == [
@@ -175,6 +176,7 @@ def test_throughput_bench_smoke(pg_server: PgServer, tmp_path: Path) -> None:
     assert {"settle_ms", "local_ms", "propagate_ms"} <= set(report["points"][0]["phases_median_ms"])
     assert all(v >= 0 for v in report["points"][0]["phases_median_ms"].values())
     assert report["peer_env"] == {"DEJIMA_BATCH_MAX": "8"}
+    assert report["people"] == 300
     assert "DEJIMA_BATCH_MAX=8" in (tmp_path / "report.md").read_text()
     assert set(report["targets"]) == {"txn_per_s", "rss"}
     for peer in ("bank", "government", "insurance"):

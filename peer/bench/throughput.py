@@ -1,14 +1,14 @@
 """throughput: committed global transactions per second under closed-loop clients, and the peers' memory.
 
-``python -m peer.bench throughput [--json] [--quick] [--clients 1,4,16,32,64] [--seconds S] [--warmup-seconds S]
-[--keys uniform,zipf] [--commit-wait all|decision] [--peer-env DEJIMA_NAME=VALUE …]``
+``python -m peer.bench throughput [--json] [--quick] [--clients 1,4,16,32,64,128] [--seconds S] [--warmup-seconds S]
+[--keys uniform,zipf] [--people N] [--commit-wait all|decision] [--peer-env DEJIMA_NAME=VALUE …]``
 
-The shipped example (government, bank, insurance), 1,000 people loaded at bank. Each point runs C closed-loop
-clients (one keep-alive HTTP connection each, all on one event loop: peer/bench/loop.py) spread round-robin over the
-three peers; a client sends one global transaction, waits for its answer and sends the next at once. A transaction
-updates one person's address at its peer (`UPDATE <peer>_users SET address = … WHERE first_name = 'p<k>'`): the
-address is in dejima_bank and dejima_insurance, so every transaction reaches both other peers (durable 2PC). k is
-drawn uniformly, or Zipf (theta 0.8, hot people spread by a seeded permutation).
+The shipped example (government, bank, insurance), 1,000 people loaded at bank (`--people`). Each point runs C
+closed-loop clients (one keep-alive HTTP connection each, all on one event loop: peer/bench/loop.py) spread
+round-robin over the three peers; a client sends one global transaction, waits for its answer and sends the next at
+once. A transaction updates one person's address at its peer (`UPDATE <peer>_users SET address = … WHERE first_name =
+'p<k>'`): the address is in dejima_bank and dejima_insurance, so every transaction reaches both other peers (durable
+2PC). k is drawn uniformly, or Zipf (theta 0.8, hot people spread by a seeded permutation).
 
 Each client transaction is a global one: it commits at all three peers or nowhere. Its origin may run it together
 with other writes waiting there for a turn, as one protocol-level global transaction (DEJIMA_BATCH_MAX;
@@ -68,7 +68,7 @@ HELP = "closed-loop clients over the three example peers: committed global txn/s
 PEERS = ("bank", "government", "insurance")
 TABLES = {"bank": "bank_users", "government": "government_users", "insurance": "insurance_users"}
 THETA = {"uniform": 0.0, "zipf": 0.8}
-DEFAULT_CLIENTS = (1, 4, 16, 32, 64)
+DEFAULT_CLIENTS = (1, 4, 16, 32, 64, 128)
 DEFAULT_SECONDS, QUICK_SECONDS = 15.0, 2.0
 TARGET_TXN_S = 500.0
 TARGET_RSS_MB = 150.0
@@ -116,10 +116,10 @@ def _update(peer: str, person: int, value: str) -> str:
 
 
 def run_point(
-    net: LocalNetwork, clients: int, keys: str, seconds: float, warmup_s: float, point_id: int
+    net: LocalNetwork, clients: int, keys: str, seconds: float, warmup_s: float, point_id: int, people: int = PEOPLE
 ) -> dict[str, Any]:
     """One measurement: `clients` closed-loop clients spread round-robin over the peers for warmup_s + seconds."""
-    zipf = Zipf(PEOPLE, THETA[keys], seed=SEED + point_id)
+    zipf = Zipf(people, THETA[keys], seed=SEED + point_id)
     peers = [PEERS[c % len(PEERS)] for c in range(clients)]
 
     def body(c: int, rng: random.Random, n: int) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peer_env = {"DEJIMA_COMMIT_WAIT": args.commit_wait, **dict(args.peer_env)}
         specs = with_env(example_specs(base_port=0, prefix="benchtp_"), peer_env)
         with running_network(server, specs) as net:
-            load_people(net)
+            load_people(net, people=args.people)
             sampler = MemorySampler({name: spec.pid for name, spec in net.specs.items()})
             sampler.sample()
             idle = {name: round(kib / 1024, 1) for name, kib in sampler.max_rss_kib.items()}
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     order = keys if n % 2 == 0 else list(reversed(keys))
                     for k in order:
                         log(f"{clients} clients, {k} keys: {warmup_s} s warm-up + {seconds} s")
-                        point = run_point(net, clients, k, seconds, warmup_s, len(points))
+                        point = run_point(net, clients, k, seconds, warmup_s, len(points), args.people)
                         log(f"  {point['txn_per_s']} txn/s, abort rate {point['abort_rate']}")
                         points.append(point)
             finally:
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target": TARGET,
         "meets_target": all(t["met"] for t in targets.values()),
         "consistency": consistency,
-        "people": PEOPLE,
+        "people": args.people,
         "seconds": seconds,
         "warmup_seconds": warmup_s,
         "commit_wait": args.commit_wait,
@@ -246,14 +246,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from peer.bench.runner import int_list, peer_setting, positive_float
+    from peer.bench.runner import int_list, peer_setting, positive, positive_float
 
-    parser.add_argument("--clients", type=int_list, help="client counts (default 1,4,16,32,64)")
+    parser.add_argument("--clients", type=int_list, help="client counts (default 1,4,16,32,64,128)")
     parser.add_argument(
         "--seconds", type=positive_float, help=f"measured seconds per point (default {DEFAULT_SECONDS})"
     )
     parser.add_argument("--warmup-seconds", type=float, help="unmeasured seconds before each point (default 2)")
     parser.add_argument("--keys", help="uniform,zipf (default both)")
+    parser.add_argument(
+        "--people", type=positive, default=PEOPLE, help=f"people loaded, the keys drawn from (default {PEOPLE:,})"
+    )
     parser.add_argument("--commit-wait", choices=("all", "decision"), default="decision", help="DEJIMA_COMMIT_WAIT")
     parser.add_argument(
         "--peer-env",
