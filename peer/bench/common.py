@@ -340,7 +340,7 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 
 def cpu_by_process(net: LocalNetwork) -> dict[str, float]:
     """CPU seconds used so far by each peer (gunicorn arbiter + worker), PostgreSQL (every process of the server;
-    absent for an external one) and this bench process (`bench`: its client threads)."""
+    absent for an external one) and this bench process (`bench`)."""
     out = {name: cpu_seconds(process_tree(spec.pid)) for name, spec in net.specs.items()}
     postmaster = net.server.postmaster_pid()
     if postmaster is not None:

@@ -189,6 +189,8 @@ def closed_loop(
                 assert isinstance(client, _Client) and client.sock is not None
                 try:
                     chunk = client.sock.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""  # as an EOF: the server dropped the connection
                 except OSError as exc:
                     errors.append(f"{targets[client.c]}: {exc}")
                     client.close(sel)
