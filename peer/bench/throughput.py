@@ -238,8 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": described,
         "elapsed_s": round(time.perf_counter() - started, 1),
         "method": "closed-loop clients (keep-alive HTTP, one event loop in the bench process) spread round-robin "
-        "over bank, government, "
-        "insurance; each txn = UPDATE address of one person at the client's peer (reaches both other peers, 2PC); "
+        "over bank, government, insurance; each txn = UPDATE address of one person at the client's peer (reaches "
+        "both other peers, 2PC); "
         "CPU per transaction from /proc/<pid>/stat of every peer process, every PostgreSQL process and this one; "
         "the bench's clients share the machine with the peers",
     }
