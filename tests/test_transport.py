@@ -128,3 +128,107 @@ def test_a_propagate_with_malformed_recipients_is_refused(recipients: object) ->
     envelope["body"]["recipients"] = recipients
     with pytest.raises(MessageError, match="recipients"):
         parse(envelope)
+
+
+class Canned:
+    """A loopback server that answers each request with the next of `answers`, raw bytes as given, and closes the
+    connection after an answer when told to (None as an answer: close without answering)."""
+
+    def __init__(self, answers: list[tuple[bytes | None, bool]]) -> None:
+        self.answers = answers
+        self.requests: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.answers:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as reader:
+                while self.answers:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = reader.readline()
+                        if not line:
+                            break
+                        head += line
+                    if not head:
+                        break
+                    length = next(
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                    self.requests.append(head + reader.read(length))
+                    answer, close = self.answers.pop(0)
+                    if answer is not None:
+                        conn.sendall(answer)
+                    if close or answer is None:
+                        break
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _post_each(answers: list[tuple[bytes | None, bool]], count: int) -> tuple[list[object], Canned, Connections]:
+    server = Canned(answers)
+    conns = Connections({"X-Dejima-Peer": "bank"})
+    results: list[object] = []
+    try:
+        for _ in range(count):
+            try:
+                results.append(conns.post(server.url, "/m", b'{"a":1}', 2.0))
+            except OSError as exc:
+                results.append(type(exc).__name__)
+    finally:
+        server.close()
+    return results, server, conns
+
+
+def test_it_reads_chunked_interim_and_length_less_answers() -> None:
+    chunked = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\n{"a"\r\n3\r\n:1}\r\n0\r\nT: v\r\n\r\n'
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"
+    to_eof = b"HTTP/1.0 200 OK\r\n\r\n[1, 2]"
+    results, server, conns = _post_each([(chunked, False), (interim, False), (to_eof, True)], 3)
+    try:
+        assert results == [(200, b'{"a":1}'), (201, b"{}"), (200, b"[1, 2]")]
+        first = server.requests[0]
+        assert first.startswith(b"POST /m HTTP/1.1\r\nHost: 127.0.0.1:")
+        assert b'\r\nX-Dejima-Peer: bank\r\nContent-Length: 7\r\n\r\n{"a":1}' in first
+        assert not any(conns.idle.values()), "an answer read to the peer's close leaves nothing to reuse"
+    finally:
+        conns.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",  # cut short
+        b"SPDY/3 200 OK\r\n\r\n",  # not HTTP/1.x
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",  # the headers cut short
+    ],
+)
+def test_a_malformed_or_cut_answer_is_an_os_error_and_the_connection_is_dropped(answer: bytes) -> None:
+    results, server, conns = _post_each([(answer, True), (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", False)], 2)
+    try:
+        assert results == ["BadAnswer", (200, b"{}")]
+        assert len(server.requests) == 2, "each request sent once, the second on a new connection"
+    finally:
+        conns.close()
+
+
+def test_a_peer_that_closes_without_answering_is_an_os_error_sent_once() -> None:
+    results, server, conns = _post_each([(None, True)], 1)
+    try:
+        assert results == ["BadAnswer"]
+        assert len(server.requests) == 1
+    finally:
+        conns.close()

@@ -1,9 +1,11 @@
 """Calls to other peers: every call has a timeout, runs in parallel when there are several, and turns failure into
 a value (`CallResult`), never an exception. Keep-alive connections are pooled per peer address and Nagle is off
-(TCP_NODELAY): `Connections`, on the standard library's http.client — about half the CPU of urllib3 and a sixth of
-`requests` per call (../shared/PERFORMANCE-NOTES.md), and the origin makes several calls per global transaction.
-An idle connection the peer has closed (its keep-alive ran out, or it restarted) is dropped before reuse, as urllib3
-does; a request is never sent twice: a failure is the call's result.
+(TCP_NODELAY): `Connections`, a small HTTP/1.1 client on plain sockets — a peer's messages are one POST with a JSON
+body and a JSON answer, and the standard library's http.client spent ≈ 0.2 ms of CPU per call more on that (its
+header parsing goes through the email package), urllib3 twice that and `requests` six times
+(../shared/PERFORMANCE-NOTES.md); the origin makes several calls per global transaction. An idle connection the
+peer has closed (its keep-alive ran out, or it restarted) is dropped before reuse, as urllib3 does; a request is
+never sent twice: a failure is the call's result.
 
 Authenticated peers (`peer.dejima.auth`): every request is signed by this peer (`sign`), and an answer counts only
 when it is signed by a trusted peer and bound to the request (`verify_answer`); otherwise the call fails (refused).
@@ -11,10 +13,10 @@ when it is signed by a trusted peer and bound to the request (`verify_answer`); 
 
 from __future__ import annotations
 
-import http.client
 import logging
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,64 +33,161 @@ MESSAGE_PATH = "/peer/v1/message"
 CONNECT_TIMEOUT = 3.0  # seconds, at most (less when the call's own timeout is shorter)
 MAX_IDLE_PER_PEER = 16  # idle keep-alive connections kept per peer address
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
+MAX_LINE = 65536  # bytes of the status line or of one header line of an answer
+MAX_HEADERS = 100
+
+Address = tuple[str, str, int]  # (scheme, host, port)
 
 
 class CallTimeout(Exception):
     """The peer did not answer in time."""
 
 
-def _dropped(conn: http.client.HTTPConnection) -> bool:
-    """Whether an idle connection is unusable: closed here, or readable (the peer's EOF, or bytes nobody asked for)."""
-    if conn.sock is None:
-        return True
-    poller = select.poll()
-    try:
-        poller.register(conn.sock, select.POLLIN)
-        return bool(poller.poll(0))
-    except (OSError, ValueError):
-        return True
+class BadAnswer(ConnectionError):
+    """The peer's answer is not HTTP/1.x as this client reads it (cut short, malformed, too large); the connection
+    is closed. An OSError, like every other way a call can fail on the wire."""
+
+
+class _Conn:
+    """One keep-alive connection: the socket, and a buffered reader on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def dropped(self) -> bool:
+        """Whether the idle connection is unusable: readable means the peer's EOF, or bytes nobody asked for."""
+        poller = select.poll()
+        try:
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def _line(self) -> bytes:
+        line = self.reader.readline(MAX_LINE + 1)
+        if not line:
+            raise BadAnswer("the peer closed the connection before it answered")
+        if len(line) > MAX_LINE or not line.endswith(b"\n"):
+            raise BadAnswer("an answer line is too long or cut short")
+        return line
+
+    def answer(self) -> tuple[int, bytes, bool]:
+        """Read one answer: (status, body, whether the connection must be closed after it)."""
+        while True:
+            parts = self._line().split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+                raise BadAnswer(f"not an HTTP/1.x status line: {b' '.join(parts)[:80]!r}")
+            status = int(parts[1])
+            headers = self._headers()
+            if status >= 200:
+                break  # an interim answer (1xx) is followed by the real one
+        connection = headers.get(b"connection", b"").lower()
+        close = connection == b"close" or (parts[0] == b"HTTP/1.0" and connection != b"keep-alive")
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            return status, self._chunked(), close
+        length = headers.get(b"content-length")
+        if length is None:
+            return status, self._read(MAX_ANSWER_BYTES, to_eof=True), True
+        if not length.strip().isdigit():
+            raise BadAnswer(f"bad Content-Length {length[:40]!r}")
+        size = int(length)
+        if size > MAX_ANSWER_BYTES:
+            raise BadAnswer(f"an answer of {size} bytes is larger than {MAX_ANSWER_BYTES}")
+        return status, self._read(size), close
+
+    def _headers(self) -> dict[bytes, bytes]:
+        headers: dict[bytes, bytes] = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self._line()
+            if line in (b"\r\n", b"\n"):
+                return headers
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise BadAnswer("a malformed header line")
+            headers[name.strip().lower()] = value.strip()
+        raise BadAnswer(f"more than {MAX_HEADERS} header lines")
+
+    def _read(self, size: int, to_eof: bool = False) -> bytes:
+        """`size` bytes; with `to_eof`, everything up to the peer's close, at most `size`."""
+        data = self.reader.read(size + 1 if to_eof else size)
+        if to_eof and len(data) > size:
+            raise BadAnswer(f"an answer larger than {size} bytes")
+        if not to_eof and len(data) != size:
+            raise BadAnswer("the answer was cut short")
+        return data
+
+    def _chunked(self) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            size_text = self._line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise BadAnswer(f"bad chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                self._headers()  # the trailer, up to its blank line
+                return b"".join(chunks)
+            total += size
+            if total > MAX_ANSWER_BYTES:
+                raise BadAnswer(f"an answer larger than {MAX_ANSWER_BYTES} bytes")
+            chunks.append(self._read(size))
+            if self._line() not in (b"\r\n", b"\n"):
+                raise BadAnswer("a chunk does not end where its size says")
 
 
 class Connections:
     """Keep-alive HTTP/1.1 connections to other peers, pooled per (scheme, host, port), TCP_NODELAY on each.
 
-    `post` answers (status, body) or raises CallTimeout / OSError / http.client.HTTPException. Thread-safe: a
-    connection is used by one call at a time (taken from the idle list, given back after a complete answer)."""
+    `post` answers (status, body) or raises CallTimeout / OSError (BadAnswer among them). Thread-safe: a connection
+    is used by one call at a time (taken from the idle list, given back after a complete answer). The timeout
+    bounds each wait on the peer (connecting, sending, every read), as a socket timeout does."""
 
     def __init__(self, headers: dict[str, str], max_idle: int = MAX_IDLE_PER_PEER) -> None:
-        self.headers = headers
+        self.head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         self.max_idle = max_idle
-        self.idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self.idle: dict[Address, list[_Conn]] = {}
         self.lock = threading.Lock()
         self.closed = False
+        self._tls: ssl.SSLContext | None = None
 
     @staticmethod
-    def _address(url: str) -> tuple[str, str, int]:
+    def _address(url: str) -> Address:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise http.client.InvalidURL(f"not an http(s) URL: {url!r}")
+            raise ValueError(f"not an http(s) URL: {url!r}")
         return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
-    def _new(self, address: tuple[str, str, int], timeout: float) -> http.client.HTTPConnection:
+    def _new(self, address: Address, timeout: float) -> _Conn:
         scheme, host, port = address
-        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-        conn = cls(host, port, timeout=min(timeout, CONNECT_TIMEOUT))
-        conn.connect()
-        assert conn.sock is not None
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+        sock = socket.create_connection((host, port), timeout=min(timeout, CONNECT_TIMEOUT))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                sock = self._tls.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        return _Conn(sock)
 
-    def _take(self, address: tuple[str, str, int]) -> http.client.HTTPConnection | None:
+    def _take(self, address: Address) -> _Conn | None:
         """An idle connection to `address` that the peer has not closed, or None."""
         while True:
             with self.lock:
                 idle = self.idle.get(address)
                 conn = idle.pop() if idle else None
-            if conn is None or not _dropped(conn):
+            if conn is None or not conn.dropped():
                 return conn
             conn.close()
 
-    def _give_back(self, address: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
+    def _give_back(self, address: Address, conn: _Conn) -> None:
         with self.lock:
             idle = self.idle.setdefault(address, [])
             if not self.closed and len(idle) < self.max_idle:
@@ -98,27 +197,30 @@ class Connections:
 
     def post(self, url: str, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
         address = self._address(url)
-        headers = {**self.headers, "Content-Length": str(len(body))}
+        scheme, host, port = address
+        name = f"[{host}]" if ":" in host else host  # an IPv6 address, bracketed as in the URL
+        host_header = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n{self.head}Content-Length: {len(body)}\r\n\r\n"
+        ).encode("latin-1") + body
         conn = self._take(address)
         try:
             if conn is None:
                 conn = self._new(address, timeout)
-            assert conn.sock is not None
             conn.sock.settimeout(timeout)
-            conn.request("POST", path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read(MAX_ANSWER_BYTES)
+            conn.sock.sendall(request)
+            status, data, close = conn.answer()
         except BaseException as exc:
             if conn is not None:
                 conn.close()
             if isinstance(exc, TimeoutError):
                 raise CallTimeout(f"no answer within {timeout:.1f}s") from None
             raise
-        if resp.will_close or not resp.isclosed():  # closing, or an answer larger than we read
+        if close:
             conn.close()
         else:
             self._give_back(address, conn)
-        return resp.status, data
+        return status, data
 
     def close(self) -> None:
         with self.lock:
@@ -169,7 +271,7 @@ class Transport:
             status, data = self.connections.post(url, MESSAGE_PATH, body, timeout)
         except CallTimeout:
             return CallResult(url, None, error=f"{url} did not answer within {timeout:.1f}s", error_kind="timeout")
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ValueError) as exc:
             return CallResult(url, None, error=f"{url} is unreachable ({type(exc).__name__})", error_kind="unreachable")
         try:
             raw = jsonvalues.loads(data)
@@ -190,11 +292,13 @@ class Transport:
         return CallResult(url, answer, status)
 
     def call_many(self, calls: Sequence[tuple[str, Message]], timeout: float) -> list[CallResult]:
-        """Several calls in parallel; results in the order of `calls`."""
-        if len(calls) == 1:
-            return [self.call(calls[0][0], calls[0][1], timeout)]
-        futures = [self.pool.submit(self.call, url, msg, timeout) for url, msg in calls]
-        return [f.result() for f in futures]
+        """Several calls in parallel; results in the order of `calls`. The first one runs in the calling thread,
+        which would only wait meanwhile."""
+        if not calls:
+            return []
+        futures = [self.pool.submit(self.call, url, msg, timeout) for url, msg in calls[1:]]
+        first = self.call(calls[0][0], calls[0][1], timeout)
+        return [first, *(f.result() for f in futures)]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
