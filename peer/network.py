@@ -88,11 +88,18 @@ class PeerSpec:
     pid: int = 0
     # the peer's lean listener for peer messages (DEJIMA_MESSAGE_BIND); 0: none, other peers then use `url`
     message_port: int = field(default_factory=free_port)
+    # the peer's lean client listener for /api/v1/exec and /api/v1/query (DEJIMA_API_BIND); 0: none
+    api_port: int = field(default_factory=free_port)
 
     @property
     def url(self) -> str:
         """gunicorn: the REST API (and peer messages too)."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        """Where a client's exec and query may go: the lean client listener, or gunicorn without one."""
+        return f"http://127.0.0.1:{self.api_port}" if self.api_port else self.url
 
     @property
     def message_url(self) -> str:
@@ -162,6 +169,8 @@ class LocalNetwork:
             env["DEJIMA_KEY_FILE"] = str(self.key_path(spec.name))
             if spec.message_port:
                 env["DEJIMA_MESSAGE_BIND"] = f"127.0.0.1:{spec.message_port}"
+            if spec.api_port:
+                env["DEJIMA_API_BIND"] = f"127.0.0.1:{spec.api_port}"
             env["DEJIMA_TRUSTED_KEYS"] = ",".join(f"{n}={k}" for n, k in sorted(keys.items()) if n != spec.name)
         if spec.mode == "client":  # a client talks only to its peer service (DEJIMA_PEER_URL in spec.env)
             del env["DEJIMA_DATABASE_URL"], env["DEJIMA_SEEDS"]
@@ -327,6 +336,7 @@ def example_specs(base_port: int | None = None, prefix: str = "", clients: bool 
                 port=port if base_port is None else free_port(),
                 database=f"{prefix}{name}",
                 message_port=port + 1000 if base_port is None else free_port(),
+                api_port=port + 2000 if base_port is None else free_port(),
             )
         )
     if clients:
@@ -340,6 +350,7 @@ def example_specs(base_port: int | None = None, prefix: str = "", clients: bool 
                     mode="client",
                     env={"DEJIMA_PEER_URL": peer.url},
                     message_port=0,
+                    api_port=0,
                 )
             )
     return specs

@@ -51,14 +51,18 @@ def signed(net: LocalNetwork, message: Any) -> Any:
     return sign_as(net, claimed if claimed in net.specs else "bank", message)
 
 
+FRONTS = ["gunicorn", "api"]  # where a client's exec and query may go: the REST API, or the lean client listener
+
+
 def post(net: LocalNetwork, peer: str, path: str, body: Any, front: str = "gunicorn") -> tuple[int, Any]:
     """POST `body` (bytes as they are, anything else as JSON; peer messages signed); (HTTP status, JSON answer).
-    `front="lean"`: to the peer's lean listener for peer messages (DEJIMA_MESSAGE_BIND) instead of gunicorn."""
+    `front="lean"`: to the peer's lean listener for peer messages (DEJIMA_MESSAGE_BIND) instead of gunicorn;
+    `front="api"`: to its lean client listener (DEJIMA_API_BIND)."""
     if path == "/peer/v1/message":
         body = signed(net, body)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    where = net.specs[peer].message_url + path if front == "lean" else url(net, peer, path)
-    resp = requests.post(where, data=data, headers=JSON, timeout=30)
+    base = {"lean": net.specs[peer].message_url, "api": net.specs[peer].api_url}.get(front, net.specs[peer].url)
+    resp = requests.post(base + path, data=data, headers=JSON, timeout=30)
     return resp.status_code, resp.json()
 
 
@@ -136,6 +140,7 @@ def person(**values: Any) -> dict[str, Any]:
 # ---- client API: /api/v1/exec and /api/v1/query ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query"])
 @pytest.mark.parametrize(
     ("body", "says"),
@@ -147,14 +152,15 @@ def person(**values: Any) -> dict[str, Any]:
     ],
     ids=["broken", "empty-body", "not-utf8", "truncated"],
 )
-def test_it_refuses_malformed_json_with_400(net: LocalNetwork, path: str, body: bytes, says: str) -> None:
+def test_it_refuses_malformed_json_with_400(net: LocalNetwork, path: str, body: bytes, says: str, front: str) -> None:
     sent = sent_messages(net)
-    status, answer = post(net, "bank", path, body)
+    status, answer = post(net, "bank", path, body, front)
     assert status == 400, answer
     assert says in answer["error"], answer
     assert_nothing_applied(net, sent)
 
 
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query"])
 @pytest.mark.parametrize(
     "body",
@@ -176,24 +182,26 @@ def test_it_refuses_malformed_json_with_400(net: LocalNetwork, path: str, body: 
     ],
     ids=lambda b: json.dumps(b),
 )
-def test_it_refuses_wrong_types_with_400_naming_sql(net: LocalNetwork, path: str, body: Any) -> None:
+def test_it_refuses_wrong_types_with_400_naming_sql(net: LocalNetwork, path: str, body: Any, front: str) -> None:
     sent = sent_messages(net)
-    status, answer = post(net, "bank", path, body)
+    status, answer = post(net, "bank", path, body, front)
     assert status == 400, answer
     assert '"sql"' in answer["error"], answer
     assert_nothing_applied(net, sent)
 
 
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query"])
 @pytest.mark.parametrize("sql", ["", "   ", "\n\t", [], [""], ["SELECT 1", "  "]], ids=repr)
-def test_it_refuses_empty_statements_with_400(net: LocalNetwork, path: str, sql: Any) -> None:
+def test_it_refuses_empty_statements_with_400(net: LocalNetwork, path: str, sql: Any, front: str) -> None:
     sent = sent_messages(net)
-    status, answer = post(net, "bank", path, {"sql": sql})
+    status, answer = post(net, "bank", path, {"sql": sql}, front)
     assert status == 400, answer
     assert "non-empty" in answer["error"], answer
     assert_nothing_applied(net, sent)
 
 
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize(
     ("path", "sql", "names"),
     [
@@ -205,9 +213,11 @@ def test_it_refuses_empty_statements_with_400(net: LocalNetwork, path: str, sql:
         ("/api/v1/query", "SELECT * FROM government_users", '"government_users"'),  # another peer's table
     ],
 )
-def test_it_refuses_unknown_tables_and_columns_with_400(net: LocalNetwork, path: str, sql: str, names: str) -> None:
+def test_it_refuses_unknown_tables_and_columns_with_400(
+    net: LocalNetwork, path: str, sql: str, names: str, front: str
+) -> None:
     sent = sent_messages(net)
-    status, answer = post(net, "bank", path, {"sql": sql})
+    status, answer = post(net, "bank", path, {"sql": sql}, front)
     assert status == 400, answer
     assert names in answer["error"], answer
     assert_nothing_applied(net, sent)
@@ -227,10 +237,11 @@ def test_it_applies_none_of_several_statements_when_one_is_bad(net: LocalNetwork
     assert_nothing_applied(net, sent)
 
 
-def test_it_refuses_a_write_through_the_query_endpoint(net: LocalNetwork) -> None:
+@pytest.mark.parametrize("front", FRONTS)
+def test_it_refuses_a_write_through_the_query_endpoint(net: LocalNetwork, front: str) -> None:
     sent = sent_messages(net)
     status, answer = post(
-        net, "bank", "/api/v1/query", {"sql": "INSERT INTO bank_users (first_name, last_name) VALUES ('a', 'b')"}
+        net, "bank", "/api/v1/query", {"sql": "INSERT INTO bank_users (first_name, last_name) VALUES ('a', 'b')"}, front
     )
     assert status == 400, answer
     assert "read-only" in answer["error"], answer
@@ -261,10 +272,11 @@ def test_a_query_runs_read_only_under_the_statement_timeout_and_a_failed_one_lea
     assert idle_in_transaction == [{"n": 0}]
 
 
-def test_a_query_answers_numbers_as_it_always_did(net: LocalNetwork) -> None:
+@pytest.mark.parametrize("front", FRONTS)
+def test_a_query_answers_numbers_as_it_always_did(net: LocalNetwork, front: str) -> None:
     """numeric as a string (exact for any client), a number inside json/jsonb as a JSON number."""
     status, answer = post(
-        net, "bank", "/api/v1/query", {"sql": """SELECT 12.50::numeric AS n, '{"a": 1.5}'::jsonb AS j"""}
+        net, "bank", "/api/v1/query", {"sql": """SELECT 12.50::numeric AS n, '{"a": 1.5}'::jsonb AS j"""}, front
     )
     assert status == 200, answer
     assert answer == {"columns": ["n", "j"], "rows": [["12.50", {"a": 1.5}]]}
@@ -309,6 +321,41 @@ def test_it_refuses_an_oversized_chunked_body_with_413(net: LocalNetwork) -> Non
     resp = requests.post(url(net, "bank", "/api/v1/exec"), data=_chunks(data), headers=JSON, timeout=30)
     assert resp.status_code in (411, 413), resp.text
     assert_nothing_applied(net, sent)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/exec", "/api/v1/query"])
+def test_the_client_listener_refuses_a_body_over_the_limit_or_chunked(net: LocalNetwork, path: str) -> None:
+    sent = sent_messages(net)
+    status, answer = post(net, "bank", path, json.dumps({"sql": "SELECT 1 -- " + "x" * MAX_BODY}).encode(), "api")
+    assert status == 413, answer
+    assert str(MAX_BODY) in answer["error"], answer
+    data = json.dumps({"sql": "SELECT 1"}).encode()
+    resp = requests.post(net.specs["bank"].api_url + path, data=_chunks(data), headers=JSON, timeout=30)
+    assert resp.status_code == 411, resp.text
+    assert "Content-Length" in resp.json()["error"]
+    assert_nothing_applied(net, sent)
+
+
+def test_the_client_listener_commits_like_the_rest_api_and_serves_nothing_else(net: LocalNetwork) -> None:
+    """The same write through either front: the same answer (but its gxid) and the same rows everywhere."""
+    stmt = "INSERT INTO bank_users (first_name, last_name, phone) VALUES ('{}', 'Roe', '555-0100')"
+    answers = {front: post(net, "bank", "/api/v1/exec", {"sql": stmt.format(front)}, front) for front in FRONTS}
+    for status, answer in answers.values():
+        assert (status, answer["status"], answer["participants"]) == (200, "committed", ["government", "insurance"])
+    rows = {peer: sorted(r[1] for r in base_rows(net)[peer]) for peer in PEERS}
+    assert rows == {peer: sorted(FRONTS) for peer in PEERS}
+    queried = {
+        front: post(net, "bank", "/api/v1/query", {"sql": "SELECT first_name FROM bank_users"}, front)[1]
+        for front in FRONTS
+    }
+    assert queried["api"] == queried["gunicorn"] and len(queried["api"]["rows"]) == 2
+    api = net.specs["bank"].api_url
+    for path in ("/api/v1/status", "/peer/v1/message", "/client/"):  # the rest of the API, and peer messages
+        resp = requests.post(api + path, data=b"{}", headers=JSON, timeout=30)
+        assert resp.status_code == 404, (path, resp.text)
+    resp = requests.get(api + "/api/v1/exec", timeout=30)
+    assert (resp.status_code, resp.headers.get("Allow")) == (405, "POST")
+    assert check_network({name: spec.url for name, spec in net.specs.items()})["ok"]
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from peer.dejima.config import ConfigError, load_config, parse_bind
-from peer.dejima.peerserver import MESSAGE_PATH, PeerServer
+from peer.dejima.peerserver import MESSAGE_PATH, PeerServer, message_routes
 from peer.network import LocalNetwork
 
 LIMIT = 4096
@@ -41,7 +41,7 @@ def echo() -> Echo:
 
 
 def serve(handler: Echo, **kw: Any) -> PeerServer:
-    server = PeerServer(handler, "127.0.0.1", 0, LIMIT, **kw)
+    server = PeerServer(message_routes(handler), "127.0.0.1", 0, LIMIT, **kw)
     server.start()
     return server
 
@@ -186,12 +186,16 @@ def test_it_reads_the_message_bind_setting(raw_value: str, expected: tuple[str, 
     assert parse_bind("DEJIMA_MESSAGE_BIND", raw_value) == expected
 
 
+@pytest.mark.parametrize("setting", ["DEJIMA_MESSAGE_BIND", "DEJIMA_API_BIND"])
 @pytest.mark.parametrize("bad", ["9001", "host:", ":9001", "host:port", "host:0", "host:70000"])
-def test_it_rejects_a_bad_message_bind_naming_the_setting(bad: str) -> None:
+def test_it_rejects_a_bad_listener_bind_naming_the_setting(bad: str, setting: str) -> None:
     env = {"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://localhost/x", "DEJIMA_DEBUG": "1"}
-    with pytest.raises(ConfigError, match="DEJIMA_MESSAGE_BIND") as err:
-        load_config({**env, "DEJIMA_MESSAGE_BIND": bad})
+    with pytest.raises(ConfigError, match=setting) as err:
+        load_config({**env, setting: bad})
     assert "host:port" in str(err.value)
+    assert load_config({**env, setting: "127.0.0.1:9002"}).api_bind == (
+        ("127.0.0.1", 9002) if setting == "DEJIMA_API_BIND" else None
+    )
 
 
 @pytest.mark.cluster

@@ -1,14 +1,17 @@
 """throughput: committed global transactions per second under closed-loop clients, and the peers' memory.
 
 ``python -m peer.bench throughput [--json] [--quick] [--clients 1,4,16,32,64,128] [--seconds S] [--warmup-seconds S]
-[--keys uniform,zipf] [--people N] [--commit-wait all|decision] [--peer-env DEJIMA_NAME=VALUE …]``
+[--keys uniform,zipf] [--people N] [--commit-wait all|decision] [--front lean|gunicorn] [--peer-env DEJIMA_NAME=VALUE
+…]``
 
 The shipped example (government, bank, insurance), 1,000 people loaded at bank (`--people`). Each point runs C
 closed-loop clients (one keep-alive HTTP connection each, all on one event loop: peer/bench/loop.py) spread
 round-robin over the three peers; a client sends one global transaction, waits for its answer and sends the next at
 once. A transaction updates one person's address at its peer (`UPDATE <peer>_users SET address = … WHERE first_name =
 'p<k>'`): the address is in dejima_bank and dejima_insurance, so every transaction reaches both other peers (durable
-2PC). k is drawn uniformly, or Zipf (theta 0.8, hot people spread by a seeded permutation).
+2PC). k is drawn uniformly, or Zipf (theta 0.8, hot people spread by a seeded permutation). The clients send
+`POST /api/v1/exec` to each peer's lean client listener (DEJIMA_API_BIND; `--front gunicorn`: to the REST API
+under gunicorn and Django, the same endpoint and answers).
 
 Each client transaction is a global one: it commits at all three peers or nowhere. Its origin may run it together
 with other writes waiting there for a turn, as one protocol-level global transaction (DEJIMA_BATCH_MAX;
@@ -116,7 +119,14 @@ def _update(peer: str, person: int, value: str) -> str:
 
 
 def run_point(
-    net: LocalNetwork, clients: int, keys: str, seconds: float, warmup_s: float, point_id: int, people: int = PEOPLE
+    net: LocalNetwork,
+    clients: int,
+    keys: str,
+    seconds: float,
+    warmup_s: float,
+    point_id: int,
+    people: int = PEOPLE,
+    front: str = "lean",
 ) -> dict[str, Any]:
     """One measurement: `clients` closed-loop clients spread round-robin over the peers for warmup_s + seconds."""
     zipf = Zipf(people, THETA[keys], seed=SEED + point_id)
@@ -128,7 +138,8 @@ def run_point(
     committed_before = total_stat(net, "committed")
     global_before = total_stat(net, "global_committed")
     cpu_before, wall_before, machine_before = cpu_by_process(net), time.perf_counter(), machine_cpu()
-    point = closed_loop([net.specs[p].url for p in peers], body, seconds, warmup_s, SEED + point_id)
+    urls = {p: net.specs[p].api_url if front == "lean" else net.specs[p].url for p in PEERS}
+    point = closed_loop([urls[p] for p in peers], body, seconds, warmup_s, SEED + point_id)
     cpu_after, wall = cpu_by_process(net), time.perf_counter() - wall_before
     machine_split = cpu_split(machine_before, machine_cpu())
     committed_after = total_stat(net, "committed")
@@ -197,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     order = keys if n % 2 == 0 else list(reversed(keys))
                     for k in order:
                         log(f"{clients} clients, {k} keys: {warmup_s} s warm-up + {seconds} s")
-                        point = run_point(net, clients, k, seconds, warmup_s, len(points), args.people)
+                        point = run_point(net, clients, k, seconds, warmup_s, len(points), args.people, args.front)
                         log(f"  {point['txn_per_s']} txn/s, abort rate {point['abort_rate']}")
                         points.append(point)
             finally:
@@ -235,6 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_seconds": warmup_s,
         "commit_wait": args.commit_wait,
         "peer_env": dict(args.peer_env),
+        "front": args.front,
         "machine": described,
         "elapsed_s": round(time.perf_counter() - started, 1),
         "method": "closed-loop clients (keep-alive HTTP, one event loop in the bench process) spread round-robin "
@@ -258,6 +270,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--people", type=positive, default=PEOPLE, help=f"people loaded, the keys drawn from (default {PEOPLE:,})"
     )
     parser.add_argument("--commit-wait", choices=("all", "decision"), default="decision", help="DEJIMA_COMMIT_WAIT")
+    parser.add_argument(
+        "--front",
+        choices=("lean", "gunicorn"),
+        default="lean",
+        help="where the clients send their writes: each peer's lean client listener (DEJIMA_API_BIND, the default) "
+        "or gunicorn's REST API; the same endpoint and answers",
+    )
     parser.add_argument(
         "--peer-env",
         type=peer_setting,
@@ -316,7 +335,7 @@ def markdown(report: dict[str, Any]) -> str:
             "# throughput — closed-loop clients over the three example peers",
             machine_md(report["machine"]),
             f"{report['seconds']} s measured per point after {report['warmup_seconds']} s warm-up; "
-            f"DEJIMA_COMMIT_WAIT={report['commit_wait']}"
+            f"clients at the {report.get('front', 'gunicorn')} front; DEJIMA_COMMIT_WAIT={report['commit_wait']}"
             + "".join(f", {k}={v}" for k, v in (report.get("peer_env") or {}).items())
             + ".",
             md_table(

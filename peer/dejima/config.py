@@ -49,6 +49,8 @@ class PeerConfig:
     pool_size: int
     # the lean peer-to-peer listener (peer.dejima.peerserver): (host, port), or None when it is off
     message_bind: tuple[str, int] | None = None
+    # the lean client listener for POST /api/v1/exec and /api/v1/query: (host, port), or None when it is off
+    api_bind: tuple[str, int] | None = None
     # at most this many global transactions started here run at once; the next ones wait their turn (0: no bound)
     max_active: int = 0
     batch_max: int = 1  # client transactions waiting for a turn that may run as one global transaction
@@ -336,6 +338,7 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         commit_wait=commit_wait,
         pool_size=pool_size,
         message_bind=parse_bind("DEJIMA_MESSAGE_BIND", env.get("DEJIMA_MESSAGE_BIND", "")),
+        api_bind=parse_bind("DEJIMA_API_BIND", env.get("DEJIMA_API_BIND", "")),
         max_active=max_active,
         batch_max=_int(env, "DEJIMA_BATCH_MAX", 16, 1, 64),
         batch_running=_int(env, "DEJIMA_BATCH_RUNNING", 1, 1, 10_000),

@@ -1,20 +1,26 @@
-"""The lean peer-to-peer listener: `POST /peer/v1/message` served beside gunicorn, without Django.
+"""The lean listeners beside gunicorn, without Django: `POST /peer/v1/message` for other peers
+(DEJIMA_MESSAGE_BIND), and `POST /api/v1/exec` and `/api/v1/query` for clients (DEJIMA_API_BIND).
 
 Why. Every global transaction costs its origin two or three sequential calls per participant (propagate, prepare,
 finish); a call answered by gunicorn + Django + DRF spent about 1.5 ms outside the handler here (parsing, the
 gthread worker's hand-offs between its poller and pool threads, the framework). Served from here, each round is
 about 1.1 ms shorter (docs/performance.md; an empty round trip to such a server: ≈ 0.05 ms, PERFORMANCE-NOTES.md).
+A client's write pays the same once per request: under closed-loop load that was a fifth of all the CPU per
+transaction (docs/performance.md).
 
 What. One thread accepts; every connection gets its own thread, which reads its requests one after the other
-(HTTP/1.1 keep-alive, TCP_NODELAY) and answers each with `handle_message`, the same function the Django endpoint
-runs: the same checks, statuses and answers. Only that one path exists here (anything else: 404; another method:
-405). A request must come whole within `read_timeout` once it started; an idle connection is closed after
-`idle_timeout`; at most `max_connections` connections are served at once (one more is answered 503 and closed);
-a body larger than the limit is answered 413 without being read, a chunked one 411; every answer is JSON.
+(HTTP/1.1 keep-alive, TCP_NODELAY) and answers each with its route: for peer messages `handle_message`, for the
+client API `peer.dejima.api.run_exec` / `run_query` — the same functions the Django endpoints run: the same checks,
+statuses and answers. Only those paths exist on a listener (anything else: 404; another method: 405). A request
+must come whole within `read_timeout` once it started; an idle connection is closed after `idle_timeout`; at most
+`max_connections` connections are served at once (one more is answered 503 and closed); a body larger than the
+limit is answered 413 without being read, a chunked one 411; every answer is JSON.
 
-Started by the peer runtime when DEJIMA_MESSAGE_BIND is set (docs/settings.md); DEJIMA_URL, the address a peer
-advertises to the others, then names this listener, so their messages come here. gunicorn still serves the same
-path (seeds may name either) and everything else.
+Started by the peer runtime when DEJIMA_MESSAGE_BIND / DEJIMA_API_BIND is set (docs/settings.md). DEJIMA_URL, the
+address a peer advertises to the others, then names the message listener, so their messages come here; the client
+listener is never advertised — like the REST API, whoever reaches its port may run SQL there, so bind it where
+only this organization's clients reach. gunicorn still serves every path (seeds may name either) and everything
+else.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, BinaryIO
 
@@ -35,8 +41,20 @@ MESSAGE_PATH = "/peer/v1/message"
 MAX_LINE = 8192  # bytes of a request line or of one header line
 MAX_HEADERS = 100
 
-# (the decoded JSON body, the client's address) -> (HTTP status, JSON answer)
+# (the decoded JSON body, the client's address) -> (HTTP status, JSON answer): a peer message's handler
 Handler = Callable[[Any, str], tuple[int, dict[str, Any]]]
+# (the decoded JSON body, the client's address) -> (HTTP status, the JSON answer's bytes, extra headers)
+Route = Callable[[Any, str], tuple[int, bytes, dict[str, str]]]
+
+
+def message_routes(handler: Handler) -> dict[str, Route]:
+    """The routes of the listener for peer messages: `POST /peer/v1/message`, answered by `handler`."""
+
+    def route(envelope: Any, remote: str) -> tuple[int, bytes, dict[str, str]]:
+        status, answer = handler(envelope, remote)
+        return status, jsonvalues.dumps(answer).encode(), {}
+
+    return {MESSAGE_PATH: route}
 
 
 class _Refused(Exception):
@@ -54,7 +72,7 @@ def _error_body(message: str) -> dict[str, Any]:
 class PeerServer:
     def __init__(
         self,
-        handler: Handler,
+        routes: Mapping[str, Route],
         host: str,
         port: int,
         max_body_bytes: int,
@@ -63,7 +81,7 @@ class PeerServer:
         max_connections: int = 256,
         name: str = "peer",
     ) -> None:
-        self.handler = handler
+        self.routes = dict(routes)
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
@@ -141,10 +159,10 @@ class PeerServer:
                     return  # the peer closed it
                 conn.settimeout(self.read_timeout)
                 try:
-                    status, answer, close = self._one(first, reader, remote)
+                    status, answer, headers, close = self._one(first, reader, remote)
                 except _Refused as exc:
-                    status, answer, close = exc.status, _error_body(str(exc)), True
-                conn.sendall(self._response(status, answer, close))
+                    status, answer, headers, close = exc.status, _error_body(str(exc)), {}, True
+                conn.sendall(self._response(status, answer, close, headers))
                 if close:
                     return
         except (OSError, ValueError):
@@ -156,8 +174,10 @@ class PeerServer:
             self.slots.release()
 
     # ---- one request ----------------------------------------------------------------------------------------
-    def _one(self, first: bytes, reader: BinaryIO, remote: str) -> tuple[int, dict[str, Any], bool]:
-        """(status, answer, close after it) for the request whose first line is `first`."""
+    def _one(
+        self, first: bytes, reader: BinaryIO, remote: str
+    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str], bool]:
+        """(status, answer, extra headers, close after it) for the request whose first line is `first`."""
         if len(first) > MAX_LINE or not first.endswith(b"\n"):
             raise _Refused(414 if len(first) > MAX_LINE else 400, "request line too long or cut")
         parts = first.decode("latin-1").split()
@@ -179,20 +199,23 @@ class PeerServer:
         if len(body) != length:
             raise ValueError("body cut short")  # the connection is gone: nothing to answer
         path = target.split("?", 1)[0]
-        if path != MESSAGE_PATH:
-            return 404, {"status": "error", "kind": "not_found", "error": f"no endpoint {path} here"}, close
+        route = self.routes.get(path)
+        if route is None:
+            return 404, {"status": "error", "kind": "not_found", "error": f"no endpoint {path} here"}, {}, close
         if method != "POST":
-            return 405, {"status": "error", "kind": "method_not_allowed", "error": f"{method} not allowed"}, close
+            answer = {"status": "error", "kind": "method_not_allowed", "error": f"{method} not allowed"}
+            return 405, answer, {}, close
         try:
             envelope = jsonvalues.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            return 400, _error_body(f"malformed JSON: {exc}"), close
+            return 400, _error_body(f"malformed JSON: {exc}"), {}, close
         try:
-            status, answer = self.handler(envelope, remote)
+            status, encoded, headers = route(envelope, remote)
         except Exception as exc:
-            log.exception("the message from %s failed", remote)
-            return 500, {"status": "error", "kind": "internal", "error": f"{type(exc).__name__}: {exc}"}, close
-        return status, answer, close
+            log.exception("the request to %s from %s failed", path, remote)
+            answer = {"status": "error", "kind": "internal", "error": f"{type(exc).__name__}: {exc}"}
+            return 500, answer, {}, close
+        return status, encoded, headers, close
 
     @staticmethod
     def _headers(reader: BinaryIO) -> dict[str, str]:
@@ -212,8 +235,10 @@ class PeerServer:
         raise _Refused(431, f"more than {MAX_HEADERS} header lines")
 
     @staticmethod
-    def _response(status: int, answer: dict[str, Any], close: bool) -> bytes:
-        body = jsonvalues.dumps(answer).encode()
+    def _response(
+        status: int, answer: dict[str, Any] | bytes, close: bool, headers: Mapping[str, str] | None = None
+    ) -> bytes:
+        body = answer if isinstance(answer, bytes) else jsonvalues.dumps(answer).encode()
         try:
             reason = HTTPStatus(status).phrase
         except ValueError:
@@ -221,6 +246,7 @@ class PeerServer:
         head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
         if status == 405:
             head.append("Allow: POST")
+        head.extend(f"{name}: {value}" for name, value in (headers or {}).items())
         if close:
             head.append("Connection: close")
         return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body

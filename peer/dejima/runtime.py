@@ -13,6 +13,7 @@ import select
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -24,10 +25,12 @@ from peer.dejima.coordinator import Coordinator
 from peer.dejima.directory import Directory
 from peer.dejima.install import install
 from peer.dejima.manifest import PeerType, load_peer_types
-from peer.dejima.peerserver import PeerServer
+from peer.dejima.peerserver import PeerServer, Route, message_routes
 from peer.dejima.transport import Transport
 
 log = logging.getLogger(__name__)
+API_EXEC = "/api/v1/exec"
+API_QUERY = "/api/v1/query"
 _lock = threading.Lock()
 _runtime: PeerRuntime | None = None
 
@@ -93,7 +96,7 @@ class PeerRuntime:
             log.info("peer %s: %d transactions left prepared here; recovery finishes them", config.name, adopted)
         self.stopped = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.listener: PeerServer | None = None
+        self.listeners: list[PeerServer] = []  # the lean listeners (DEJIMA_MESSAGE_BIND, DEJIMA_API_BIND)
         if background:
             self.start_background()
         log.info("peer %s (%s) ready at %s", config.name, config.peer_type, config.url)
@@ -111,29 +114,51 @@ class PeerRuntime:
         if self.config.message_bind is not None:
             from peer.dejima.inbox import handle_message  # it reaches this runtime through get_runtime()
 
-            host, port = self.config.message_bind
-            try:
-                self.listener = PeerServer(
-                    handle_message,
-                    host,
-                    port,
-                    self.config.max_body_bytes,
-                    read_timeout=self.config.peer_timeout,
-                    name=self.config.name,
+            self.listeners.append(
+                self._listen(
+                    "DEJIMA_MESSAGE_BIND", self.config.message_bind, message_routes(handle_message), "peer messages"
                 )
-            except OSError as exc:
-                raise ConfigError("DEJIMA_MESSAGE_BIND", f"cannot listen on {host}:{port}: {exc}") from None
-            self.listener.start()
-            log.info("peer %s: peer messages also at %s:%d (DEJIMA_MESSAGE_BIND)", self.config.name, host, port)
+            )
+        if self.config.api_bind is not None:
+            from peer.dejima import api  # likewise
+
+            routes = {API_EXEC: _drop_remote(api.run_exec), API_QUERY: _drop_remote(api.run_query)}
+            self.listeners.append(
+                self._listen("DEJIMA_API_BIND", self.config.api_bind, routes, "client exec and query")
+            )
+
+    def _listen(self, setting: str, bind: tuple[str, int], routes: dict[str, Route], what: str) -> PeerServer:
+        host, port = bind
+        try:
+            listener = PeerServer(
+                routes,
+                host,
+                port,
+                self.config.max_body_bytes,
+                read_timeout=self.config.peer_timeout,
+                name=self.config.name,
+            )
+        except OSError as exc:
+            for started in self.listeners:
+                started.close()
+            raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc}") from None
+        listener.start()
+        log.info("peer %s: %s also at %s:%d (%s)", self.config.name, what, host, port, setting)
+        return listener
 
     def close(self) -> None:
         self.stopped.set()
-        if self.listener is not None:
-            self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         self.coordinator.seal_wanted.set()  # the sealer sees `stopped` at once
         self.directory.stop()
         self.transport.close()
         self.pool.close()
+
+
+def _drop_remote(run: Callable[[Any], tuple[int, bytes, dict[str, str]]]) -> Route:
+    """A route for a client API function, which does not ask who calls (whoever reaches the port may)."""
+    return lambda body, remote: run(body)
 
 
 def make_authenticator(config: PeerConfig) -> Authenticator:

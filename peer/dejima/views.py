@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from psycopg import sql
-from psycopg.types.json import set_json_loads
 from rest_framework.decorators import api_view
 
-from peer.dejima import inbox, jsonvalues, txlog
-from peer.dejima.coordinator import GlobalTxnError, classify
+from peer.dejima import api, inbox, jsonvalues, txlog
+from peer.dejima.api import BadInput
 from peer.dejima.runtime import get_runtime
 from peer.dejima.serializers import (
     AnswerSerializer,
@@ -59,7 +56,6 @@ from peer.dejima.serializers import (
     UnhealthySerializer,
     ViewRowsSerializer,
 )
-from peer.dejima.sqlguard import session_state, transaction_control
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +77,6 @@ BAD_BODY = {
 
 def _error(status: int, message: str, kind: str = "bad_request", **extra: Any) -> JsonResponse:
     return JsonResponse({"status": "error", "kind": kind, "error": message, **extra}, status=status)
-
-
-class BadInput(Exception):
-    """The request is malformed or too large; nothing was done."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 def exact_json(data: Any, status: int = 200) -> HttpResponse:
@@ -204,27 +192,6 @@ def groups(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"groups": rt.directory.groups(), "peer_groups": rt.directory.peer_groups()})
 
 
-def _statements(body: Any) -> list[str]:
-    if not isinstance(body, dict) or set(body) - {"sql"}:
-        raise BadInput(400, 'expected {"sql": "<statements>"} or {"sql": ["<statement>", …]}')
-    stmts = body.get("sql")
-    if isinstance(stmts, str):
-        stmts = [stmts]
-    if not isinstance(stmts, list) or not stmts or not all(isinstance(s, str) and s.strip() for s in stmts):
-        raise BadInput(400, '"sql" must be a non-empty string or list of non-empty strings')
-    control = transaction_control(stmts)
-    if control is not None:
-        raise BadInput(400, f"{control} is not allowed: the peer itself commits or aborts every request as a whole")
-    state = session_state(stmts)
-    if state is not None:
-        raise BadInput(
-            400,
-            f"{state} is not allowed: it would outlive the request on the peer's pooled connection; "
-            "use SET LOCAL (or set_config(…, true)) for this request's transaction only",
-        )
-    return stmts
-
-
 @extend_schema(
     tags=TAG,
     summary="Run statements at this peer as one global transaction",
@@ -246,18 +213,9 @@ def _statements(body: Any) -> list[str]:
 )
 @api_view(["POST"])
 @rejects_bad_input
-def exec_sql(request: HttpRequest) -> JsonResponse:
+def exec_sql(request: HttpRequest) -> HttpResponse:
     """Run statements at this peer as one global transaction."""
-    rt = get_runtime()
-    statements = _statements(_json_body(request))
-    try:
-        outcome = rt.coordinator.run(statements)
-    except GlobalTxnError as exc:
-        resp = _error(exc.status, str(exc), exc.kind)
-        if exc.kind in ("conflict", "busy"):
-            resp["Retry-After"] = "1"
-        return resp
-    return JsonResponse(outcome)
+    return _answer(*api.run_exec(_json_body(request)))
 
 
 @extend_schema(
@@ -274,41 +232,16 @@ def exec_sql(request: HttpRequest) -> JsonResponse:
 )
 @api_view(["POST"])
 @rejects_bad_input
-def query(request: HttpRequest) -> JsonResponse:
+def query(request: HttpRequest) -> HttpResponse:
     """Run one read-only query at this peer."""
-    rt = get_runtime()
-    statements = _statements(_json_body(request))
-    if len(statements) != 1:
-        return _error(400, "query takes exactly one statement")
-    rt.coordinator.settle()  # writes already committed whose COMMIT PREPARED is on its way here: wait for them
-    try:
-        with rt.pool.connection(timeout=5) as conn:
-            conn.execute(_read_only_begin(rt.config.statement_timeout_ms))
-            try:
-                cur = conn.cursor()
-                set_json_loads(json.loads, cur)  # a client's json/jsonb as before (a Decimal would answer as a string)
-                cur.execute(statements[0].encode())
-                columns = [d.name for d in cur.description or []]
-                rows = [list(r) for r in cur.fetchall()] if cur.description else []
-            finally:
-                if not conn.broken:
-                    conn.execute(b"ROLLBACK")  # it could change nothing: a read-only transaction
-    except psycopg.Error as exc:
-        kind = classify(exc)
-        return _error(400 if kind in ("bad_request", "internal") else 409, str(exc).strip(), kind)
-    return JsonResponse({"columns": columns, "rows": rows}, json_dumps_params={"default": str})
+    return _answer(*api.run_query(_json_body(request)))
 
 
-@functools.cache
-def _read_only_begin(statement_timeout_ms: int) -> bytes:
-    """What opens a query's transaction, in one round trip (simple protocol): read only, with the statement timeout.
-    SET LOCAL rather than set_config in a SELECT: a SELECT takes a snapshot, after which the client's own SET
-    TRANSACTION (an isolation level) would be refused."""
-    return (
-        sql.SQL("BEGIN READ ONLY; SET LOCAL statement_timeout = {}")
-        .format(sql.Literal(f"{statement_timeout_ms}ms"))
-        .as_bytes(None)
-    )
+def _answer(status: int, answer: bytes, headers: dict[str, str]) -> HttpResponse:
+    resp = HttpResponse(answer, content_type="application/json", status=status)
+    for name, value in headers.items():
+        resp[name] = value
+    return resp
 
 
 def view_snapshot(view: str) -> dict[str, Any]:
