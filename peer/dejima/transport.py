@@ -1,11 +1,11 @@
 """Calls to other peers: every call has a timeout, runs in parallel when there are several, and turns failure into
 a value (`CallResult`), never an exception. Keep-alive connections are pooled per peer address and Nagle is off
-(TCP_NODELAY): `Connections`, a small HTTP/1.1 client on plain sockets — a peer's messages are one POST with a JSON
-body and a JSON answer, and the standard library's http.client spent ≈ 0.2 ms of CPU per call more on that (its
-header parsing goes through the email package), urllib3 twice that and `requests` six times
-(../shared/PERFORMANCE-NOTES.md); the origin makes several calls per global transaction. An idle connection the
-peer has closed (its keep-alive ran out, or it restarted) is dropped before reuse, as urllib3 does; a request is
-never sent twice: a failure is the call's result.
+(TCP_NODELAY): `Connections`, a small HTTP/1.1 client on plain sockets. A peer's messages are one POST with a JSON
+body and a JSON answer; the standard library's http.client (itself half the CPU of urllib3 and a sixth of
+`requests` per call, ../shared/PERFORMANCE-NOTES.md) spent ≈ 0.2 ms of CPU per call more than this on them, its
+header parsing going through the email package (docs/decisions.md "Peer calls on plain sockets"); the origin makes
+several calls per global transaction. An idle connection the peer has closed (its keep-alive ran out, or it
+restarted) is dropped before reuse, as urllib3 does; a request is never sent twice: a failure is the call's result.
 
 Authenticated peers (`peer.dejima.auth`): every request is signed by this peer (`sign`), and an answer counts only
 when it is signed by a trusted peer and bound to the request (`verify_answer`); otherwise the call fails (refused).
