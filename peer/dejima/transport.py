@@ -56,7 +56,9 @@ class _Conn:
         self.reader = sock.makefile("rb")
 
     def dropped(self) -> bool:
-        """Whether the idle connection is unusable: readable means the peer's EOF, or bytes nobody asked for."""
+        """Whether the idle connection is unusable: a readable socket means the peer's EOF, or bytes nobody asked
+        for. (Bytes a peer sent past a complete answer that already sit in `reader` are not seen here; the next
+        answer then reads wrong and the call fails as BadAnswer, never sent twice.)"""
         poller = select.poll()
         try:
             poller.register(self.sock, select.POLLIN)
