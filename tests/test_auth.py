@@ -8,6 +8,7 @@ Unit tier: signing and verification, keys and their settings. Cluster tier: the 
 from __future__ import annotations
 
 import base64
+import decimal
 import json
 import os
 import time
@@ -21,17 +22,22 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from peer.dejima import jsonvalues
 from peer.dejima.auth import (
     Authenticator,
     AuthError,
     KeyFormatError,
+    ReceivedEnvelope,
     authorize,
     load_or_create_key,
     parse_private_key,
     private_pem,
     public_b64,
+    read_envelope,
     sign_envelope,
     signature_id,
+    signed_bytes,
+    wire,
 )
 from peer.dejima.config import ConfigError, load_config
 from peer.dejima.directory import catalog_of
@@ -141,6 +147,84 @@ def test_it_refuses_a_tampered_message(tamper: Any) -> None:
     signed = json.loads(json.dumps(sign_envelope(a_propagate(), "bank", BANK)))
     tamper(signed)
     assert "bad signature" in refused(receiver(), signed) or "not a trusted peer" in refused(receiver(), signed)
+
+
+@pytest.mark.unit
+def test_the_signed_bytes_from_the_body_text_are_the_canonical_ones() -> None:
+    """`signed_bytes` given the body's canonical text builds what it builds from the body itself."""
+    body = {"z": [1, decimal.Decimal("12345678901234567890.123456")], "a": {"Zoë": "李", "b": None}, "m": True}
+    envelope = {"protocol": 1, "kind": "propagate", "body": body}
+    text = jsonvalues.canonical(body)
+    for reply_to in ("", "abc"):
+        assert signed_bytes(envelope, "bank", 5, "id1", reply_to, text) == signed_bytes(
+            envelope, "bank", 5, "id1", reply_to
+        )
+
+
+@pytest.mark.unit
+def test_a_signed_envelope_goes_on_the_wire_with_its_body_first_and_verifies_as_it_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    signed = sign_envelope(a_propagate(), "bank", BANK)
+    data = wire(signed)
+    assert data.startswith(b'{"body":' + jsonvalues.canonical(signed["body"]).encode() + b",")
+    assert json.loads(data) == signed
+    received = read_envelope(data)
+    assert isinstance(received, ReceivedEnvelope)
+    assert received == signed
+    assert received.body_text == jsonvalues.canonical(signed["body"])
+    canonical = jsonvalues.canonical
+
+    def not_the_body(value: Any, anything_as_text: bool = False) -> str:
+        assert "insertions" not in str(value), "the body was encoded again"
+        return canonical(value, anything_as_text)
+
+    monkeypatch.setattr(jsonvalues, "canonical", not_the_body)
+    assert receiver().verify_request(received) == "bank"
+    # what is not a signed envelope goes as compact JSON
+    assert wire({"b": 1, "body": 2}) == b'{"b":1,"body":2}'
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(b'"phone":"1"', b'"phone":"2"'), (b'"kind":"propagate"', b'"kind":"finish"'), (b'"id":"', b'"id":"0')],
+    ids=["row-value", "kind", "signature-id"],
+)
+def test_it_refuses_tampered_wire_bytes(before: bytes, after: bytes) -> None:
+    data = wire(sign_envelope(a_propagate(), "bank", BANK))
+    assert data.count(before) == 1
+    assert "bad signature" in refused(receiver(), read_envelope(data.replace(before, after)))
+
+
+@pytest.mark.unit
+def test_a_body_whose_text_is_not_canonical_verifies_over_its_canonical_json() -> None:
+    """Another sender may write the body's members in any order, with blanks: the signature is over the canonical
+    JSON, which the receiver falls back to."""
+    signed = sign_envelope(a_propagate(), "bank", BANK)
+    rest = {k: v for k, v in signed.items() if k != "body"}
+    data = ('{"body":' + json.dumps(signed["body"], indent=1) + "," + json.dumps(rest)[1:]).encode()
+    received = read_envelope(data)
+    assert isinstance(received, ReceivedEnvelope)
+    assert received.body_text != jsonvalues.canonical(signed["body"])
+    assert receiver().verify_request(received) == "bank"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "data",
+    [b'{"kind":"x","body":{"a":1}}', b'{"body":1,"body":{"a":2}}', b'{"body": {"a":1}}', b'{"body":{"a":1}}', b"[1]"],
+    ids=["body-not-first", "two-bodies", "blank-before-body", "body-alone", "not-an-object"],
+)
+def test_read_envelope_reads_any_json_as_loads_does(data: bytes) -> None:
+    assert read_envelope(data) == jsonvalues.loads(data)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("data", [b'{"body":{"a":1}', b'{"body":{"a":1},', b'{"body":{"a":1},"k":1}x', b'{"body":'])
+def test_read_envelope_refuses_malformed_json(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        read_envelope(data)
 
 
 @pytest.mark.unit

@@ -18,6 +18,14 @@ where canonical JSON is `jsonvalues.canonical(value)`: keys sorted, no spaces, n
 number with a fraction written exactly as received (UTF-8 bytes; only ASCII in fact). The body is signed as it is
 on the wire (the JSON object received), not as re-serialized.
 
+Encoding once. The canonical JSON of the body begins the signed bytes (`"body"` sorts first), so a signer encodes
+the body once: `sign_envelope` keeps its canonical text, and `wire` writes the envelope with that text as its first
+member (the rest compact JSON). A receiver that reads such bytes with `read_envelope` keeps the body's text as it
+came, and `verify_request` / `verify_reply` check the signature over it first, then, when that fails (a sender whose
+body text is not canonical), over the canonical JSON of the body received: the same signed bytes, without encoding
+the body again (a message's body is most of it: a propagate's rows). Sound, as the body checked is the one parsed
+from exactly the text signed; an envelope from `read_envelope` must be verified before anything changes it.
+
 Requests (`verify_request`, at the message endpoint) are refused with 401 when: there is no signature or it is
 malformed; the signer is not a trusted peer; the signature does not verify with the signer's trusted key (forged, or
 the message was changed); `ts` is more than the replay window (`DEJIMA_REPLAY_WINDOW`, 60 s) away from the receiver's
@@ -165,29 +173,80 @@ def canonical(value: Any) -> bytes:
     return jsonvalues.canonical(value).encode()
 
 
-def signed_bytes(envelope: Mapping[str, Any], peer: str, ts: int, sig_id: str, reply_to: str) -> bytes:
-    return DOMAIN + canonical(
-        {
-            "protocol": envelope.get("protocol"),
-            "kind": envelope.get("kind"),
-            "body": envelope.get("body"),
-            "peer": peer,
-            "ts": ts,
-            "id": sig_id,
-            "reply_to": reply_to,
-        }
-    )
+BODY_FIRST = '{"body":'
+
+
+class SignedEnvelope(dict[str, Any]):
+    """An envelope as `sign_envelope` made it, with the canonical JSON of its body (`body_text`), for `wire`."""
+
+    body_text: str
+
+
+class ReceivedEnvelope(dict[str, Any]):
+    """An envelope as `read_envelope` read it, with its body's JSON text as it came (`body_text`)."""
+
+    body_text: str
+
+
+def signed_bytes(
+    envelope: Mapping[str, Any], peer: str, ts: int, sig_id: str, reply_to: str, body_text: str | None = None
+) -> bytes:
+    """What is signed (see the module docstring); `body_text`: the canonical JSON of the envelope's body, when the
+    caller has it."""
+    rest = {"protocol": envelope.get("protocol"), "kind": envelope.get("kind"), "peer": peer, "ts": ts, "id": sig_id}
+    rest["reply_to"] = reply_to
+    if body_text is None:
+        return DOMAIN + canonical({**rest, "body": envelope.get("body")})
+    # the canonical JSON of the whole, "body" being its first key: the body's text, then the rest's members
+    return DOMAIN + (BODY_FIRST + body_text + "," + jsonvalues.canonical(rest)[1:]).encode()
 
 
 def sign_envelope(
     envelope: Mapping[str, Any], peer: str, key: Ed25519PrivateKey, reply_to: str = "", ts: int | None = None
-) -> dict[str, Any]:
+) -> SignedEnvelope:
     """A copy of `envelope` signed by `peer` with `key` (an answer when `reply_to` is the request's id)."""
     ts = int(time.time() * 1000) if ts is None else ts
     sig_id = uuid.uuid4().hex
-    sig = key.sign(signed_bytes(envelope, peer, ts, sig_id, reply_to))
+    body_text = jsonvalues.canonical(envelope.get("body"))
+    sig = key.sign(signed_bytes(envelope, peer, ts, sig_id, reply_to, body_text))
     signature = {"peer": peer, "ts": ts, "id": sig_id, "reply_to": reply_to, "sig": base64.b64encode(sig).decode()}
-    return {**envelope, "signature": signature}
+    signed = SignedEnvelope({**envelope, "signature": signature})
+    signed.body_text = body_text
+    return signed
+
+
+def _verifies(public: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+    try:
+        public.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def wire(value: Any) -> bytes:
+    """The JSON bytes to send: a signed envelope's with the body's canonical text first (encoded once, when it was
+    signed; the envelope must not have changed since), anything else compact JSON."""
+    if not isinstance(value, SignedEnvelope) or "body" not in value:
+        return jsonvalues.dumps(value).encode()
+    rest = jsonvalues.dumps({k: v for k, v in value.items() if k != "body"})
+    return (BODY_FIRST + value.body_text + ("," + rest[1:] if rest != "{}" else "}")).encode()
+
+
+def read_envelope(data: bytes) -> Any:
+    """Parse a JSON body (`jsonvalues.loads`); an object whose first member is "body", as `wire` writes it, as a
+    `ReceivedEnvelope` that keeps the body's text. Malformed JSON raises ValueError, as `jsonvalues.loads`."""
+    if data.startswith(BODY_FIRST.encode()):
+        try:
+            text = data.decode("ascii")
+            body, end = jsonvalues.loads_at(text, len(BODY_FIRST))
+            rest = jsonvalues.loads("{" + text[end + 1 :]) if text[end] == "," else None
+        except (ValueError, IndexError):
+            rest = None
+        if isinstance(rest, dict) and "body" not in rest:
+            envelope = ReceivedEnvelope(body=body, **rest)
+            envelope.body_text = text[len(BODY_FIRST) : end]
+            return envelope
+    return jsonvalues.loads(data)
 
 
 def signature_id(envelope: Mapping[str, Any]) -> str:
@@ -231,7 +290,7 @@ class Authenticator:
         self._expiry: list[tuple[int, tuple[str, str]]] = []  # heap of the same
         self._lock = threading.Lock()
 
-    def sign(self, envelope: Mapping[str, Any], reply_to: str = "") -> dict[str, Any]:
+    def sign(self, envelope: Mapping[str, Any], reply_to: str = "") -> SignedEnvelope:
         return sign_envelope(envelope, self.name, self.key, reply_to)
 
     # ---- verification -------------------------------------------------------------------------------------------
@@ -254,7 +313,13 @@ class Authenticator:
             raise AuthError(401, f"signed by {peer!r}, which is not a trusted peer here (no key configured for it)")
         try:
             raw = base64.b64decode(sig_b64, validate=True)
-            public.verify(raw, signed_bytes(envelope, peer, ts, sig_id, reply_to))
+            # the body's text as it came first; then (no text came, or it is not the canonical one) the canonical
+            # JSON of the body
+            as_it_came = isinstance(envelope, ReceivedEnvelope) and _verifies(
+                public, raw, signed_bytes(envelope, peer, ts, sig_id, reply_to, envelope.body_text)
+            )
+            if not as_it_came:
+                public.verify(raw, signed_bytes(envelope, peer, ts, sig_id, reply_to))
         except (binascii.Error, ValueError, InvalidSignature):
             raise AuthError(
                 401, f"bad signature: not signed by {peer!r}'s trusted key, or the message was changed"

@@ -36,6 +36,12 @@ def loads(data: str | bytes | bytearray) -> Any:
     return _DECODER.decode(data)
 
 
+def loads_at(text: str, start: int) -> tuple[Any, int]:
+    """Parse the one JSON value that begins at `start` of `text` (no blank before it): the value and where it
+    ends."""
+    return _DECODER.raw_decode(text, start)
+
+
 def dumps(value: Any) -> str:
     """Compact JSON (no spaces, non-ASCII escaped); a Decimal is written as the number it holds."""
     return _COMPACT.encode(value)

@@ -34,6 +34,7 @@ from http import HTTPStatus
 from typing import Any, BinaryIO
 
 from peer.dejima import jsonvalues
+from peer.dejima.auth import read_envelope, wire
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def message_routes(handler: Handler) -> dict[str, Route]:
 
     def route(envelope: Any, remote: str) -> tuple[int, bytes, dict[str, str]]:
         status, answer = handler(envelope, remote)
-        return status, jsonvalues.dumps(answer).encode(), {}
+        return status, wire(answer), {}
 
     return {MESSAGE_PATH: route}
 
@@ -206,7 +207,7 @@ class PeerServer:
             answer = {"status": "error", "kind": "method_not_allowed", "error": f"{method} not allowed"}
             return 405, answer, {}, close
         try:
-            envelope = jsonvalues.loads(body)
+            envelope = read_envelope(body)  # `jsonvalues.loads`, keeping a signed body's text as it came
         except (ValueError, UnicodeDecodeError) as exc:
             return 400, _error_body(f"malformed JSON: {exc}"), {}, close
         try:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from peer.dejima import jsonvalues
-from peer.dejima.auth import Authenticator, AuthError, authorize, signature_id
+from peer.dejima.auth import Authenticator, AuthError, authorize, read_envelope, signature_id, wire
 from peer.dejima.messages import Message, MessageError, parse
 
 log = logging.getLogger(__name__)
@@ -268,7 +267,7 @@ class Transport:
     def call(self, url: str, message: Message, timeout: float) -> CallResult:
         """POST one message to a peer; the answer (or the failure) as a value."""
         envelope = sign(self.auth, message.to_json())
-        body = jsonvalues.dumps(envelope).encode()
+        body = wire(envelope)
         try:
             status, data = self.connections.post(url, MESSAGE_PATH, body, timeout)
         except CallTimeout:
@@ -276,7 +275,7 @@ class Transport:
         except (OSError, ValueError) as exc:
             return CallResult(url, None, error=f"{url} is unreachable ({type(exc).__name__})", error_kind="unreachable")
         try:
-            raw = jsonvalues.loads(data)
+            raw = read_envelope(data)
             answer = parse(raw)
         except (ValueError, MessageError) as exc:
             kind = "refused" if 400 <= status < 500 else "internal"
