@@ -39,6 +39,7 @@ from peer.dejima.apply import (
     GxState,
     ViewDelta,
     apply_delta,
+    locked_elsewhere,
     outgoing,
     without_echo,
 )
@@ -895,6 +896,39 @@ def test_failed_deltas_of_many_rows_leave_the_connection_usable(gov: psycopg.Con
         old = good
     holder.close()
     assert [r["address"] for r in view_rows(gov, "dejima_bank")][:2] == ["A7", "B7"]
+
+
+def test_a_lock_probe_names_the_rows_another_transaction_holds_and_keeps_no_lock(
+    gov: psycopg.Connection[Any],
+) -> None:
+    """`locked_elsewhere`: of the base rows at a delta's keys (a rename's old key too), those another transaction
+    holds locked, without waiting for any; no lock is kept and the transaction goes on as before."""
+    _people(gov)
+    ids = dict(gov.execute("SELECT first_name, id FROM government_users").fetchall())
+    gov.commit()
+    holder, other = psycopg.connect(gov.info.dsn), psycopg.connect(gov.info.dsn)
+    try:
+        holder.execute("SELECT 1 FROM government_users WHERE first_name IN ('Bob', 'Cid') FOR UPDATE")
+        state = gx(gov)
+        gov.execute("SET LOCAL lock_timeout = '30s'")  # a wait for a held row would take this long, then fail
+        insertions = [
+            person("Ann", "Lee", "7", "X"),
+            {**person("Dee", "Kim", "3", "Z"), WAS: {"first_name": "Cid", "last_name": "Fox"}},  # Cid, renamed
+            person("Zed", "Nobody", None, None),  # no row yet
+        ]
+        deletions = [person("Ann", "Lee", "1", "X"), person("Cid", "Fox", "3", "Z")]
+        found = locked_elsewhere(state, "dejima_bank", insertions, deletions)
+        assert found == ("government_users", {ids["Cid"]})
+        assert locked_elsewhere(state, "dejima_bank", [], [person("Bob", "Ray", "2", "Y")])[1] == {ids["Bob"]}
+        other.execute("SELECT 1 FROM government_users WHERE first_name = 'Ann' FOR UPDATE NOWAIT")  # not kept
+        other.rollback()
+        with pytest.raises(ApplyBadRequest):
+            locked_elsewhere(state, "dejima_bank", [{"first_name": "Ann"}], [])
+        apply_delta(state, "dejima_bank", [person("Ann", "Lee", "7", "X")], [person("Ann", "Lee", "1", "X")])
+        assert take_changes(gov, state.gxid)[0].new == person("Ann", "Lee", "7", "X")
+    finally:
+        holder.close()
+        other.close()
 
 
 LAB_MANIFEST = """\

@@ -105,6 +105,12 @@ CHECK_AND_SAVEPOINT_SQL = (
 )
 RELEASE_SQL = sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
 ROLLBACK_TO_SQL = sql.SQL("ROLLBACK TO SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
+PROBE = sql.Identifier("dejima_lock_probe")  # `locked_elsewhere` takes its row locks inside it, then undoes them
+PROBE_SAVEPOINT_SQL = sql.SQL("SAVEPOINT {}").format(PROBE).as_bytes(None)
+PROBE_UNDO = (
+    sql.SQL("ROLLBACK TO SAVEPOINT {}").format(PROBE).as_bytes(None),
+    sql.SQL("RELEASE SAVEPOINT {}").format(PROBE).as_bytes(None),
+)
 INT_RANGES = {"integer": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
 
 
@@ -330,6 +336,24 @@ class _ViewIO:
         )
         self.delete_many = (
             sql.SQL("DELETE FROM {} AS v USING {} WHERE {}").format(rel, unnest(key_names), match_x("v")).as_bytes(None)
+        )
+        # each base row at the keys, and whether another transaction holds it locked: a lock that `SKIP LOCKED`
+        # cannot take at once (`locked_elsewhere`); the read of the rows itself waits for nothing
+        self.select_locked = (
+            sql.SQL(
+                "SELECT r.{id}, l.{id} IS NULL FROM {keys} CROSS JOIN LATERAL (SELECT {tid} FROM {base} AS t WHERE"
+                " {match}{in_filter}) AS r LEFT JOIN LATERAL (SELECT u.{id} FROM {base} AS u WHERE u.{id} = r.{id}"
+                " FOR UPDATE SKIP LOCKED) AS l ON true"
+            )
+            .format(
+                id=sql.Identifier(ID_COLUMN),
+                keys=unnest(key_names),
+                tid=sql.Identifier("t", ID_COLUMN),
+                base=base,
+                match=match_x("t"),
+                in_filter=in_filter,
+            )
+            .as_bytes(None)
         )
 
     def key_texts(self, keys: Sequence[Key]) -> list[list[str | None]]:
@@ -836,6 +860,31 @@ def _apply(state: GxState, view: str, insertions: list[Row], deletions: list[Row
         state.restore(saved)
         if not conn.broken:
             conn.execute(ROLLBACK_TO_SQL)
+        raise
+
+
+def locked_elsewhere(state: GxState, view: str, insertions: list[Row], deletions: list[Row]) -> tuple[str, set[int]]:
+    """The base table of `view`, and the ids of its rows at the delta's keys (a rename's old key too) that another
+    transaction holds locked now: after an apply ran out of lock wait, whom it waited for (the coordinator's
+    wait-die). Waits for nothing and keeps no lock (it takes the free rows' locks inside a savepoint of its own and
+    undoes them); a row that another transaction inserted and has not committed is not seen. On the gxid's open
+    transaction; raises ApplyBadRequest for a malformed delta, or the psycopg error (the transaction is usable
+    again, as it was before the call)."""
+    io = _view_io(state.ptype, view)
+    rows = [_parse_row(io, f"insertions[{i}]", r, insertion=True) for i, r in enumerate(insertions)]
+    rows += [_parse_row(io, f"deletions[{i}]", r, insertion=False) for i, r in enumerate(deletions)]
+    keys = list(dict.fromkeys([*(row.key for row in rows), *(row.was for row in rows if row.was is not None)]))
+    conn = state.conn
+    try:
+        with conn.pipeline():
+            conn.execute(PROBE_SAVEPOINT_SQL, prepare=False)
+            cur = conn.execute(io.select_locked, io.key_texts(keys), prepare=False)
+            for undo in PROBE_UNDO:  # a pipeline takes one statement per string
+                conn.execute(undo, prepare=False)
+        return io.table.name, {int(row_id) for row_id, locked in cur.fetchall() if locked}
+    except psycopg.Error:
+        if not conn.broken and conn.info.transaction_status == TransactionStatus.INERROR:
+            conn.execute(b"; ".join(PROBE_UNDO))
         raise
 
 

@@ -14,9 +14,12 @@ their members (never echoing back to the sender what the sender already has); an
 peer its branch reached. A second arrival of the same gxid applies in the same transaction; when it changes
 nothing, nothing is forwarded: that is how cycles and diamonds terminate.
 
-Conflicts (wait-die): a participant that cannot get a row lock quickly waits only if it is the oldest open global
-transaction at this peer (gxids carry their origin's start time), otherwise it gives up with a conflict: no cycle
-of waits can form, so exactly one of two conflicting writes commits and the other gets a retryable 409.
+Conflicts (wait-die): a participant's apply that meets a locked row waits only for a holder that is prepared here
+(it waits for nothing but its decision) or younger (gxids carry their origin's start time); a holder older and
+still open here makes it give up with a conflict, at once (it looks before it waits while an older one is open);
+a holder it cannot name (`_older_holder`) counts as older when any older global transaction is open here. Waits go
+from older to younger only: no cycle of waits can form, so exactly one of two conflicting writes commits and the
+other gets a retryable 409.
 
 Recovery (`recover_once`, at start and periodically): every prepared transaction of this peer whose origin is not
 finishing it asks the origin for the decision; an origin without a decision row for a gxid it no longer runs
@@ -57,6 +60,7 @@ from peer.dejima.apply import (
     ApplyUnseen,
     GxState,
     apply_and_take,
+    locked_elsewhere,
     outgoing,
     without_echo,
 )
@@ -283,6 +287,10 @@ class Coordinator:
             "settle_timeouts": 0,  # client statements that ran before prepared transactions here finished (settle)
             "settle_asked": 0,  # prepared transactions here whose origin a settle asked for the decision (late finish)
             "unseen_waits": 0,  # deletions that found no row and waited for transactions prepared here (ApplyUnseen)
+            "apply_lock_waits": 0,  # slices of lock wait (APPLY_LOCK_WAIT_MS) an apply ran out of, then decided
+            # applies that gave up (wait-die): an older global transaction open here held, or may have held, a row
+            "wait_die_conflicts": 0,
+            "conflicts_before_waiting": 0,  # of those, found by looking before any lock wait (`_older_holder`)
         }
 
     # ---- helpers --------------------------------------------------------------------------------------------
@@ -446,6 +454,47 @@ class Coordinator:
     def _older_open(self, gx: Gx) -> bool:
         with self.lock:
             return any(o.phase == "open" and o.order < gx.order for o in self.gxs.values() if o is not gx)
+
+    def _older_holder(self, gx: Gx, msg: Propagate) -> bool | None:
+        """Wait-die (caller holds gx.lock): whether a global transaction older than gx and still open here holds a
+        row that gx's apply of `msg` needs; None when a locked row's holder is unknown. gx may wait for a global
+        transaction that is prepared (it waits for nothing but its decision) or younger than gx (it gives up itself
+        when it needs what gx holds): waits go from older to younger, so no cycle of waits forms across peers. The
+        holders are the global transactions open here that changed a locked row (`locked_elsewhere`, `_holders`);
+        a row locked by another without a change (or a wait for an insert not yet committed) has no known holder."""
+        assert gx.state is not None
+        try:
+            table, locked = locked_elsewhere(gx.state, msg.view, msg.insertions, msg.deletions)
+        except (ApplyError, psycopg.Error):
+            return None
+        if not locked:
+            return False
+        holders = self._holders(gx, table, locked)
+        if holders is None:
+            return None
+        return any(h.phase == "open" and h.order < gx.order for h in holders)
+
+    def _wait_die_conflict(self, msg: Propagate, waited: bool) -> GlobalTxnError:
+        with self.lock:
+            self.stats["wait_die_conflicts"] += 1
+            self.stats["conflicts_before_waiting"] += not waited
+        return GlobalTxnError(
+            "conflict", f"{self.name}: {msg.view} rows are locked and an older global transaction runs here"
+        )
+
+    def _holders(self, gx: Gx, table: str, row_ids: set[int]) -> list[Gx] | None:
+        """The other global transactions here that changed each of these rows of `table` (their net changes by
+        view and base row id, `Gx.changes`); None when a row has no such transaction."""
+        views = [view.name for view in self.ptype.views_of(table)]
+        with self.lock:
+            others = [g for g in self.gxs.values() if g is not gx]
+        holders: list[Gx] = []
+        for row_id in row_ids:
+            found = [g for g in others if any((view, row_id) in g.changes for view in views)]
+            if not found:
+                return None
+            holders += found
+        return holders
 
     # ---- origin ---------------------------------------------------------------------------------------------
     def run(self, statements: list[str]) -> dict[str, Any]:
@@ -1032,8 +1081,11 @@ class Coordinator:
         return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared | {self.name}))
 
     def _apply_wait_die(self, gx: Gx, msg: Propagate, savepoint_taken: bool) -> list[RowChange]:
-        """Apply the delta and take what it changed here; a locked row is waited for in slices while no older
-        global transaction runs here (wait-die), else the apply dies (conflict)."""
+        """Apply the delta and take what it changed here; a locked row is waited for in slices unless an older
+        global transaction open here holds it (wait-die: `_older_holder`), or, its holder unknown, any older one is
+        open here; else the apply dies (conflict). While an older one is open here, the rows are looked at before
+        the apply: one that holds a row gx needs makes gx die at once, instead of after a slice of waiting with its
+        own rows locked everywhere it went (and the older one, itself waiting for those rows, held up as long)."""
         assert gx.conn is not None and gx.state is not None
         conn, state = gx.conn, gx.state
         at_origin = gx.origin == self.name  # a delta come back round a cycle: the origin's own lock_timeout is long
@@ -1045,6 +1097,8 @@ class Coordinator:
             conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{APPLY_LOCK_WAIT_MS}ms")))
         raced = False
         try:
+            if self._older_open(gx) and self._older_holder(gx, msg):
+                raise self._wait_die_conflict(msg, waited=False)
             while True:
                 try:
                     # undoes itself when it fails, keeping its savepoint: a retry may count on it still
@@ -1067,11 +1121,11 @@ class Coordinator:
                         raise
                     raced = True
                 except pgerr.LockNotAvailable:
-                    if self._older_open(gx):
-                        raise GlobalTxnError(
-                            "conflict",
-                            f"{self.name}: {msg.view} rows are locked and an older global transaction runs here",
-                        ) from None
+                    with self.lock:
+                        self.stats["apply_lock_waits"] += 1
+                    older = self._older_holder(gx, msg)
+                    if older or (older is None and self._older_open(gx)):
+                        raise self._wait_die_conflict(msg, waited=True) from None
                     if time.monotonic() > gx.deadline:
                         raise GlobalTxnError("timeout", f"{self.name}: {msg.view} rows stayed locked") from None
         finally:
