@@ -43,7 +43,9 @@ from peer.dejima.config import ConfigError, load_config
 from peer.dejima.directory import catalog_of
 from peer.dejima.install import SQL_ROOT
 from peer.dejima.manifest import load_peer_types
-from peer.dejima.messages import Finish, Hello, Propagate, PropagateReply
+from peer.dejima.messages import Ack, Finish, Hello, Propagate, PropagateReply
+from peer.dejima.peerserver import PeerServer, message_routes
+from peer.dejima.transport import Transport
 from peer.network import LocalNetwork, PeerSpec, free_port
 from peer.pgserver import PgServer
 from tests.helpers import sign_as, wait_until
@@ -263,6 +265,59 @@ def test_an_answer_is_bound_to_its_request() -> None:
         Authenticator("insurance", MALLORY, {"government": GOV.public_key()}).verify_request(answer)
     with pytest.raises(AuthError, match="unsigned"):
         bank.verify_reply(reply, signature_id(request))
+
+
+@pytest.mark.unit
+def test_a_message_sent_to_several_peers_is_signed_once_and_each_accepts_it() -> None:
+    """`Transport.call_many`: the same message to two peers goes with one signature, which each receiver verifies
+    (and remembers against replays for itself); each signed answer is bound to it; distinct messages are signed
+    apart."""
+    insurance = Ed25519PrivateKey.generate()
+    receivers = {
+        "government": receiver(),
+        "insurance": Authenticator("insurance", insurance, {"bank": BANK.public_key()}),
+    }
+    seen: dict[str, list[str]] = {name: [] for name in receivers}
+
+    def handler(name: str) -> Any:
+        def handle(envelope: Any, remote: str) -> tuple[int, dict[str, Any]]:
+            try:
+                receivers[name].verify_request(envelope)
+            except AuthError as exc:
+                return exc.status, {"status": "error", "kind": "unauthenticated", "error": str(exc)}
+            seen[name].append(signature_id(envelope))
+            return 200, receivers[name].sign(
+                Ack(envelope["body"]["gxid"], name, True).to_json(), signature_id(envelope)
+            )
+
+        return handle
+
+    servers = {name: PeerServer(message_routes(handler(name)), "127.0.0.1", 0, 1 << 20) for name in receivers}
+    transport = Transport(
+        "bank",
+        Authenticator("bank", BANK, {"government": GOV.public_key(), "insurance": insurance.public_key()}),
+    )
+    try:
+        for server in servers.values():
+            server.start()
+        urls = {name: f"http://127.0.0.1:{server.port}" for name, server in servers.items()}
+        shared = Finish("bank.1.0", "bank", "commit")
+        results = transport.call_many([(urls["government"], shared), (urls["insurance"], shared)], 5.0)
+        assert [r.ok for r in results] == [True, True], results
+        assert seen["government"] == seen["insurance"], "one signature for both"
+        apart = transport.call_many(
+            [
+                (urls["government"], Finish("bank.2.0", "bank", "commit")),
+                (urls["insurance"], Finish("bank.2.0", "bank", "commit")),
+            ],
+            5.0,
+        )
+        assert [r.ok for r in apart] == [True, True], apart
+        assert seen["government"][-1] != seen["insurance"][-1]
+    finally:
+        transport.close()
+        for server in servers.values():
+            server.close()
 
 
 @pytest.mark.unit

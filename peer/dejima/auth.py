@@ -46,7 +46,11 @@ untrusted key, stale, not bound to the request, or whose claimed peer (`Propagat
 
 Not covered: the recipient is not in the signed bytes, so a captured request could be replayed once to *another*
 peer that trusts the sender (each receiver keeps its own replay memory). Such a peer still applies only what the
-sender may send it (view membership, view columns). Transport privacy is TLS's job (https URLs), not this module's.
+sender may send it (view membership, view columns). A message sent to several peers is signed once
+(`Transport.call_many`): every recipient gets the same envelope, checks it and remembers its id for itself; one who
+captured it on the way to one recipient and delivered it to another first would make the sender's own copy a
+replay there (a failed call: the transaction aborts), which is no more than dropping it on the way could do.
+Transport privacy is TLS's job (https URLs), not this module's.
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ after every commit here, links the committed staged entries into the chain in ba
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -835,11 +834,12 @@ class Coordinator:
         if not participants:
             return  # every one prepared on the way (a chain: Propagate.prepare)
         calls = []
+        message = Prepare(gx.gxid, self.name)  # one for all: signed once (`Transport.call_many`)
         for name in participants:
             url = self.directory.url_of(name)
             if url is None:
                 raise GlobalTxnError("unreachable", f"{self.name}: no address known for participant {name}")
-            calls.append((url, Prepare(gx.gxid, self.name)))
+            calls.append((url, message))
         self.stats["prepare_sent"] += len(calls)
         results = self.transport.call_many(calls, self._remaining(gx))
         for name, result in zip(participants, results, strict=True):
@@ -861,10 +861,11 @@ class Coordinator:
         """Tell participants the decision; returns those that did not confirm."""
         names = [p for p in sorted(participants) if p != self.name]
         calls, asked = [], []
+        message = Finish(gxid, self.name, decision)  # one for all: signed once (`Transport.call_many`)
         for name in names:
             url = self.directory.url_of(name)
             if url is not None:
-                calls.append((url, Finish(gxid, self.name, decision)))
+                calls.append((url, message))
                 asked.append(name)
         results = self.transport.call_many(calls, self.config.peer_timeout) if calls else []
         left = [n for n in names if n not in asked]
@@ -899,7 +900,7 @@ class Coordinator:
         answered nothing can reach that receiver again. Several messages (siblings may reach each other) inherit it
         only when every receiver is a leaf (`_all_leaves`): none of them can forward anything, so none is reached
         again."""
-        targets: list[tuple[str, str, Propagate]] = []
+        sends: list[tuple[str, str, str, Delta]] = []  # (member, its address, view, the delta it gets)
         timeout = self._remaining(gx)
         if received is not None:
             # a forwarded call must give up before its caller does, so the caller hears who really timed out
@@ -907,10 +908,13 @@ class Coordinator:
         for view, delta in deltas.items():
             self._check_members_known(view)
             members = [m for m in self.directory.members(view) if m != self.name]
+            echo_free: Delta | None = None  # the delta without what the sender sent: the same for all who had it
             for member in members:
                 out = delta
                 if received is not None and view == received.delta.view and received.has(member):
-                    out = without_echo(delta, received.delta)
+                    if echo_free is None:
+                        echo_free = without_echo(delta, received.delta)
+                    out = echo_free
                 if member == gx.origin and view in gx.origin_keys:
                     out = _without_keys(out, self.ptype.view(view).key, gx.origin_keys[view])
                 if out.is_empty():
@@ -918,7 +922,15 @@ class Coordinator:
                 url = self.directory.url_of(member)
                 if url is None:
                     return FanOut(False, set(), f"{self.name}: no address known for {member}", "unreachable")
-                msg = Propagate(
+                sends.append((member, url, view, out))
+        if not sends:
+            return FanOut(True, {self.name})
+        prepare = alone and all(s[0] != gx.origin for s in sends) and (len(sends) == 1 or self._all_leaves(deltas))
+        # one message per delta: sent to several members, it is signed and encoded once (`Transport.call_many`)
+        messages: dict[int, Propagate] = {}
+        for _, _, view, out in sends:
+            if id(out) not in messages:
+                messages[id(out)] = Propagate(
                     gx.gxid,
                     gx.origin,
                     self.name,
@@ -927,16 +939,12 @@ class Coordinator:
                     out.deletions,
                     max(1, int(timeout * 1000)),
                     origin_keys=gx.origin_keys,
-                    recipients=members,
+                    recipients=[m for m in self.directory.members(view) if m != self.name],
+                    prepare=prepare,
                 )
-                targets.append((member, url, msg))
-        if not targets:
-            return FanOut(True, {self.name})
-        if alone and all(t[0] != gx.origin for t in targets) and (len(targets) == 1 or self._all_leaves(deltas)):
-            targets = [(member, url, dataclasses.replace(msg, prepare=True)) for member, url, msg in targets]
-        self.stats["propagate_sent"] += len(targets)
-        results = self.transport.call_many([(url, msg) for _, url, msg in targets], timeout)
-        return self._gather(gx, [t[0] for t in targets], results)
+        self.stats["propagate_sent"] += len(sends)
+        results = self.transport.call_many([(url, messages[id(out)]) for _, url, _, out in sends], timeout)
+        return self._gather(gx, [s[0] for s in sends], results)
 
     def _all_leaves(self, deltas: dict[str, Delta]) -> bool:
         """Whether every other member of every view sent on shares that view and nothing else (the catalogs

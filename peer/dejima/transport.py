@@ -257,6 +257,23 @@ def verify_answer(auth: Authenticator, envelope: Any, request_id: str, answer: M
     authorize(auth.verify_reply(envelope, request_id), answer)
 
 
+class _Signed:
+    """A request's signed envelope and its bytes, made once by whichever call needs them first."""
+
+    def __init__(self, auth: Authenticator, message: Message) -> None:
+        self.auth = auth
+        self.message = message
+        self.lock = threading.Lock()
+        self.value: tuple[dict[str, Any], bytes] | None = None
+
+    def get(self) -> tuple[dict[str, Any], bytes]:
+        with self.lock:
+            if self.value is None:
+                envelope = sign(self.auth, self.message.to_json())
+                self.value = envelope, wire(envelope)
+            return self.value
+
+
 class Transport:
     def __init__(self, peer_name: str, auth: Authenticator, max_parallel: int = 64) -> None:
         self.peer_name = peer_name
@@ -264,10 +281,10 @@ class Transport:
         self.connections = Connections({"Content-Type": "application/json", "X-Dejima-Peer": peer_name})
         self.pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix=f"{peer_name}-call")
 
-    def call(self, url: str, message: Message, timeout: float) -> CallResult:
-        """POST one message to a peer; the answer (or the failure) as a value."""
-        envelope = sign(self.auth, message.to_json())
-        body = wire(envelope)
+    def call(self, url: str, message: Message, timeout: float, signed: _Signed | None = None) -> CallResult:
+        """POST one message to a peer; the answer (or the failure) as a value. `signed`: the message's signed
+        envelope, shared with the other calls that send it (`call_many`)."""
+        envelope, body = (signed or _Signed(self.auth, message)).get()
         try:
             status, data = self.connections.post(url, MESSAGE_PATH, body, timeout)
         except CallTimeout:
@@ -294,11 +311,14 @@ class Transport:
 
     def call_many(self, calls: Sequence[tuple[str, Message]], timeout: float) -> list[CallResult]:
         """Several calls in parallel; results in the order of `calls`. The first one runs in the calling thread,
-        which would only wait meanwhile."""
+        which would only wait meanwhile. A message sent to several peers (the same object in several calls) is
+        signed and encoded once, by the first call that sends it: every receiver checks the same signature, each
+        remembers it against replays for itself, and each answer is bound to it (docs/decisions.md)."""
         if not calls:
             return []
-        futures = [self.pool.submit(self.call, url, msg, timeout) for url, msg in calls[1:]]
-        first = self.call(calls[0][0], calls[0][1], timeout)
+        signed = {id(msg): _Signed(self.auth, msg) for _, msg in calls}
+        futures = [self.pool.submit(self.call, url, msg, timeout, signed[id(msg)]) for url, msg in calls[1:]]
+        first = self.call(calls[0][0], calls[0][1], timeout, signed[id(calls[0][1])])
         return [first, *(f.result() for f in futures)]
 
     def close(self) -> None:
