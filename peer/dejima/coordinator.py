@@ -901,13 +901,14 @@ class Coordinator:
         only when every receiver is a leaf (`_all_leaves`): none of them can forward anything, so none is reached
         again."""
         sends: list[tuple[str, str, str, Delta]] = []  # (member, its address, view, the delta it gets)
+        recipients: dict[str, list[str]] = {}  # view -> the members it goes to (each may get the delta or less)
         timeout = self._remaining(gx)
         if received is not None:
             # a forwarded call must give up before its caller does, so the caller hears who really timed out
             timeout = max(0.05, timeout * 0.8)
         for view, delta in deltas.items():
             self._check_members_known(view)
-            members = [m for m in self.directory.members(view) if m != self.name]
+            members = recipients[view] = [m for m in self.directory.members(view) if m != self.name]
             echo_free: Delta | None = None  # the delta without what the sender sent: the same for all who had it
             for member in members:
                 out = delta
@@ -939,7 +940,7 @@ class Coordinator:
                     out.deletions,
                     max(1, int(timeout * 1000)),
                     origin_keys=gx.origin_keys,
-                    recipients=[m for m in self.directory.members(view) if m != self.name],
+                    recipients=recipients[view],
                     prepare=prepare,
                 )
         self.stats["propagate_sent"] += len(sends)
