@@ -48,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python -m peer.bench all --quick
 
 clean:
-	rm -rf .dejima .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .dejima .pytest_cache .pytest-tmp .mypy_cache .ruff_cache .hypothesis

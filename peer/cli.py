@@ -158,7 +158,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def check_network(urls: dict[str, str]) -> dict[str, Any]:
     """Compare every dejima view across its group; verify every peer's transaction log (hash chain); list leftover
-    prepared transactions.
+    prepared transactions; report every peer whose machinery in the database (capture and putback triggers, their
+    functions, privileges) is not what its manifest generates (GET /api/v1/machinery).
 
     A view's digest (GET /api/v1/views/<view>) is order-independent: the sha256 of the sorted canonical JSON lines of
     its rows, so peers agree whatever their physical row order. A chain is verified by its peer (GET
@@ -167,6 +168,7 @@ def check_network(urls: dict[str, str]) -> dict[str, Any]:
     views: dict[str, dict[str, str]] = {}
     prepared: dict[str, list[Any]] = {}
     chains: dict[str, dict[str, Any]] = {}
+    machinery: dict[str, list[str]] = {}  # peer -> what differs in its database (its capture triggers, …)
     errors: list[str] = []
     for name, url in urls.items():
         try:
@@ -186,19 +188,26 @@ def check_network(urls: dict[str, str]) -> dict[str, Any]:
             }
             _, prep = _api(url, "/api/v1/prepared")
             prepared[name] = prep.get("prepared", [])
+            code, inspected = _api(url, "/api/v1/machinery")
+            if code != 200 or "problems" not in inspected:
+                raise CliError(f"machinery unavailable ({code}): {inspected.get('error', inspected)}")
+            machinery[str(status.get("peer") or name)] = list(inspected["problems"])
         except (CliError, KeyError) as exc:
             errors.append(f"{name}: {exc}")
     divergent = sorted(v for v, digests in views.items() if len(set(digests.values())) > 1)
     broken = sorted(name for name, chain in chains.items() if not chain["ok"])
     # several peers may share one PostgreSQL cluster: count each prepared transaction once
     leftover = sorted({p["gid"] for items in prepared.values() for p in items})
+    damaged = sorted(name for name, problems in machinery.items() if problems)
     return {
-        "ok": not divergent and not leftover and not errors and not broken,
+        "ok": not divergent and not leftover and not errors and not broken and not damaged,
         "views": {v: {"identical": v not in divergent, "digests": d} for v, d in sorted(views.items())},
         "divergent_views": divergent,
         "chains": chains,
         "broken_chains": broken,
         "prepared_transactions": leftover,
+        "machinery": machinery,
+        "damaged_machinery": damaged,
         "errors": errors,
     }
 
@@ -224,6 +233,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"txlog {peer:<12} BROKEN at seq {chain['broken_at']}: {chain['reason']}")
         for gid in report["prepared_transactions"]:
             print(f"leftover prepared transaction {gid}")
+        for peer, problems in report["machinery"].items():
+            for problem in problems:
+                print(f"machinery {peer:<12} {problem}")
         for err in report["errors"]:
             print(f"error: {err}")
         print("ok" if report["ok"] else "NOT OK")

@@ -48,6 +48,11 @@ def post_worker_init(worker: Worker) -> None:
             print(f"dejima client: bad setting {exc}", file=sys.stderr)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)  # the arbiter stops too
         return
+    from peer.dejima.config import ConfigError
     from peer.dejima.runtime import get_runtime
 
-    get_runtime()
+    try:
+        get_runtime()
+    except ConfigError as exc:  # the database or its logins (checked once connected): a message, no traceback
+        print(f"dejima peer: bad setting {exc}", file=sys.stderr)
+        sys.exit(Arbiter.WORKER_BOOT_ERROR)  # the arbiter stops too

@@ -10,6 +10,13 @@ network works with no manual step. Tests sign their own peer messages with these
 Client login: each client gets its own user store `<state dir>/<name>.sqlite3` (DEJIMA_CLIENT_DB) and a generated
 password for its user `admin` in `<state dir>/<name>.password` (mode 0600, next to its log, kept across restarts;
 DEJIMA_CLIENT_PASSWORD_FILE). `LocalNetwork.password_path(name)` / `password(name)` give it to the kit and the tests.
+
+Least privilege in the database, as in production: before a peer starts, the kit installs its peer type as the
+server's superuser with three roles of its own (`db_roles`: `<database>_owner`, `<database>_peer`,
+`<database>_client`, passwords generated once into `<state dir>/db_password`, mode 0600), and the peer logs in as
+`<database>_peer` (DEJIMA_DATABASE_URL) and runs its clients' statements as `<database>_client`
+(DEJIMA_CLIENT_DATABASE_URL). The superuser's URL stays with the kit (`LocalNetwork.admin_url`), for the tests'
+direct looks into a database.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.dejima.auth import load_or_create_key, public_b64
+from peer.dejima.install import SQL_ROOT, Roles, install
 from peer.pgserver import PgServer
 
 EXAMPLE = (("government", 8001), ("bank", 8002), ("insurance", 8003))
@@ -111,6 +119,18 @@ class NetworkError(Exception):
     pass
 
 
+def db_roles(database: str, password: str | None = None) -> Roles:
+    """The database roles of the peer whose database is `database` (several peers share one server locally, and
+    roles belong to the server: each peer has its own)."""
+    return Roles(
+        owner=f"{database}_owner",
+        peer=f"{database}_peer",
+        client=f"{database}_client",
+        peer_password=password,
+        client_password=password,
+    )
+
+
 class LocalNetwork:
     def __init__(self, server: PgServer, state_dir: Path, specs: list[PeerSpec], sql_root: Path | None = None) -> None:
         self.server = server
@@ -145,9 +165,33 @@ class LocalNetwork:
             path.write_text(secrets.token_urlsafe(18))
         return path.read_text().strip()
 
+    # ---- the peer's database ------------------------------------------------------------------------------------
+    def db_password(self) -> str:
+        """The password of the kit's database logins (generated once, mode 0600): trust authentication locally does
+        not ask for it, an external server (DEJIMA_DATABASE_URL) may."""
+        path = self.state_dir / "db_password"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+    def admin_url(self, name: str) -> str:
+        """The superuser's URL of a peer's database: the kit's own, never given to a peer."""
+        return self.server.url(self.specs[name].database)
+
+    def install(self, name: str) -> None:
+        """Create the peer's database and roles and install its peer type, as the superuser (idempotent)."""
+        spec = self.specs[name]
+        if spec.database not in self.server.list_databases():
+            self.server.create_database(spec.database)
+        roles = db_roles(spec.database, self.db_password())
+        root = Path(spec.env["DEJIMA_SQL_ROOT"]) if spec.env.get("DEJIMA_SQL_ROOT") else self.sql_root or SQL_ROOT
+        install(self.admin_url(name), spec.peer_type, root, roles=roles)
+
     # ---- processes ------------------------------------------------------------------------------------------
     def env_for(self, spec: PeerSpec) -> dict[str, str]:
         seeds = ",".join(s.message_url for s in self.specs.values() if s.name != spec.name and s.mode == "peer")
+        roles = db_roles(spec.database or spec.name.replace("-", "_"), self.db_password())
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJIMA_", "PEER_"))}
         env.update(
             {
@@ -156,7 +200,9 @@ class LocalNetwork:
                 "DEJIMA_PEER_NAME": spec.name,
                 "DEJIMA_URL": spec.message_url if spec.mode == "peer" else spec.url,
                 "DEJIMA_BIND": f"127.0.0.1:{spec.port}",
-                "DEJIMA_DATABASE_URL": self.server.url(spec.database),
+                "DEJIMA_DATABASE_URL": self.server.url(spec.database, roles.peer, roles.peer_password),
+                "DEJIMA_CLIENT_DATABASE_URL": self.server.url(spec.database, roles.client, roles.client_password),
+                "DEJIMA_DB_OWNER_ROLE": roles.owner,
                 "DEJIMA_SEEDS": seeds,
                 "DJANGO_SETTINGS_MODULE": "peer.settings",
                 "PYTHONUNBUFFERED": "1",
@@ -173,7 +219,8 @@ class LocalNetwork:
                 env["DEJIMA_API_BIND"] = f"127.0.0.1:{spec.api_port}"
             env["DEJIMA_TRUSTED_KEYS"] = ",".join(f"{n}={k}" for n, k in sorted(keys.items()) if n != spec.name)
         if spec.mode == "client":  # a client talks only to its peer service (DEJIMA_PEER_URL in spec.env)
-            del env["DEJIMA_DATABASE_URL"], env["DEJIMA_SEEDS"]
+            del env["DEJIMA_DATABASE_URL"], env["DEJIMA_CLIENT_DATABASE_URL"], env["DEJIMA_DB_OWNER_ROLE"]
+            del env["DEJIMA_SEEDS"]
             self.password(spec.name)  # its own user store and a generated password (login required)
             env["DEJIMA_CLIENT_DB"] = str(self.state_dir / f"{spec.name}.sqlite3")
             env["DEJIMA_CLIENT_USER"] = CLIENT_USER
@@ -191,8 +238,8 @@ class LocalNetwork:
 
     def start(self, name: str) -> None:
         spec = self.specs[name]
-        if spec.mode == "peer" and spec.database not in self.server.list_databases():
-            self.server.create_database(spec.database)
+        if spec.mode == "peer":
+            self.install(name)
         log = self.log_path(name).open("ab")
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"]
         repo = Path(__file__).resolve().parent.parent

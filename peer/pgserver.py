@@ -229,13 +229,17 @@ class PgServer:
 
     # ----------------------------------------------------------------------------------------- databases
 
-    def url(self, database: str = "postgres") -> str:
-        """The connection URL of one database of this server."""
+    def url(self, database: str = "postgres", user: str | None = None, password: str | None = None) -> str:
+        """The connection URL of one database of this server: as its superuser, or as `user` (with `password`)."""
         if self.kind == "external":
-            return _with_dbname(self._external_url(), database)
+            base = _with_dbname(self._external_url(), database)
+            return base if user is None else _as_user(base, user, password)
         if self.port is None:
             raise PgServerError(f"the server in {self.state_dir} has never been started: no port chosen yet")
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{urllib.parse.quote(database, safe='')}"
+        login = urllib.parse.quote(user or SUPERUSER, safe="")
+        if password:
+            login += ":" + urllib.parse.quote(password, safe="")
+        return f"postgresql://{login}@127.0.0.1:{self.port}/{urllib.parse.quote(database, safe='')}"
 
     def create_database(self, name: str, *, replace: bool = False) -> str:
         """Create database `name` (kept as it is when it exists, unless replace) and return its URL."""
@@ -570,6 +574,23 @@ def _with_dbname(conninfo: str, database: str) -> str:
     return urllib.parse.urlunsplit(
         parts._replace(path="/" + urllib.parse.quote(database, safe=""), query=urllib.parse.urlencode(query))
     )
+
+
+def _as_user(conninfo: str, user: str, password: str | None) -> str:
+    """`conninfo` as a postgresql:// URL logging in as `user` (with `password`, else none), its other parameters
+    kept."""
+    params = {k: v for k, v in conninfo_to_dict(conninfo).items() if v is not None and k not in ("user", "password")}
+    host = str(params.pop("host", "localhost"))
+    port = params.pop("port", None)
+    database = str(params.pop("dbname", ""))
+    login = urllib.parse.quote(user, safe="")
+    if password:
+        login += ":" + urllib.parse.quote(password, safe="")
+    where = urllib.parse.quote(host, safe="") if host.startswith("/") else f"[{host}]" if ":" in host else host
+    if port:
+        where += f":{port}"
+    query = urllib.parse.urlencode({k: str(v) for k, v in params.items()})
+    return f"postgresql://{login}@{where}/{urllib.parse.quote(database, safe='')}" + (f"?{query}" if query else "")
 
 
 def _embedded_bin_dir() -> Path:

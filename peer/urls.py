@@ -18,6 +18,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("api/v1/views/<str:view>", views.view_rows),
     path("api/v1/prepared", views.prepared),
     path("api/v1/txlog", views.txlog_view),
+    path("api/v1/machinery", views.machinery_view),
     path("api/v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),
 ]
 

@@ -1,6 +1,10 @@
 -- Shared by every peer type; installed before the peer type's generated.sql. Idempotent.
--- The capture triggers append here; the peer service reads (and deletes) its gxid's rows in the same transaction,
--- so rows never outlive the transaction that wrote them.
+-- Run by the owner role of the machinery (peer/dejima/install.py); what each other role may do with these objects is
+-- granted by install, never here. Every function is `$dejima$`-quoted: the peer compares each one with what it finds
+-- in the database at start and repairs what differs (peer/dejima/machinery.py).
+--
+-- The capture triggers append to dejima.delta; the peer service reads (and deletes) its gxid's rows in the same
+-- transaction, so rows never outlive the transaction that wrote them.
 CREATE SCHEMA IF NOT EXISTS dejima;
 
 CREATE TABLE IF NOT EXISTS dejima.delta (
@@ -70,3 +74,97 @@ CREATE TABLE IF NOT EXISTS dejima.txlog (
     prev_hash text NOT NULL,
     hash text NOT NULL
 );
+
+-- The database transactions that belong to a global transaction, by transaction id: registered by the peer service
+-- first thing in the transaction (dejima.begin_global), unregistered last (dejima.commit_point / dejima.end_global),
+-- so a row is never visible outside its own transaction. The capture triggers read the gxid here; a client's SQL,
+-- which runs in that same transaction under a role with no privilege on this table, can neither change it nor
+-- unregister. Every function that reads or ends what the transaction captured takes the transaction's token, which
+-- only the peer service knows (its sha256 is registered here); the client's SQL never sees it.
+CREATE TABLE IF NOT EXISTS dejima.active (
+    xid xid8 PRIMARY KEY,
+    gxid text NOT NULL CHECK (gxid <> ''),
+    token_sha256 bytea NOT NULL CHECK (length(token_sha256) = 32)
+);
+
+-- The gxid of the current transaction, when the peer service registered it (else NULL).
+CREATE OR REPLACE FUNCTION dejima.current_gxid() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
+SELECT a.gxid FROM dejima.active AS a WHERE a.xid = pg_current_xact_id_if_assigned()
+$dejima$;
+
+-- Register the current transaction as part of global transaction p_gxid, with the sha256 of its token.
+CREATE OR REPLACE FUNCTION dejima.begin_global(p_gxid text, p_token_sha256 bytea) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
+BEGIN
+    IF EXISTS (SELECT 1 FROM dejima.active AS a WHERE a.xid = pg_current_xact_id()) THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+            MESSAGE = 'dejima: this transaction belongs to a global transaction already';
+    END IF;
+    INSERT INTO dejima.active (xid, gxid, token_sha256) VALUES (pg_current_xact_id(), p_gxid, p_token_sha256);
+END
+$dejima$;
+
+-- The gxid of the current transaction when p_token is its token; else an insufficient_privilege error.
+CREATE OR REPLACE FUNCTION dejima.own_gxid(p_token bytea) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
+DECLARE
+    found_gxid text;
+BEGIN
+    SELECT a.gxid INTO found_gxid FROM dejima.active AS a
+        WHERE a.xid = pg_current_xact_id_if_assigned() AND a.token_sha256 = sha256(p_token);
+    IF found_gxid IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+            MESSAGE = 'dejima: not the token of a global transaction running in this transaction';
+    END IF;
+    RETURN found_gxid;
+END
+$dejima$;
+
+-- Remove and return what the capture triggers recorded in this transaction so far, in capture order.
+CREATE OR REPLACE FUNCTION dejima.take_delta(p_token bytea)
+RETURNS TABLE (view_name text, row_id bigint, old_row jsonb, new_row jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
+#variable_conflict use_column
+DECLARE
+    own text := dejima.own_gxid(p_token);
+BEGIN
+    RETURN QUERY
+        WITH taken AS (
+            DELETE FROM dejima.delta AS d WHERE d.gxid = own
+            RETURNING d.seq, d.view_name, d.row_id, d.old_row, d.new_row
+        )
+        SELECT t.view_name, t.row_id, t.old_row, t.new_row FROM taken AS t ORDER BY t.seq;
+END
+$dejima$;
+
+-- The origin's commit point, in the transaction that then commits: the decision row, the txlog entry (p_views NULL:
+-- none) and the end of the registration.
+CREATE OR REPLACE FUNCTION dejima.commit_point(p_token bytea, p_participants text[], p_origin text, p_views jsonb)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
+DECLARE
+    own text := dejima.own_gxid(p_token);
+BEGIN
+    INSERT INTO dejima.decisions (gxid, participants) VALUES (own, p_participants);
+    IF p_views IS NOT NULL THEN
+        INSERT INTO dejima.txlog_pending (gxid, origin, role, views) VALUES (own, p_origin, 'origin', p_views);
+    END IF;
+    DELETE FROM dejima.active AS a WHERE a.xid = pg_current_xact_id();
+END
+$dejima$;
+
+-- The end of a global transaction's work in this transaction before it commits or is prepared: its txlog entry
+-- (p_views NULL: none) and the end of the registration.
+CREATE OR REPLACE FUNCTION dejima.end_global(p_token bytea, p_origin text, p_role text, p_views jsonb)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
+DECLARE
+    own text := dejima.own_gxid(p_token);
+BEGIN
+    IF p_views IS NOT NULL THEN
+        INSERT INTO dejima.txlog_pending (gxid, origin, role, views) VALUES (own, p_origin, p_role, p_views);
+    END IF;
+    DELETE FROM dejima.active AS a WHERE a.xid = pg_current_xact_id();
+END
+$dejima$;

@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from peer.dejima.auth import sign_envelope
+from peer.dejima.delta import RowChange, begin_global, take_changes
 from peer.dejima.install import COMMON_SQL, SQL_ROOT
 from peer.dejima.manifest import MANIFEST_NAME, PeerType, View, load_peer_types
 from peer.dejima.sqlgen import write_all
@@ -177,6 +178,22 @@ def delta_records(conn: Conn, gxid: str | None = None) -> list[Row]:
         else:
             cur.execute(query.format(sql.SQL("WHERE gxid = %s")), (gxid,))
         return cur.fetchall()
+
+
+_TOKENS: dict[tuple[int, str], bytes] = {}
+
+
+def register(conn: Conn, gxid: str) -> bytes:
+    """Register the connection's open transaction as part of `gxid` (`peer.dejima.delta.begin_global`), as the peer
+    service does first thing; the token is kept for `taken` and returned."""
+    token = begin_global(conn, gxid)
+    _TOKENS[id(conn), gxid] = token
+    return token
+
+
+def taken(conn: Conn, gxid: str) -> list[RowChange]:
+    """`take_changes` with the token `register` got for this connection and gxid."""
+    return take_changes(conn, _TOKENS[id(conn), gxid])
 
 
 def to_json_row(row: Mapping[str, Any]) -> Row:

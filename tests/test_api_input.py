@@ -29,7 +29,12 @@ pytestmark = pytest.mark.cluster
 PEERS = ("government", "bank", "insurance")
 TABLES = {"government": "government_users", "bank": "bank_users", "insurance": "insurance_users"}
 MAX_BODY = load_config(
-    {"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://localhost/x", "DEJIMA_DEBUG": "1"}
+    {
+        "PEER_TYPE": "bank",
+        "DEJIMA_DATABASE_URL": "postgresql://localhost/x",
+        "DEJIMA_CLIENT_DATABASE_URL": "postgresql://c@localhost/x",
+        "DEJIMA_DEBUG": "1",
+    }
 ).max_body_bytes
 PROTOCOL = "dejima/1"
 JSON = {"Content-Type": "application/json"}
@@ -252,7 +257,12 @@ def test_a_query_runs_read_only_under_the_statement_timeout_and_a_failed_one_lea
     net: LocalNetwork,
 ) -> None:
     timeout_ms = load_config(
-        {"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://localhost/x", "DEJIMA_DEBUG": "1"}
+        {
+            "PEER_TYPE": "bank",
+            "DEJIMA_DATABASE_URL": "postgresql://localhost/x",
+            "DEJIMA_CLIENT_DATABASE_URL": "postgresql://c@localhost/x",
+            "DEJIMA_DEBUG": "1",
+        }
     ).statement_timeout_ms
     for _ in range(12):  # more than the pool's connections: each one comes back out of its transaction
         status, answer = post(net, "bank", "/api/v1/query", {"sql": "SELECT nope FROM bank_users"})

@@ -43,12 +43,12 @@ from peer.dejima.apply import (
     outgoing,
     without_echo,
 )
-from peer.dejima.delta import Delta, RowChange, set_gxid, take_changes
+from peer.dejima.delta import Delta, RowChange, take_changes
 from peer.dejima.install import SQL_ROOT
 from peer.dejima.jsonvalues import canonical
 from peer.dejima.manifest import load_peer_types
 from peer.dejima.messages import UNKNOWN, WAS
-from tests.helpers import SCHOOL_MANIFEST, base_rows, make_peer_type_root, view_rows
+from tests.helpers import SCHOOL_MANIFEST, base_rows, make_peer_type_root, register, taken, view_rows
 
 pytestmark = pytest.mark.integration
 
@@ -102,8 +102,7 @@ class Network:
     def begin(self) -> str:
         gxid = f"sim-{uuid.uuid4().hex[:12]}"
         for peer, conn in self.conns.items():
-            set_gxid(conn, gxid)
-            self.states[peer] = GxState(gxid=gxid, ptype=TYPES[peer], conn=conn, peer=peer)
+            self.states[peer] = GxState(gxid=gxid, ptype=TYPES[peer], conn=conn, token=register(conn, gxid), peer=peer)
         self.messages, self.step = [], 0
         return gxid
 
@@ -135,14 +134,14 @@ class Network:
         for text, params in statements:
             state.conn.execute(text.encode() if isinstance(text, str) else text, params)
         self.after_origin = base_rows(state.conn, TABLE[origin])
-        return self.fan_out(origin, outgoing(state, take_changes(state.conn, state.gxid)), None)
+        return self.fan_out(origin, outgoing(state, take_changes(state.conn, state.token)), None)
 
     def deliver(self, msg: Message) -> list[Message]:
         self.step += 1
         msg.delivered = self.step
         state = self.states[msg.receiver]
         apply_delta(state, msg.view, msg.delta.insertions, msg.delta.deletions)
-        return self.fan_out(msg.receiver, outgoing(state, take_changes(state.conn, state.gxid)), msg)
+        return self.fan_out(msg.receiver, outgoing(state, take_changes(state.conn, state.token)), msg)
 
     def snapshot(self, messages: list[Message], conflict: str | None = None) -> Outcome:
         kept = [Message(m.sender, m.receiver, m.view, m.delta, m.created, m.delivered) for m in messages]
@@ -614,8 +613,7 @@ def gov(peer_db: Callable[..., str]) -> Iterator[psycopg.Connection[Any]]:
 
 def gx(conn: psycopg.Connection[Any], ptype: str = "government") -> GxState:
     gxid = f"t-{uuid.uuid4().hex[:8]}"
-    set_gxid(conn, gxid)
-    return GxState(gxid=gxid, ptype=TYPES[ptype], conn=conn, peer=ptype)
+    return GxState(gxid=gxid, ptype=TYPES[ptype], conn=conn, token=register(conn, gxid), peer=ptype)
 
 
 def jane_ins(**values: Any) -> dict[str, Any]:
@@ -644,7 +642,7 @@ def test_a_new_row_merges_unknown_columns_from_a_later_branch(gov: psycopg.Conne
     state = gx(gov)
     ann = {"first_name": "Ann", "last_name": "Lee"}
     apply_delta(state, "dejima_insurance", [{**ann, "address": None, "birthdate": None, UNKNOWN: ["address"]}], [])
-    out = outgoing(state, take_changes(gov, state.gxid))
+    out = outgoing(state, take_changes(gov, state.token))
     assert out["dejima_bank"].insertions == [{**ann, "phone": None, "address": None, UNKNOWN: ["address", "phone"]}]
     apply_delta(state, "dejima_bank", [{**ann, "phone": "1", "address": "X"}], [])
     assert next(r for r in view_rows(gov, "dejima_insurance") if r["first_name"] == "Ann")["address"] == "X"
@@ -666,7 +664,7 @@ def test_delete_vs_update_from_two_branches_conflicts_in_both_orders(
     if not update_first:
         steps.reverse()
     steps[0]()
-    outgoing(state, take_changes(gov, state.gxid))  # as after every delivery: records the keys deleted
+    outgoing(state, take_changes(gov, state.token))  # as after every delivery: records the keys deleted
     with pytest.raises(ApplyConflict, match="Jane"):
         steps[1]()
 
@@ -674,19 +672,19 @@ def test_delete_vs_update_from_two_branches_conflicts_in_both_orders(
 def test_an_update_that_changes_nothing_forwards_nothing(gov: psycopg.Connection[Any]) -> None:
     state = gx(gov)
     apply_delta(state, "dejima_bank", [jane_bank()], [jane_bank()])
-    assert outgoing(state, take_changes(gov, state.gxid)) == {}
+    assert outgoing(state, take_changes(gov, state.token)) == {}
     apply_delta(state, "dejima_bank", [jane_bank()], [jane_bank()])  # and again
-    assert take_changes(gov, state.gxid) == []
+    assert take_changes(gov, state.token) == []
 
 
 def test_a_delete_is_idempotent(gov: psycopg.Connection[Any]) -> None:
     state = gx(gov)
     apply_delta(state, "dejima_insurance", [], [jane_ins()])
-    out = outgoing(state, take_changes(gov, state.gxid))
+    out = outgoing(state, take_changes(gov, state.token))
     assert out["dejima_bank"].deletions == [jane_bank()]
     apply_delta(state, "dejima_bank", [], [jane_bank()])  # the same deletion along the other view: nothing
     apply_delta(state, "dejima_insurance", [], [jane_ins()])  # a duplicate: nothing
-    assert take_changes(gov, state.gxid) == []
+    assert take_changes(gov, state.token) == []
     assert view_rows(gov, "dejima_bank") == []
     assert state.deleted == {("dejima_bank", JANE), ("dejima_insurance", JANE)}
 
@@ -701,7 +699,7 @@ def test_a_deletion_that_finds_no_row_while_transactions_are_prepared_here_says_
     ann = {"first_name": "Ann", "last_name": "Lee", "phone": "1", "address": "X"}
     with psycopg.connect(conninfo, autocommit=True) as other:
         other.execute("BEGIN")
-        set_gxid(other, "t-prepared")
+        register(other, "t-prepared")
         other.execute("INSERT INTO dejima_bank (first_name, last_name, phone, address) VALUES ('Ann', 'Lee', '1', 'X')")
         other.execute("PREPARE TRANSACTION 'dejima-test-unseen'")
     try:
@@ -737,7 +735,7 @@ def test_rename_keeps_id_and_private_columns(gov: psycopg.Connection[Any]) -> No
     state = gx(gov)
     renamed = jane_ins(first_name="Janet", **{WAS: {"first_name": "Jane", "last_name": "Roe"}})
     apply_delta(state, "dejima_insurance", [renamed], [jane_ins()])
-    out = outgoing(state, take_changes(gov, state.gxid))
+    out = outgoing(state, take_changes(gov, state.token))
     assert out["dejima_bank"].insertions[0][WAS] == {"first_name": "Jane", "last_name": "Roe"}
     assert out["dejima_bank"].deletions == [jane_bank()]
     (after,) = base_rows(gov, "government_users")
@@ -745,7 +743,7 @@ def test_rename_keeps_id_and_private_columns(gov: psycopg.Connection[Any]) -> No
     apply_delta(
         state, "dejima_bank", [jane_bank(first_name="Janet", **{WAS: dict(zip(KEY, JANE, strict=True))})], [jane_bank()]
     )
-    assert take_changes(gov, state.gxid) == []  # the second branch's rename finds it done
+    assert take_changes(gov, state.token) == []  # the second branch's rename finds it done
 
 
 BAD: dict[str, tuple[str, list[Any], list[Any], str]] = {
@@ -774,20 +772,20 @@ def test_bad_rows_are_refused_and_change_nothing(gov: psycopg.Connection[Any], c
     with pytest.raises(ApplyBadRequest, match=message):
         apply_delta(state, view, [ok, *insertions] if view == "dejima_bank" else insertions, deletions)
     assert {v: view_rows(gov, v) for v in VIEWS["government"]} == before
-    assert take_changes(gov, state.gxid) == []
+    assert take_changes(gov, state.token) == []
     assert (state.touched, state.unknown, state.deleted, state.written) == (set(), {}, set(), {})
 
 
 def test_a_conflict_midway_rolls_back_the_whole_delta(gov: psycopg.Connection[Any]) -> None:
     state = gx(gov)
     apply_delta(state, "dejima_insurance", [jane_ins(address="A St")], [jane_ins()])
-    take_changes(gov, state.gxid)
+    take_changes(gov, state.token)
     saved = state.snapshot()
     ann = {"first_name": "Ann", "last_name": "Lee", "phone": "1", "address": "X"}
     with pytest.raises(ApplyConflict):
         apply_delta(state, "dejima_bank", [ann, jane_bank(address="B St")], [jane_bank()])
     assert [r["first_name"] for r in view_rows(gov, "dejima_bank")] == ["Jane"]
-    assert take_changes(gov, state.gxid) == []
+    assert take_changes(gov, state.token) == []
     assert state.snapshot() == saved
     apply_delta(state, "dejima_bank", [ann], [])  # the transaction is still usable
 
@@ -833,7 +831,7 @@ def test_a_delta_of_many_rows_applies_as_its_rows_one_at_a_time(gov: psycopg.Con
         state = gx(gov)
         for ins, dels in steps:
             apply_delta(state, "dejima_bank", ins, dels)
-        changes = take_changes(gov, state.gxid)
+        changes = take_changes(gov, state.token)
         written = {(row_key, tuple(sorted(c))) for (_, row_key), c in state.written.items()}
         result = (
             {v: view_rows(gov, v) for v in VIEWS["government"]},
@@ -861,7 +859,7 @@ def test_a_failed_write_in_a_delta_of_many_rows_changes_nothing(gov: psycopg.Con
     with pytest.raises(psycopg.errors.CheckViolation):
         apply_delta(state, "dejima_bank", rows, [person("Ann", "Lee", "1", "X"), person("Bob", "Ray", "2", "Y")])
     assert {v: view_rows(gov, v) for v in VIEWS["government"]} == before
-    assert take_changes(gov, state.gxid) == []
+    assert take_changes(gov, state.token) == []
     assert (state.touched, state.unknown, state.deleted, state.written) == (set(), {}, set(), {})
     apply_delta(state, "dejima_bank", rows[:2], [])  # the transaction is still usable
     assert [r["phone"] for r in view_rows(gov, "dejima_bank")][:2] == ["9", "2"]
@@ -925,7 +923,7 @@ def test_a_lock_probe_names_the_rows_another_transaction_holds_and_keeps_no_lock
         with pytest.raises(ApplyBadRequest):
             locked_elsewhere(state, "dejima_bank", [{"first_name": "Ann"}], [])
         apply_delta(state, "dejima_bank", [person("Ann", "Lee", "7", "X")], [person("Ann", "Lee", "1", "X")])
-        assert take_changes(gov, state.gxid)[0].new == person("Ann", "Lee", "7", "X")
+        assert take_changes(gov, state.token)[0].new == person("Ann", "Lee", "7", "X")
     finally:
         holder.close()
         other.close()
@@ -1024,7 +1022,7 @@ def lab(peer_db: Callable[..., str], tmp_path: Path) -> Iterator[tuple[psycopg.C
     root = make_peer_type_root(tmp_path / "types", {"lab": LAB_MANIFEST})
     ptype = load_peer_types(root)["lab"]
     with psycopg.connect(peer_db("lab", root)) as conn:
-        yield conn, GxState(gxid="-", ptype=ptype, conn=conn, peer="lab")
+        yield conn, GxState(gxid="-", ptype=ptype, conn=conn, token=b"", peer="lab")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -1048,11 +1046,10 @@ def test_a_delta_of_many_rows_of_every_column_type_applies_as_its_rows_one_at_a_
             )
             for row in rows:
                 conn.execute(insert_lab, [row[c] for c in LAB_COLUMNS])
-            set_gxid(conn, gxid)
-            state = GxState(gxid=gxid, ptype=template.ptype, conn=conn, peer="lab")
+            state = GxState(gxid=gxid, ptype=template.ptype, conn=conn, token=register(conn, gxid), peer="lab")
             for ins, dels in steps:
                 apply_delta(state, "dejima_samples", ins, dels)
-            changes = take_changes(conn, gxid)
+            changes = taken(conn, gxid)
             result = (
                 view_rows(conn, "dejima_samples", LAB_KEY),
                 sorted((c.view, canonical(c.old), canonical(c.new)) for c in changes),
@@ -1074,19 +1071,18 @@ def test_a_filtered_view_with_defaults(peer_db: Callable[..., str], tmp_path: Pa
     root = make_peer_type_root(tmp_path / "types", {"school": SCHOOL_MANIFEST})
     ptype = load_peer_types(root)["school"]
     with psycopg.connect(peer_db("school", root)) as conn:
-        set_gxid(conn, "g-school")
-        state = GxState(gxid="g-school", ptype=ptype, conn=conn, peer="school")
+        state = GxState(gxid="g-school", ptype=ptype, conn=conn, token=register(conn, "g-school"), peer="school")
         ann = {"first_name": "Ann", "last_name": "Lee"}
         apply_delta(state, "dejima_grades", [{**ann, "grade": 3}], [])
         (created,) = base_rows(conn, "students")
         assert (created["university"], created["note"], created["credits"]) == ("Keio", "none", 0)
         assert state.unknown[("students", created["id"])] == {"university", "note", "enrolled", "credits"}
-        out = outgoing(state, take_changes(conn, "g-school"))
+        out = outgoing(state, taken(conn, "g-school"))
         assert out["dejima_students"].insertions == [{**ann, "university": "Keio", "grade": 3, UNKNOWN: ["university"]}]
         apply_delta(state, "dejima_students", [{**ann, "university": "Todai", "grade": 3}], [])
         assert base_rows(conn, "students")[0]["university"] == "Todai"
         assert "university" not in state.unknown[("students", created["id"])]
-        take_changes(conn, "g-school")
+        taken(conn, "g-school")
         saved = state.snapshot()
         bob = {"first_name": "Bob", "last_name": "Kim", "university": "Hosei", "grade": 1}
         cid = {"first_name": "Cid", "last_name": "Ray", "university": "Todai", "grade": 2}
@@ -1094,14 +1090,14 @@ def test_a_filtered_view_with_defaults(peer_db: Callable[..., str], tmp_path: Pa
             apply_delta(state, "dejima_students", [cid, bob], [])
         assert state.snapshot() == saved
         assert [r["grade"] for r in base_rows(conn, "students")] == [3]  # the first row was rolled back too
-        assert take_changes(conn, "g-school") == []
+        assert taken(conn, "g-school") == []
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
 
 
 def test_outgoing_marks_unknown_columns_and_key_changes() -> None:
-    state = GxState(gxid="g", ptype=TYPES["insurance"], conn=None)  # type: ignore[arg-type]  # outgoing never queries
+    state = GxState(gxid="g", ptype=TYPES["insurance"], conn=None, token=b"")  # type: ignore[arg-type]  # outgoing never queries
     state.unknown[("insurance_users", 7)] = {"address", "birthdate", "insurance_number"}
     old = {"first_name": "A", "last_name": "B", "address": None, "birthdate": None}
     new = {**old, "first_name": "C"}

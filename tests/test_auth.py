@@ -369,6 +369,7 @@ def test_it_reads_a_private_key_as_pem_or_base64() -> None:
 GOOD = {
     "PEER_TYPE": "bank",
     "DEJIMA_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/bank",
+    "DEJIMA_CLIENT_DATABASE_URL": "postgresql://bank_client@127.0.0.1:5432/bank",
     "DEJIMA_SECRET_KEY": "a-test-secret-that-is-not-a-default",
 }
 

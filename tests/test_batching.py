@@ -137,7 +137,8 @@ def test_a_member_whose_statement_fails_fails_alone(cluster: ProxiedCluster) -> 
     assert codes == [200, 400, 200, 400, 422, 400, 200], answers
     good = [b for s, b in answers if s == 200]
     assert len({b["gxid"] for b in good}) == 1 and all(b["batch"] == 3 for b in good), good
-    assert answers[1][1]["kind"] == "bad_request" and "no_such_table" in answers[1][1]["error"], answers[1]
+    assert answers[1][1]["kind"] == "bad_sql" and "no_such_table" in answers[1][1]["error"], answers[1]
+    assert answers[1][1]["sqlstate"] == "42P01", answers[1]
     assert answers[4][1]["kind"] == "constraint", answers[4]
     settled(cluster)
     assert firsts(cluster) == everywhere({"Good1", "Good2", "Three1"})

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.dejima.delta import set_gxid, take_changes, to_deltas
+from peer.dejima.delta import to_deltas
 from peer.dejima.install import SQL_ROOT
 from peer.dejima.manifest import Column, PeerType, Table, View, load_peer_types
 from tests.helpers import (
@@ -31,7 +31,9 @@ from tests.helpers import (
     insert_rows,
     make_peer_type_root,
     put_view,
+    register,
     sort_rows,
+    taken,
     to_json_row,
     touch_view,
     view_rows,
@@ -155,14 +157,14 @@ def check_getput(s: Subject, base: list[dict[str, Any]]) -> None:
         insert_rows(conn, s.table.name, base)
         before = base_rows(conn, s.table.name)
         current = view_rows(conn, view.name, view.key)
-        set_gxid(conn, GX)
+        register(conn, GX)
         put_view(conn, view.name, view.key, current)
         # the same put, written as an UPDATE of every view row to its own values (the triggers do run)
         assert touch_view(conn, view.name, view.columns) == len(current)
         assert base_rows(conn, s.table.name) == before
         assert view_rows(conn, view.name, view.key) == current
         assert delta_records(conn) == []
-        assert take_changes(conn, GX) == []
+        assert taken(conn, GX) == []
 
 
 def check_putget(s: Subject, base: list[dict[str, Any]], target: list[dict[str, Any]]) -> None:
@@ -172,7 +174,7 @@ def check_putget(s: Subject, base: list[dict[str, Any]], target: list[dict[str, 
         insert_rows(conn, s.table.name, base)
         before = base_rows(conn, s.table.name)
         before_view = view_rows(conn, view.name, view.key)
-        set_gxid(conn, GX)
+        register(conn, GX)
         put_view(conn, view.name, view.key, target)
         assert view_rows(conn, view.name, view.key) == sort_rows(target, view.key)
         # rows whose key stays in the view keep their id and private columns
@@ -184,7 +186,7 @@ def check_putget(s: Subject, base: list[dict[str, Any]], target: list[dict[str, 
                 assert row["id"] in after
                 assert {c: after[row["id"]][c] for c in s.private} == {c: row[c] for c in s.private}
         # and the captured delta of the view is exactly the difference
-        delta = to_deltas(take_changes(conn, GX)).get(view.name)
+        delta = to_deltas(taken(conn, GX)).get(view.name)
         deletions = [to_json_row(r) for r in before_view if r not in target]
         insertions = [to_json_row(r) for r in target if r not in before_view]
         assert sort_rows(delta.deletions if delta else [], view.key) == sort_rows(deletions, view.key)

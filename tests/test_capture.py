@@ -13,7 +13,7 @@ from psycopg import errors, sql
 
 from peer.dejima import jsonvalues
 from peer.dejima.apply import GxState, apply_delta, outgoing
-from peer.dejima.delta import RowChange, set_gxid, take_changes, to_deltas
+from peer.dejima.delta import RowChange, begin_sql, end_global, new_token, take_changes, to_deltas
 from peer.dejima.manifest import load_peer_types
 from tests.helpers import (
     SCHOOL_MANIFEST,
@@ -21,6 +21,8 @@ from tests.helpers import (
     delta_records,
     insert_rows,
     make_peer_type_root,
+    register,
+    taken,
     view_rows,
 )
 
@@ -66,7 +68,7 @@ def with_john(conn: psycopg.Connection[Any]) -> int:
 
 def test_it_records_an_insert_as_an_insertion_into_every_view_of_the_table(bank: psycopg.Connection[Any]) -> None:
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         insert_rows(bank, "bank_users", [JOHN])
         rid = john_id(bank)
         raw = delta_records(bank)
@@ -74,7 +76,7 @@ def test_it_records_an_insert_as_an_insertion_into_every_view_of_the_table(bank:
             {"gxid": GX, "view_name": "dejima_bank", "row_id": rid, "old_row": None, "new_row": JOHN_BANK},
             {"gxid": GX, "view_name": "dejima_risk", "row_id": rid, "old_row": None, "new_row": JOHN_RISK},
         ]
-        changes = take_changes(bank, GX)
+        changes = taken(bank, GX)
         assert changes == [
             RowChange("dejima_bank", rid, None, JOHN_BANK),
             RowChange("dejima_risk", rid, None, JOHN_RISK),
@@ -88,13 +90,13 @@ def test_it_records_an_insert_as_an_insertion_into_every_view_of_the_table(bank:
 def test_it_records_a_delete_as_a_deletion_from_every_view(bank: psycopg.Connection[Any]) -> None:
     rid = with_john(bank)
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         bank.execute("DELETE FROM bank_users WHERE id = %s", (rid,))
         assert [(r["view_name"], r["old_row"], r["new_row"]) for r in delta_records(bank)] == [
             ("dejima_bank", JOHN_BANK, None),
             ("dejima_risk", JOHN_RISK, None),
         ]
-        assert take_changes(bank, GX) == [
+        assert taken(bank, GX) == [
             RowChange("dejima_bank", rid, JOHN_BANK, None),
             RowChange("dejima_risk", rid, JOHN_RISK, None),
         ]
@@ -103,9 +105,9 @@ def test_it_records_a_delete_as_a_deletion_from_every_view(bank: psycopg.Connect
 def test_it_records_an_update_of_a_view_column_only_in_the_views_that_carry_it(bank: psycopg.Connection[Any]) -> None:
     rid = with_john(bank)
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         bank.execute("UPDATE bank_users SET phone = '555-0200' WHERE id = %s", (rid,))
-        changes = take_changes(bank, GX)
+        changes = taken(bank, GX)
         assert changes == [RowChange("dejima_bank", rid, JOHN_BANK, {**JOHN_BANK, "phone": "555-0200"})]
         delta = to_deltas(changes)["dejima_bank"]
         assert delta.deletions == [JOHN_BANK]
@@ -115,30 +117,30 @@ def test_it_records_an_update_of_a_view_column_only_in_the_views_that_carry_it(b
 def test_it_records_nothing_for_an_update_of_a_private_column(bank: psycopg.Connection[Any]) -> None:
     rid = with_john(bank)
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         cur = bank.execute("UPDATE bank_users SET iban = 'GB33' WHERE id = %s", (rid,))
         assert cur.rowcount == 1
         assert delta_records(bank) == []
-        assert take_changes(bank, GX) == []
+        assert taken(bank, GX) == []
 
 
 def test_it_records_nothing_for_a_no_op_update(bank: psycopg.Connection[Any]) -> None:
     with_john(bank)
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         cur = bank.execute(
             "UPDATE bank_users SET first_name = first_name, last_name = last_name, phone = phone,"
             " address = address, risk_factor = risk_factor, iban = iban"
         )
         assert cur.rowcount == 1
         assert delta_records(bank) == []
-        assert take_changes(bank, GX) == []
+        assert taken(bank, GX) == []
 
 
 def test_it_records_nothing_for_a_no_op_update_of_nulls(bank: psycopg.Connection[Any]) -> None:
     insert_rows(bank, "bank_users", [{"first_name": "Nul", "last_name": "Person"}])
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         bank.execute("UPDATE bank_users SET phone = NULL, address = NULL, risk_factor = NULL")
         assert delta_records(bank) == []
 
@@ -147,13 +149,13 @@ def test_it_folds_an_insert_and_two_updates_into_one_insertion_with_the_final_va
     bank: psycopg.Connection[Any],
 ) -> None:
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         insert_rows(bank, "bank_users", [JOHN])
         rid = john_id(bank)
         bank.execute("UPDATE bank_users SET phone = '555-0200' WHERE id = %s", (rid,))
         bank.execute("UPDATE bank_users SET address = '9 Side St', risk_factor = 7 WHERE id = %s", (rid,))
         assert len(delta_records(bank)) == 5  # 2 (insert) + 1 (phone) + 2 (address in bank, risk in risk)
-        changes = take_changes(bank, GX)
+        changes = taken(bank, GX)
         final_bank = {**JOHN_BANK, "phone": "555-0200", "address": "9 Side St"}
         assert changes == [
             RowChange("dejima_bank", rid, None, final_bank),
@@ -165,11 +167,11 @@ def test_it_folds_an_insert_and_two_updates_into_one_insertion_with_the_final_va
 
 def test_it_folds_an_insert_then_a_delete_into_nothing(bank: psycopg.Connection[Any]) -> None:
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         insert_rows(bank, "bank_users", [JOHN])
         bank.execute("DELETE FROM bank_users")
         assert len(delta_records(bank)) == 4
-        assert take_changes(bank, GX) == []
+        assert taken(bank, GX) == []
         assert to_deltas([]) == {}
         assert delta_records(bank) == []
 
@@ -177,21 +179,21 @@ def test_it_folds_an_insert_then_a_delete_into_nothing(bank: psycopg.Connection[
 def test_it_folds_an_update_and_its_reversal_into_nothing(bank: psycopg.Connection[Any]) -> None:
     with_john(bank)
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         bank.execute("UPDATE bank_users SET phone = '555-0999'")
         bank.execute("UPDATE bank_users SET phone = '555-0100'")
         assert len(delta_records(bank)) == 2
-        assert take_changes(bank, GX) == []
+        assert taken(bank, GX) == []
 
 
 def test_it_records_a_key_change_as_one_row_change_with_the_same_row_id(bank: psycopg.Connection[Any]) -> None:
     rid = with_john(bank)
     before = base_rows(bank, "bank_users")
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         cur = bank.execute("UPDATE dejima_bank SET first_name = 'Jon' WHERE first_name = 'John' AND last_name = 'Doe'")
         assert cur.rowcount == 1
-        changes = take_changes(bank, GX)
+        changes = taken(bank, GX)
         assert changes == [
             RowChange("dejima_bank", rid, JOHN_BANK, {**JOHN_BANK, "first_name": "Jon"}),
             RowChange("dejima_risk", rid, JOHN_RISK, {**JOHN_RISK, "first_name": "Jon"}),
@@ -205,9 +207,9 @@ def test_it_records_a_row_moving_into_the_filter_as_an_insertion(school: psycopg
     insert_rows(school, "students", [{"first_name": "Ann", "last_name": "Lee", "university": "Hosei", "note": "x"}])
     rid = base_rows(school, "students")[0]["id"]
     with school.transaction(force_rollback=True):
-        set_gxid(school, GX)
+        register(school, GX)
         school.execute("UPDATE students SET university = 'Keio'")
-        assert take_changes(school, GX) == [
+        assert taken(school, GX) == [
             RowChange(
                 "dejima_students",
                 rid,
@@ -224,9 +226,9 @@ def test_it_records_a_row_moving_out_of_the_filter_as_a_deletion(school: psycopg
     )
     rid = base_rows(school, "students")[0]["id"]
     with school.transaction(force_rollback=True):
-        set_gxid(school, GX)
+        register(school, GX)
         school.execute("UPDATE students SET university = 'Hosei', grade = 3")
-        deltas = to_deltas(take_changes(school, GX))
+        deltas = to_deltas(taken(school, GX))
         assert deltas["dejima_students"].insertions == []
         assert deltas["dejima_students"].deletions == [
             {"first_name": "Ann", "last_name": "Lee", "university": "Keio", "grade": 2}
@@ -240,7 +242,7 @@ def test_it_records_a_row_moving_out_of_the_filter_as_a_deletion(school: psycopg
 def test_it_records_nothing_for_changes_outside_the_filter(school: psycopg.Connection[Any]) -> None:
     insert_rows(school, "students", [{"first_name": "Ann", "last_name": "Lee", "university": "Hosei", "note": "x"}])
     with school.transaction(force_rollback=True):
-        set_gxid(school, GX)
+        register(school, GX)
         school.execute("UPDATE students SET grade = 5, first_name = 'Anna'")
         insert_rows(school, "students", [{"first_name": "Bo", "last_name": "Li", "university": "Hosei", "note": "y"}])
         school.execute("DELETE FROM students WHERE first_name = 'Anna'")
@@ -254,9 +256,9 @@ def test_it_records_a_view_column_change_inside_the_filter_only_where_the_column
         school, "students", [{"first_name": "Ann", "last_name": "Lee", "university": "Keio", "grade": 2, "note": "x"}]
     )
     with school.transaction(force_rollback=True):
-        set_gxid(school, GX)
+        register(school, GX)
         school.execute("UPDATE students SET university = 'Waseda', note = 'y'")
-        changes = take_changes(school, GX)
+        changes = taken(school, GX)
         assert [c.view for c in changes] == ["dejima_students"]
         assert changes[0].old is not None
         assert changes[0].new is not None
@@ -275,7 +277,7 @@ def _bulk_load(conn: psycopg.Connection[Any], n: int) -> None:
 def test_it_records_exactly_the_10000_rows_of_a_10000_row_update(bank: psycopg.Connection[Any]) -> None:
     _bulk_load(bank, 10_000)
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         cur = bank.execute("UPDATE bank_users SET phone = 'p' || id")
         assert cur.rowcount == 10_000
         count = bank.execute(
@@ -283,7 +285,7 @@ def test_it_records_exactly_the_10000_rows_of_a_10000_row_update(bank: psycopg.C
             (GX,),
         ).fetchone()
         assert count == (10_000, 10_000, "dejima_bank", "dejima_bank")
-        changes = take_changes(bank, GX)
+        changes = taken(bank, GX)
         assert len(changes) == 10_000
         assert all(c.old is not None and c.new is not None for c in changes)
         assert all(c.old["phone"] is None and c.new["phone"] == f"p{c.row_id}" for c in changes)  # type: ignore[index]
@@ -294,77 +296,81 @@ def test_it_records_exactly_the_10000_rows_of_a_10000_row_update(bank: psycopg.C
 def test_it_records_nothing_for_a_10000_row_update_of_a_private_column(bank: psycopg.Connection[Any]) -> None:
     _bulk_load(bank, 10_000)
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         cur = bank.execute("UPDATE bank_users SET iban = 'X' || id")
         assert cur.rowcount == 10_000
         assert bank.execute("SELECT count(*) FROM dejima.delta").fetchone() == (0,)
-        assert take_changes(bank, GX) == []
+        assert taken(bank, GX) == []
 
 
 def test_it_records_one_row_when_one_row_of_a_large_table_changes(bank: psycopg.Connection[Any]) -> None:
     _bulk_load(bank, 10_000)
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, GX)
+        register(bank, GX)
         bank.execute("UPDATE bank_users SET risk_factor = 42 WHERE first_name = 'First77'")
-        changes = take_changes(bank, GX)
+        changes = taken(bank, GX)
         assert [(c.view, c.new["risk_factor"] if c.new else None) for c in changes] == [("dejima_risk", 42)]
 
 
-def test_it_records_nothing_when_no_gxid_is_set(bank: psycopg.Connection[Any]) -> None:
+def test_it_records_nothing_in_a_transaction_the_peer_did_not_register(bank: psycopg.Connection[Any]) -> None:
     with bank.transaction(force_rollback=True):
         insert_rows(bank, "bank_users", [JOHN])
         bank.execute("UPDATE bank_users SET phone = '1'")
         bank.execute("DELETE FROM bank_users")
         assert delta_records(bank) == []
-    with bank.transaction(force_rollback=True):
-        bank.execute("SELECT set_config('dejima.gxid', '', true)")
+    with bank.transaction(force_rollback=True):  # the setting of earlier versions means nothing any more
+        bank.execute("SELECT set_config('dejima.gxid', 'gx-forged', true)")
         insert_rows(bank, "bank_users", [JOHN])
         assert delta_records(bank) == []
-    # the gxid is transaction-local: a later transaction without it records nothing
+    # the registration ends with its transaction: a later transaction records nothing
     with bank.transaction():
-        set_gxid(bank, GX)
+        end_global(bank, register(bank, GX))
     insert_rows(bank, "bank_users", [JOHN])
     assert delta_records(bank) == []
+    assert bank.execute("SELECT count(*) FROM dejima.active").fetchone() == (0,)
 
 
 def test_it_refuses_an_empty_gxid() -> None:
     with pytest.raises(ValueError, match="non-empty"):
-        set_gxid(None, "")  # type: ignore[arg-type]
+        begin_sql("", new_token())
 
 
-def test_it_takes_only_the_records_of_its_own_gxid(bank: psycopg.Connection[Any]) -> None:
+def test_a_transaction_belongs_to_one_global_transaction_only(bank: psycopg.Connection[Any]) -> None:
     with bank.transaction(force_rollback=True):
-        set_gxid(bank, "gx-a")
+        register(bank, "gx-a")
         insert_rows(bank, "bank_users", [JOHN])
-        set_gxid(bank, "gx-b")
-        bank.execute("UPDATE bank_users SET phone = '555-0200'")
-        rid = john_id(bank)
-        assert take_changes(bank, "gx-b") == [
-            RowChange("dejima_bank", rid, JOHN_BANK, {**JOHN_BANK, "phone": "555-0200"})
-        ]
+        with pytest.raises(errors.InsufficientPrivilege, match="belongs to a global transaction already"):
+            register(bank, "gx-b")
+    with bank.transaction(force_rollback=True):
+        register(bank, "gx-a")
+        insert_rows(bank, "bank_users", [JOHN])
         assert [r["gxid"] for r in delta_records(bank)] == ["gx-a", "gx-a"]
-        assert take_changes(bank, "gx-b") == []
-        assert take_changes(bank, "gx-c") == []
-        assert [c.view for c in take_changes(bank, "gx-a")] == ["dejima_bank", "dejima_risk"]
+        with pytest.raises(errors.InsufficientPrivilege, match="not the token"):
+            take_changes(bank, b"\x00" * 32)  # not its token: nothing taken
+    with bank.transaction(force_rollback=True):
+        register(bank, "gx-a")
+        insert_rows(bank, "bank_users", [JOHN])
+        assert [c.view for c in taken(bank, "gx-a")] == ["dejima_bank", "dejima_risk"]
+        assert taken(bank, "gx-a") == []
 
 
 def test_it_keeps_records_of_other_gxids_committed_by_another_transaction(peer_db: Callable[..., str]) -> None:
     url = peer_db("bank")
     with psycopg.connect(url, autocommit=True) as other, psycopg.connect(url, autocommit=True) as conn:
         with other.transaction():
-            set_gxid(other, "gx-other")
+            register(other, "gx-other")
             insert_rows(other, "bank_users", [JOHN])
         with conn.transaction(force_rollback=True):
-            set_gxid(conn, GX)
+            register(conn, GX)
             conn.execute("UPDATE bank_users SET risk_factor = 4")
-            assert [c.view for c in take_changes(conn, GX)] == ["dejima_risk"]
+            assert [c.view for c in taken(conn, GX)] == ["dejima_risk"]
             assert [r["gxid"] for r in delta_records(conn)] == ["gx-other", "gx-other"]
 
 
 def test_it_refuses_truncate_inside_a_global_transaction(bank: psycopg.Connection[Any]) -> None:
     with_john(bank)
     with bank.transaction():
-        set_gxid(bank, GX)
+        register(bank, GX)
         with pytest.raises(errors.FeatureNotSupported, match="TRUNCATE") as info, bank.transaction():
             bank.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier("bank_users")))
         assert "bank_users" in str(info.value)
@@ -393,9 +399,9 @@ def test_it_keeps_numeric_values_exact_in_the_captured_delta(peer_db: Callable[.
     exact = decimal.Decimal("12345678901234567890.123456")
     root = make_peer_type_root(tmp_path / "types", {"ledger": LEDGER_MANIFEST})
     with psycopg.connect(peer_db("ledger", root), autocommit=True) as conn, conn.transaction(force_rollback=True):
-        set_gxid(conn, GX)
+        register(conn, GX)
         insert_rows(conn, "accounts", [{"owner": "Ann", "balance": exact}])
-        (change,) = take_changes(conn, GX)
+        (change,) = taken(conn, GX)
         assert change.new is not None
         assert change.new["balance"] == exact
         assert isinstance(change.new["balance"], decimal.Decimal)
@@ -422,17 +428,15 @@ def test_numeric_values_cross_the_wire_and_apply_exactly(peer_db: Callable[..., 
             ]
         ):
             gxid = f"{GX}-{n}"  # two global transactions, one after the other
-            sent = GxState(gxid=gxid, ptype=ptype, conn=origin, peer="ledger")
-            got = GxState(gxid=gxid, ptype=ptype, conn=receiver, peer="ledger")
-            set_gxid(origin, gxid)
-            set_gxid(receiver, gxid)
+            sent = GxState(gxid=gxid, ptype=ptype, conn=origin, token=register(origin, gxid), peer="ledger")
+            got = GxState(gxid=gxid, ptype=ptype, conn=receiver, token=register(receiver, gxid), peer="ledger")
             origin.execute(statement, params)
-            delta = outgoing(sent, take_changes(origin, gxid))["dejima_accounts"]
+            delta = outgoing(sent, taken(origin, gxid))["dejima_accounts"]
             body = jsonvalues.dumps({"insertions": delta.insertions, "deletions": delta.deletions})
             assert f'"balance":{balance}' in body
             wire = jsonvalues.loads(body)
             apply_delta(got, "dejima_accounts", wire["insertions"], wire["deletions"])
-            take_changes(receiver, gxid)
+            taken(receiver, gxid)
             origin.commit()
             receiver.commit()
         (stored,) = receiver.execute("SELECT balance FROM accounts WHERE owner = 'Ann'").fetchone() or (None,)

@@ -568,7 +568,17 @@ def test_outside_debug_a_client_without_a_real_password_is_refused_naming_the_se
     # debug: a development password is accepted (the user can then log in with it)
     assert load_config({**env, "DEJIMA_DEBUG": "1"}).client_password
     # a peer (not a client) needs none
-    assert load_config({**env, "PEER_MODE": "peer", "DEJIMA_DATABASE_URL": "postgresql://x@h/db"}).client_password == ""
+    assert (
+        load_config(
+            {
+                **env,
+                "PEER_MODE": "peer",
+                "DEJIMA_DATABASE_URL": "postgresql://x@h/db",
+                "DEJIMA_CLIENT_DATABASE_URL": "postgresql://c@h/db",
+            }
+        ).client_password
+        == ""
+    )
 
 
 @pytest.mark.unit

@@ -13,6 +13,7 @@ from tests.helpers import start_peer_process
 GOOD = {
     "PEER_TYPE": "bank",
     "DEJIMA_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/bank",
+    "DEJIMA_CLIENT_DATABASE_URL": "postgresql://bank_client@127.0.0.1:5432/bank",
     "DEJIMA_SECRET_KEY": "a-test-secret-that-is-not-a-default",
 }
 

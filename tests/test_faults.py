@@ -225,9 +225,15 @@ def test_it_frees_a_pool_filled_by_open_transactions_whose_origin_went_silent(ma
         )
         assert status == 200, answer
         assert answer["body"]["vote"] == "no" and "is not running here" in answer["body"]["error"], answer
-    # recovery itself needs a connection; its janitor must not wait for one to roll the silent ones back
-    wait_until(lambda: cluster.exec("government", A1)[0] == 200, 30, "a write at government to commit again")
+    # recovery itself needs a connection; its janitor must not wait for one to roll the silent ones back. A write
+    # that reaches government as a participant needs one of those two connections (a write started at government
+    # runs on its client login's connections, which the silent ones do not hold)
+    bank_write = (
+        "INSERT INTO bank_users (first_name, last_name, phone, address) VALUES ('Bo', 'Bank', '555-0111', '2 Elm')"
+    )
+    wait_until(lambda: cluster.exec("bank", bank_write)[0] == 200, 30, "a write reaching government to commit again")
     assert "went silent; rolling back" in cluster.net.tail("government", 400)
+    assert cluster.exec("government", A1)[0] == 200
     settled(cluster)
     assert_jane_committed(cluster)
     assert not [r for r in cluster.rows("government", "government_users") if r["first_name"].startswith("Eve")]

@@ -92,7 +92,10 @@ def _spectacular(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedPro
     ],
 )
 def test_the_schema_generates_without_warnings_and_validates(mode: str, paths: set[str], tmp_path: Path) -> None:
-    env = {"DEJIMA_DATABASE_URL": "postgresql://localhost/unused"}
+    env = {
+        "DEJIMA_DATABASE_URL": "postgresql://localhost/unused",
+        "DEJIMA_CLIENT_DATABASE_URL": "postgresql://localhost/unused",
+    }
     if mode == "client":
         env = {"PEER_MODE": "client", "DEJIMA_PEER_URL": "http://127.0.0.1:1", "DEJIMA_CLIENT_DB": str(tmp_path / "u")}
     done = _spectacular(env, tmp_path)

@@ -19,11 +19,11 @@ from django.core.management import CommandError, call_command
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 
-from peer.dejima.delta import RowChange, set_gxid, take_changes, to_deltas
+from peer.dejima.delta import RowChange, to_deltas
 from peer.dejima.install import COMMON_SQL, SQL_ROOT, InstallError, install
 from peer.dejima.sqlgen import GENERATED_NAME, write_all
 from tests.conftest import MakeDatabase, PeerDb
-from tests.helpers import AGENCY, UNIVERSITY
+from tests.helpers import AGENCY, UNIVERSITY, register, taken
 
 pytestmark = pytest.mark.integration
 
@@ -87,10 +87,10 @@ def student_id(conn: Conn, first_name: str) -> int:
 def captured(conn: Conn, gxid: str, *statements: str) -> list[RowChange]:
     """Run statements as one transaction of global transaction gxid and return what the triggers recorded."""
     with conn.transaction():
-        set_gxid(conn, gxid)
+        register(conn, gxid)
         for stmt in statements:
             conn.execute(stmt.encode())
-        return take_changes(conn, gxid)
+        return taken(conn, gxid)
 
 
 def catalog(conn: Conn) -> dict[str, list[tuple[Any, ...]]]:
@@ -178,7 +178,7 @@ def test_an_update_through_the_view_keeps_the_id_and_private_columns(university:
 def test_a_row_outside_the_filter_is_refused_and_changes_nothing(university: Conn, statement: str) -> None:
     before = students(university)
     with pytest.raises(errors.CheckViolation) as caught, university.transaction():  # noqa: PT012
-        set_gxid(university, "gx-refused")
+        register(university, "gx-refused")
         university.execute(statement.encode())
     assert caught.value.sqlstate == "23514"
     assert "dejima_students: the row is outside the view" in str(caught.value)
@@ -267,13 +267,13 @@ def test_the_two_members_share_the_view(university: Conn, agency: Conn) -> None:
     (insertion,) = to_deltas(changes)["dejima_students"].insertions
     assert insertion == {"first_name": "Nobu", "last_name": "Nakamura", "university": "Waseda"}
     with agency.transaction():
-        set_gxid(agency, "gx-share")
+        register(agency, "gx-share")
         agency.execute(
             "INSERT INTO dejima_students (first_name, last_name, university)"
             " VALUES (%(first_name)s, %(last_name)s, %(university)s)",
             insertion,
         )
-        forwarded = take_changes(agency, "gx-share")
+        forwarded = taken(agency, "gx-share")
     assert [(c.old, c.new) for c in forwarded] == [(None, insertion)]
     assert agency.execute("SELECT phone FROM applicant WHERE first_name = 'Nobu'").fetchone() == (None,)
     assert insertion in view(agency)
@@ -390,12 +390,12 @@ def test_base_columns_named_like_trigger_variables_or_keywords_work(peer_db: Pee
     with psycopg.connect(peer_db("lab", root), autocommit=True) as conn:
         row = {"name": "s1", "g": 7, "new": "fresh", "order": 1}
         with conn.transaction():
-            set_gxid(conn, "gx-lab")
+            register(conn, "gx-lab")
             conn.execute(
                 'INSERT INTO dejima_samples (name, g, new, "order") VALUES (%s, %s, %s, %s)', list(row.values())
             )
             conn.execute("UPDATE sample SET g = 8")
-            changes = take_changes(conn, "gx-lab")
+            changes = taken(conn, "gx-lab")
         assert [(c.old, c.new) for c in changes] == [(None, {**row, "g": 8})]
         assert conn.execute("SELECT dejima_in_view FROM sample").fetchone() == (True,)  # the default
         row["g"] = 8

@@ -189,7 +189,12 @@ def test_it_reads_the_message_bind_setting(raw_value: str, expected: tuple[str, 
 @pytest.mark.parametrize("setting", ["DEJIMA_MESSAGE_BIND", "DEJIMA_API_BIND"])
 @pytest.mark.parametrize("bad", ["9001", "host:", ":9001", "host:port", "host:0", "host:70000"])
 def test_it_rejects_a_bad_listener_bind_naming_the_setting(bad: str, setting: str) -> None:
-    env = {"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://localhost/x", "DEJIMA_DEBUG": "1"}
+    env = {
+        "PEER_TYPE": "bank",
+        "DEJIMA_DATABASE_URL": "postgresql://localhost/x",
+        "DEJIMA_CLIENT_DATABASE_URL": "postgresql://c@localhost/x",
+        "DEJIMA_DEBUG": "1",
+    }
     with pytest.raises(ConfigError, match=setting) as err:
         load_config({**env, setting: bad})
     assert "host:port" in str(err.value)

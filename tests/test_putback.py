@@ -14,13 +14,15 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from peer.dejima.delta import set_gxid, take_changes, to_deltas
+from peer.dejima.delta import to_deltas
 from tests.helpers import (
     SCHOOL_MANIFEST,
     base_rows,
     insert_rows,
     make_peer_type_root,
+    register,
     relations,
+    taken,
     view_rows,
 )
 
@@ -84,13 +86,13 @@ def test_it_renames_through_the_view_keeping_the_id_and_private_columns(governme
     for conn, table in ((government, "government_users"), (bank, "bank_users")):
         before = base_rows(conn, table)
         with conn.transaction():
-            set_gxid(conn, "gx-rename")
+            register(conn, "gx-rename")
             cur = conn.execute(
                 "UPDATE dejima_bank SET first_name = %s WHERE first_name = %s AND last_name = %s",
                 ("Jon", "John", "Doe"),
             )
             assert cur.rowcount == 1
-            changes = [c for c in take_changes(conn, "gx-rename") if c.view == "dejima_bank"]
+            changes = [c for c in taken(conn, "gx-rename") if c.view == "dejima_bank"]
         assert len(changes) == 1
         assert changes[0].old is not None
         assert changes[0].new is not None
@@ -103,13 +105,13 @@ def test_it_renames_through_the_view_keeping_the_id_and_private_columns(governme
 def test_it_keeps_nulls_in_phone_and_address(government: Conn) -> None:
     """A10: NULLs are values, not missing keys."""
     with government.transaction():
-        set_gxid(government, "gx-nul")
+        register(government, "gx-nul")
         insert_rows(
             government,
             "dejima_bank",
             [{"first_name": "Nul", "last_name": "Person", "phone": None, "address": None}],
         )
-        deltas = to_deltas(take_changes(government, "gx-nul"))
+        deltas = to_deltas(taken(government, "gx-nul"))
     expected = {"first_name": "Nul", "last_name": "Person", "phone": None, "address": None}
     assert deltas["dejima_bank"].insertions == [expected]
     assert deltas["dejima_insurance"].insertions == [
@@ -131,13 +133,13 @@ def test_it_keeps_quotes_and_sql_text_intact_and_runs_nothing_else(bank: Conn) -
         "address": '1 "Quote" St; DROP TABLE x',
     }
     with bank.transaction():
-        set_gxid(bank, "gx-quote")
+        register(bank, "gx-quote")
         insert_rows(bank, "dejima_bank", [row])
         cur = bank.execute(
             "UPDATE dejima_bank SET address = address || %s WHERE last_name = %s", ("$dejima$ \\ %s", "O'Brien")
         )
         assert cur.rowcount == 1
-        deltas = to_deltas(take_changes(bank, "gx-quote"))
+        deltas = to_deltas(taken(bank, "gx-quote"))
     final = {**row, "address": '1 "Quote" St; DROP TABLE x$dejima$ \\ %s'}
     assert deltas["dejima_bank"].insertions == [final]
     assert view_rows(bank, "dejima_bank") == [final]
@@ -208,12 +210,12 @@ def test_it_refuses_an_insert_outside_the_row_filter_and_changes_nothing(school:
     insert_rows(school, "students", [{"first_name": "Ann", "last_name": "Lee", "university": "Keio", "note": "n"}])
     before = base_rows(school, "students")
     with school.transaction():
-        set_gxid(school, "gx-out")
+        register(school, "gx-out")
         with pytest.raises(errors.CheckViolation) as info, school.transaction():
             insert_rows(school, "dejima_students", [{"first_name": "Bo", "last_name": "Li", "university": "Hosei"}])
         assert info.value.sqlstate == "23514"
         assert "dejima_students" in str(info.value)
-        assert take_changes(school, "gx-out") == []
+        assert taken(school, "gx-out") == []
     assert base_rows(school, "students") == before
 
 
@@ -256,11 +258,11 @@ def test_it_refuses_a_duplicate_key_and_changes_nothing(government: Conn) -> Non
     insert_rows(government, "government_users", [{"first_name": "Ann", "last_name": "Lee", "phone": "1"}])
     before = base_rows(government, "government_users")
     with government.transaction():
-        set_gxid(government, "gx-dup")
+        register(government, "gx-dup")
         with pytest.raises(errors.UniqueViolation) as info, government.transaction():
             insert_rows(government, "dejima_insurance", [{"first_name": "Ann", "last_name": "Lee", "address": "x"}])
         assert info.value.sqlstate == "23505"
-        assert take_changes(government, "gx-dup") == []
+        assert taken(government, "gx-dup") == []
     assert base_rows(government, "government_users") == before
 
 

@@ -36,7 +36,12 @@ FIRST_ID = {"government": 1001, "bank": 2001, "insurance": 3001}
 TYPES = load_peer_types(SQL_ROOT)
 # the example network sets no DEJIMA_* timeout, so every peer runs with the defaults
 TXN_TIMEOUT = load_config(
-    {"PEER_TYPE": "bank", "DEJIMA_DATABASE_URL": "postgresql://localhost/x", "DEJIMA_DEBUG": "1"}
+    {
+        "PEER_TYPE": "bank",
+        "DEJIMA_DATABASE_URL": "postgresql://localhost/x",
+        "DEJIMA_CLIENT_DATABASE_URL": "postgresql://c@localhost/x",
+        "DEJIMA_DEBUG": "1",
+    }
 ).txn_timeout
 
 INSERT_JANE = (

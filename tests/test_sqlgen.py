@@ -166,8 +166,9 @@ def test_a_view_without_filter_has_no_where(tmp_path: Path) -> None:
     assert index.endswith('ON "public"."pupil" ("first_name", "last_name")')
     assert "dejima_in_view" not in text
     assert "check_violation" not in text
-    for name in ("capture_pupil_ins", "capture_pupil_del"):
-        assert "WHERE" not in function(text, name)
+    for name in ("capture_pupil_ins", "capture_pupil_del"):  # the only WHERE: its lookup of the registered gxid
+        assert function(text, name).count("WHERE") == 1
+        assert "WHERE a.xid = pg_current_xact_id_if_assigned()" in function(text, name)
     update = function(text, "put_dejima_pupils_upd")
     assert 'WHERE "t"."first_name" = "old"."first_name" AND "t"."last_name" = "old"."last_name";' in update
 
@@ -221,7 +222,9 @@ def test_every_function_resolves_bare_names_as_variables(tmp_path: Path) -> None
     text = generate(school(tmp_path, FILTERED))
     functions = text.count("CREATE OR REPLACE FUNCTION")
     assert functions == 2 * 3 + 4  # putback of two views, capture of one table (with truncate)
-    assert text.count("LANGUAGE plpgsql AS $dejima$\n#variable_conflict use_variable\n") == functions
+    assert text.count("LANGUAGE plpgsql AS $dejima$\n#variable_conflict use_variable\n") == 2 * 3  # putback
+    definer = "LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$\n"
+    assert text.count(definer + "#variable_conflict use_variable\n") == 4  # capture: as the owner, fixed search_path
 
 
 def test_a_table_without_views_gets_no_triggers(tmp_path: Path) -> None:

@@ -16,11 +16,15 @@ Method:
   (the columns of ``dejima_bank``) over ``bank_users_snapdiff``, a materialized snapshot of it, and one statement
   trigger (AFTER INSERT OR UPDATE OR DELETE) that diffs the view against the snapshot with EXCEPT both ways, records
   the difference in ``bench_snap_delta`` and refreshes the snapshot: cost proportional to the table.
-- One persistent autocommit psycopg connection; every measured operation is one committed transaction:
-  ``BEGIN; set_config('dejima.gxid', <unique>, true); UPDATE <table> SET phone = <new> WHERE id = <random>;
-  COMMIT``, timed with ``time.perf_counter_ns`` from BEGIN sent to COMMIT answered (client round trips included).
-- ``capture_take`` is the capture operation plus ``peer.dejima.delta.take_changes`` (the DELETE … RETURNING the
-  peer service runs to consume the delta) before COMMIT; every one must return exactly the one change made.
+- One persistent autocommit psycopg connection; every measured operation is one committed transaction of a global
+  transaction, in the round trips the peer service uses: ``BEGIN; SELECT dejima.begin_global(<unique gxid>, <token
+  hash>)`` (one round trip), ``UPDATE <table> SET phone = <new> WHERE id = <random>``, then ``SELECT
+  dejima.end_global(<token>, …); COMMIT`` (one round trip, a pipeline), timed with ``time.perf_counter_ns`` from
+  BEGIN sent to COMMIT answered (client round trips included). Every series pays the registration alike: the ratio
+  is the cost of the capture trigger.
+- ``capture_take`` is the capture operation plus ``peer.dejima.delta.take_changes`` (``dejima.take_delta``, the
+  DELETE … RETURNING the peer service runs to consume the delta) before the end; every one must return exactly the
+  one change made.
 - Each round runs capture(a), floor(a), capture_take(b), floor(b) — a and b random row ids — and, every k-th round,
   baseline(a) (k chosen so the baseline gets its --baseline-runs samples: at 1M rows one baseline update takes
   seconds), rotated by one position every round: the series alternate, every series takes every position, and the
@@ -57,7 +61,7 @@ from psycopg import sql
 
 from peer.bench.common import SEED, BenchError, log, machine, percentile, pg_server
 from peer.bench.report import Chart, machine_md, md_table, verdict_md
-from peer.dejima.delta import set_gxid, take_changes
+from peer.dejima.delta import begin_sql, end_global, new_token, take_changes
 from peer.dejima.install import install
 from peer.pgserver import PgServerError
 
@@ -118,10 +122,10 @@ BASELINE_FUNCTION = sql.SQL(
 CREATE OR REPLACE FUNCTION public.bench_snapdiff() RETURNS trigger LANGUAGE plpgsql AS $bench$
 BEGIN
     INSERT INTO {delta} (gxid, sign, row_data)
-        SELECT current_setting('dejima.gxid', true), '+', to_jsonb(d)
+        SELECT dejima.current_gxid(), '+', to_jsonb(d)
         FROM (SELECT * FROM {view} EXCEPT SELECT * FROM {snapshot}) AS d;
     INSERT INTO {delta} (gxid, sign, row_data)
-        SELECT current_setting('dejima.gxid', true), '-', to_jsonb(d)
+        SELECT dejima.current_gxid(), '-', to_jsonb(d)
         FROM (SELECT * FROM {snapshot} EXCEPT SELECT * FROM {view}) AS d;
     REFRESH MATERIALIZED VIEW {snapshot};
     RETURN NULL;
@@ -279,14 +283,17 @@ def _measure(
                 update = updates[op.series]
                 take = op.series == TAKE
                 changes = None
+                token = new_token()
+                begin = sql.SQL("BEGIN; {}").format(begin_sql(gxid, token))
                 # ---- timed: one committed transaction
                 t0 = time.perf_counter_ns()
-                conn.execute("BEGIN")
-                set_gxid(conn, gxid)
+                conn.execute(begin)
                 cur = conn.execute(update, (phone, op.row_id))
                 if take:
-                    changes = take_changes(conn, gxid)
-                conn.execute("COMMIT")
+                    changes = take_changes(conn, token)
+                with conn.pipeline():
+                    end_global(conn, token)
+                    conn.execute("COMMIT")
                 elapsed = time.perf_counter_ns() - t0
                 # ---- end of timing
                 if cur.rowcount != 1:
@@ -402,8 +409,9 @@ def run_capture(sizes: Sequence[int], runs: int, warmup: int, baseline_runs: int
         ),
         "prototype_notes_ms": PROTOTYPE_NOTES_MS,
         "method": (
-            "one autocommit connection; each sample = BEGIN; set_config('dejima.gxid'); UPDATE 1 row; COMMIT "
-            "(capture_take: + take_changes before COMMIT); rounds of capture(a), floor(a), capture_take(b), "
+            "one autocommit connection; each sample = BEGIN; dejima.begin_global(gxid, token hash) | UPDATE 1 row | "
+            "dejima.end_global(token); COMMIT (capture_take: + take_changes before the end); rounds of capture(a), "
+            "floor(a), capture_take(b), "
             "floor(b) (+ baseline(a) every k-th round) rotated per round; the records consumed after each round, "
             "untimed; medians of perf_counter_ns"
         ),

@@ -52,7 +52,6 @@ from peer.bench.common import (
 )
 from peer.bench.report import Chart, machine_md, md_table, verdict_md
 from peer.bench.topology import STAR_TABLE, star_peer, star_types, write_root
-from peer.dejima.install import install
 from peer.network import PeerSpec, free_port
 
 NAME = "fanout"
@@ -101,9 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             specs += star
         with running_network(server, specs, sql_root=root, wait=False) as net:
             for spec in specs:
-                url = server.url(spec.database)
-                install(url, spec.peer_type, root)
-                with psycopg.connect(url, autocommit=True) as conn:
+                net.install(spec.name)  # its roles too, as the peer will need them
+                with psycopg.connect(net.admin_url(spec.name), autocommit=True) as conn:
                     conn.execute(
                         sql.SQL(
                             "INSERT INTO {} (item_key, value) SELECT g, 'init' FROM generate_series(0, %s - 1) AS g"

@@ -47,7 +47,6 @@ from peer.bench.common import (
 from peer.bench.loop import closed_loop
 from peer.bench.report import Chart, machine_md, md_table
 from peer.bench.topology import YCSB_TABLE, neighbours, random_tree, tree_peer, tree_types, write_root
-from peer.dejima.install import install
 from peer.network import PeerSpec, free_port
 from peer.pgserver import PgServer
 
@@ -119,10 +118,9 @@ def run_topology(
     with running_network(server, specs, sql_root=root, wait=False) as net:
         held: dict[int, list[tuple[int, int]]] = {}
         for i, spec in enumerate(specs):
-            url = server.url(spec.database)
-            install(url, spec.peer_type, root)
+            net.install(spec.name)  # its roles too, as the peer will need them
             homes = [i, *nbrs[i]]
-            _load(url, homes, records)
+            _load(net.admin_url(spec.name), homes, records)
             held[i] = [(h * records + r, h) for h in homes for r in range(records)]
         net.start_all()
         net.wait_ready(timeout=120 + 15 * n)

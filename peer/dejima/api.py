@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import set_json_loads
+from psycopg_pool import PoolTimeout
 
-from peer.dejima.coordinator import GlobalTxnError, classify
+from peer.dejima.coordinator import GlobalTxnError, client_error
 from peer.dejima.runtime import get_runtime
 from peer.dejima.sqlguard import session_state, transaction_control
 
@@ -35,8 +37,17 @@ def _json(answer: dict[str, Any]) -> bytes:
     return json.dumps(answer, default=str).encode()  # as Django's JsonResponse(…, {"default": str}) writes it
 
 
-def error(status: int, message: str, kind: str = "bad_request", headers: dict[str, str] | None = None) -> Answer:
-    return status, _json({"status": "error", "kind": kind, "error": message}), headers or {}
+def error(
+    status: int,
+    message: str,
+    kind: str = "bad_request",
+    headers: dict[str, str] | None = None,
+    sqlstate: str | None = None,
+) -> Answer:
+    body: dict[str, Any] = {"status": "error", "kind": kind, "error": message}
+    if sqlstate:
+        body["sqlstate"] = sqlstate  # PostgreSQL's code, when the client's own statement failed
+    return status, _json(body), headers or {}
 
 
 def statements(body: Any) -> list[str]:
@@ -70,7 +81,7 @@ def run_exec(body: Any) -> Answer:
         outcome = get_runtime().coordinator.run(stmts)
     except GlobalTxnError as exc:
         retry = {"Retry-After": "1"} if exc.kind in ("conflict", "busy") else None
-        return error(exc.status, str(exc), exc.kind, retry)
+        return error(exc.status, str(exc), exc.kind, retry, exc.sqlstate)
     return 200, _json(outcome), {}
 
 
@@ -84,21 +95,28 @@ def run_query(body: Any) -> Answer:
     if len(stmts) != 1:
         return error(400, "query takes exactly one statement")
     rt.coordinator.settle()  # writes already committed whose COMMIT PREPARED is on its way here: wait for them
+    timeout_s = rt.config.statement_timeout_ms / 1000
     try:
-        with rt.pool.connection(timeout=5) as conn:
+        # the client's statement runs under the client login (base tables and nothing else), bounded by the
+        # watchdog: a SET TRANSACTION or set_config inside it can switch PostgreSQL's own timeouts off
+        with rt.coordinator.client_pool.connection(timeout=5) as conn:
             conn.execute(_read_only_begin(rt.config.statement_timeout_ms))
             try:
                 cur = conn.cursor()
                 set_json_loads(json.loads, cur)  # a client's json/jsonb as before (a Decimal would answer as a string)
-                cur.execute(stmts[0].encode())
+                with rt.coordinator.watchdog.guard(conn, time.monotonic() + timeout_s):
+                    cur.execute(stmts[0].encode())
                 columns = [d.name for d in cur.description or []]
                 rows = [list(r) for r in cur.fetchall()] if cur.description else []
             finally:
                 if not conn.broken:
-                    conn.execute(b"ROLLBACK")  # it could change nothing: a read-only transaction
+                    conn.execute(b"ROLLBACK")  # nothing it did is kept, even had it made its transaction writable
+    except PoolTimeout:
+        return error(503, f"{rt.config.name}: no database connection free for the query; try again", "busy")
     except psycopg.Error as exc:
-        kind = classify(exc)
-        return error(400 if kind in ("bad_request", "internal") else 409, str(exc).strip(), kind)
+        failure = client_error(rt.config.name, exc)
+        status = 409 if failure.kind == "timeout" else failure.status
+        return error(status, str(failure), failure.kind, None, failure.sqlstate)
     return 200, _json({"columns": columns, "rows": rows}), {}
 
 

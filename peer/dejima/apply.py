@@ -5,8 +5,9 @@ Public API
 ----------
 - `GxState` — what a peer remembers about one open global transaction (one per gxid, until prepare): its
   database transaction, which base columns putback invented (`unknown`), which base rows the gxid wrote
-  (`touched`) and which (view, key) it deleted (`deleted`). `GxState(gxid=…, ptype=…, conn=…)` is enough; the
-  connection must be inside the gxid's open transaction with `dejima.gxid` set (`peer.dejima.delta.set_gxid`).
+  (`touched`) and which (view, key) it deleted (`deleted`). `GxState(gxid=…, ptype=…, conn=…, token=…)` is
+  enough; the connection must be inside the gxid's open transaction, registered with `token`
+  (`peer.dejima.delta.begin_global`).
 - `apply_delta(state, view, insertions, deletions)` — applies wire rows (with the `$unknown`/`$was` markers of
   `peer.dejima.messages`) through the dejima view: INSERT/UPDATE/DELETE on the view, so the INSTEAD OF putback
   triggers do the base-table work and the capture triggers see every write. All or nothing: a failure leaves the
@@ -100,9 +101,7 @@ Key = tuple[Any, ...]
 SCHEMA = "public"
 SAVEPOINT = sql.Identifier("dejima_apply_delta")
 SAVEPOINT_SQL = sql.SQL("SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
-CHECK_AND_SAVEPOINT_SQL = (
-    sql.SQL("SELECT current_setting('dejima.gxid', true); SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
-)
+CHECK_AND_SAVEPOINT_SQL = sql.SQL("SELECT dejima.current_gxid(); SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
 RELEASE_SQL = sql.SQL("RELEASE SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
 ROLLBACK_TO_SQL = sql.SQL("ROLLBACK TO SAVEPOINT {}").format(SAVEPOINT).as_bytes(None)
 PROBE = sql.Identifier("dejima_lock_probe")  # `locked_elsewhere` takes its row locks inside it, then undoes them
@@ -167,7 +166,8 @@ class GxState:
 
     gxid: str
     ptype: PeerType  # this peer's type (manifest)
-    conn: psycopg.Connection[Any]  # the gxid's own database transaction (dejima.gxid already set)
+    conn: psycopg.Connection[Any]  # the gxid's own database transaction (registered: delta.begin_global)
+    token: bytes  # the transaction's token (delta.begin_global): what it captured is taken with it
     # (base table, row id) -> base columns whose value putback invented in this gxid
     unknown: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     touched: set[tuple[str, int]] = field(default_factory=set)  # base rows written in this gxid
@@ -816,13 +816,13 @@ def apply_and_take(
 ) -> list[RowChange]:
     """`apply_delta`, then `take_changes` (what the capture triggers recorded for the gxid, folded), with the
     savepoint's release and the take in one round trip. `savepoint_taken`: the caller has just opened the gxid's
-    transaction (its `dejima.gxid` set) and taken the `SAVEPOINT_SQL` savepoint in the same round trip (a
+    transaction (registered for the gxid) and taken the `SAVEPOINT_SQL` savepoint in the same round trip (a
     participant's first arrival), so neither the check nor the savepoint cost one more."""
     _apply(state, view, insertions, deletions, savepoint_taken=savepoint_taken)
     conn = state.conn
     with conn.pipeline():
         conn.execute(RELEASE_SQL)
-        rows = conn.execute(TAKE_SQL, (state.gxid,)).fetchall()
+        rows = conn.execute(TAKE_SQL, (state.token,)).fetchall()
     return fold([RowChange(v, row_id, old, new) for v, row_id, old, new in rows])
 
 
@@ -842,7 +842,9 @@ def _apply(state: GxState, view: str, insertions: list[Row], deletions: list[Row
         current_gxid = conn.execute(CHECK_AND_SAVEPOINT_SQL).fetchone()
         if current_gxid is None or current_gxid[0] != state.gxid:
             conn.execute(RELEASE_SQL)
-            raise ApplyError(f"gxid {state.gxid}: the connection's dejima.gxid is {current_gxid and current_gxid[0]!r}")
+            raise ApplyError(
+                f"gxid {state.gxid}: the connection's transaction belongs to {current_gxid and current_gxid[0]!r}"
+            )
     saved = state.snapshot()
     try:
         if plan.renames or len(plan.deletes) + len(plan.upserts) < 2:

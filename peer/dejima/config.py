@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from peer.dejima.auth import KeyFormatError, parse_private_key, parse_public_key, read_key_file
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+ROLE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 SETTING_NAME_RE = re.compile(r"^(?:PEER|DEJIMA)_[A-Z0-9_]+$")
 DEFAULT_SQL_ROOT = Path(__file__).resolve().parents[2] / "sql_triggers"
 
@@ -68,6 +69,13 @@ class PeerConfig:
     client_db: Path = Path("client.sqlite3")
     client_user: str = "admin"
     client_password: str = field(default="", repr=False)
+    # least privilege in the database (peer.dejima.install, docs/security.md): the login a client's statements run
+    # under, the role that owns the machinery (the peer's own login may become it to repair it at start), how many
+    # connections of the client login the peer keeps; `debug` (DEJIMA_DEBUG=1) lets a peer start with a superuser
+    client_database_url: str = field(default="", repr=False)
+    db_owner_role: str = "dejima_owner"
+    client_pool_size: int = 10
+    debug: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -301,6 +309,14 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     database_url = _get(env, "DEJIMA_DATABASE_URL", "" if mode == "client" else None)
     if database_url and urlsplit(database_url).scheme not in ("postgresql", "postgres"):
         raise ConfigError("DEJIMA_DATABASE_URL", "must be a postgresql:// URL")
+    client_database_url = _get(env, "DEJIMA_CLIENT_DATABASE_URL", "" if mode == "client" else None)
+    if client_database_url and urlsplit(client_database_url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("DEJIMA_CLIENT_DATABASE_URL", "must be a postgresql:// URL")
+    db_owner_role = _get(env, "DEJIMA_DB_OWNER_ROLE", "dejima_owner")
+    if not ROLE_NAME_RE.match(db_owner_role):
+        raise ConfigError(
+            "DEJIMA_DB_OWNER_ROLE", f"{db_owner_role!r}: use lower-case letters, digits and _ (at most 63)"
+        )
     if mode == "client" and not env.get("DEJIMA_PEER_URL", "").strip():
         raise ConfigError("DEJIMA_PEER_URL", "is required in client mode (the URL of this organization's peer service)")
     commit_wait = _get(env, "DEJIMA_COMMIT_WAIT", "decision")
@@ -316,6 +332,7 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     # Client mode: login is required (peer.client.auth); outside debug its initial user needs a real password.
     password = client_password(env) if mode == "client" else ""
     pool_size = _int(env, "DEJIMA_POOL_SIZE", 20, 2, 500)
+    client_pool_size = _int(env, "DEJIMA_CLIENT_POOL_SIZE", max(2, pool_size // 2), 2, 500)
     # each global transaction started here holds a connection at the origin and at each participant, which serve
     # the others' too: a quarter of the pool leaves room for three peers' transactions in every pool
     max_active = _int(env, "DEJIMA_MAX_ACTIVE", max(1, pool_size // 4), 0, 10_000)
@@ -353,6 +370,10 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         client_db=client_db(env, name),
         client_user=client_user,
         client_password=password,
+        client_database_url=client_database_url,
+        db_owner_role=db_owner_role,
+        client_pool_size=client_pool_size,
+        debug=env.get("DEJIMA_DEBUG", "").strip() == "1",
     )
 
 

@@ -49,6 +49,7 @@ import psycopg
 from psycopg import errors as pgerr
 from psycopg import sql
 from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from peer.dejima import jsonvalues, txlog
@@ -64,7 +65,7 @@ from peer.dejima.apply import (
     without_echo,
 )
 from peer.dejima.config import PeerConfig
-from peer.dejima.delta import Delta, RowChange, take_changes
+from peer.dejima.delta import Delta, RowChange, begin_sql, end_global, new_token, take_changes
 from peer.dejima.directory import Directory
 from peer.dejima.manifest import PeerType
 from peer.dejima.messages import (
@@ -79,6 +80,7 @@ from peer.dejima.messages import (
 )
 from peer.dejima.sqlguard import statement_heads
 from peer.dejima.transport import CallResult, Transport
+from peer.dejima.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ HTTP_STATUS = {
     "conflict": 409,
     "constraint": 422,
     "bad_request": 400,
+    "bad_sql": 400,  # the client's own SQL failed (the answer carries PostgreSQL's message and SQLSTATE)
+    "forbidden": 403,  # the client's SQL needs a privilege its database role does not have
     "refused": 403,
     "unreachable": 503,
     "busy": 503,
@@ -101,7 +105,9 @@ SEAL_GATHER_S = 0.5
 READ_SETTLE_S = 1.0  # a client statement waits at most this long for transactions prepared here to finish (settle)
 REPLY_MEMORY = 10_000  # answers to propagate remembered by message id (a retry gets the first answer back)
 BATCHABLE = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})  # the statements a batch may run (`batchable`)
-RETRY_ALONE = frozenset({"constraint", "bad_request", "refused"})  # a batch's failures that one member may have caused
+RETRY_ALONE = frozenset(
+    {"constraint", "bad_request", "bad_sql", "forbidden", "refused"}
+)  # a batch's failures that one member may have caused
 CLIENT_SAVEPOINT = sql.Identifier("dejima_client")
 CLIENT_ROLLBACK_SQL = sql.SQL("ROLLBACK TO SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)
 CLIENT_SAVEPOINT_SQL = sql.SQL("SAVEPOINT {}").format(CLIENT_SAVEPOINT).as_bytes(None)  # in a pipeline: by itself
@@ -115,13 +121,17 @@ SHORT_WAIT_SET_SQL = (
     sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{BATCH_LOCK_WAIT_MS}ms")).as_bytes(None)
 )
 SHORT_WAIT_SQL = b"\n;" + SHORT_WAIT_SET_SQL + b"; " + CLIENT_SAVEPOINT_SQL
+# the origin's commit point (common.sql): its decision row, its txlog entry, the end of its registration
+COMMIT_POINT_SQL = "SELECT dejima.commit_point(%s, %s, %s, %s)"
 
 
 class GlobalTxnError(Exception):
-    """A global transaction did not commit; `kind` says why (see HTTP_STATUS), the message says where."""
+    """A global transaction did not commit; `kind` says why (see HTTP_STATUS), the message says where; `sqlstate`:
+    PostgreSQL's code, when a client's statement failed."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, sqlstate: str | None = None) -> None:
         self.kind = kind
+        self.sqlstate = sqlstate
         super().__init__(message)
 
     @property
@@ -185,6 +195,32 @@ def classify(exc: BaseException) -> str:
     return "internal"
 
 
+# SQLSTATE classes of failures that are not the client's statement's fault: the connection, the server's resources
+# or state, an administrator's intervention, PostgreSQL itself
+SERVER_FAULTS = frozenset({"08", "53", "57", "58", "XX", "F0", "HV"})
+
+
+def classify_client(exc: psycopg.Error) -> str:
+    """The error kind of a failure of a client's own statements: a conflict, a timeout or a constraint as for any
+    database error (`classify`); a missing privilege is `forbidden` (the client's database role may change base
+    tables and nothing else); anything else the statement itself caused (syntax, a transaction control inside a DO
+    block, an exception it raised) is `bad_sql`; a failure of the server or the connection stays `internal`."""
+    kind = classify(exc)
+    state = exc.sqlstate or ""
+    if kind in ("conflict", "timeout", "constraint"):
+        return kind
+    if isinstance(exc, pgerr.InsufficientPrivilege):
+        return "forbidden"
+    if state and state[:2] not in SERVER_FAULTS:
+        return "bad_sql"
+    return kind
+
+
+def client_error(name: str, exc: psycopg.Error) -> GlobalTxnError:
+    """The GlobalTxnError of a client statement's failure at peer `name`."""
+    return GlobalTxnError(classify_client(exc), f"{name}: {exc}".strip(), exc.sqlstate)
+
+
 def gxid_order(gxid: str) -> tuple[int, str]:
     """gxid = <origin>.<start time ns, hex>.<random>: older first, ties by name."""
     parts = gxid.split(".")
@@ -207,6 +243,8 @@ class Gx:
     deadline: float  # time.monotonic()
     lock: threading.Lock = field(default_factory=threading.Lock)
     conn: psycopg.Connection[Any] | None = None
+    pool: ConnectionPool[Any] | None = None  # where `conn` came from (the client pool at the origin)
+    token: bytes = field(default_factory=new_token, repr=False)  # its database transaction's (delta.begin_global)
     state: GxState | None = None
     phase: str = "open"  # open | prepared | committed | aborted
     reached: set[str] = field(default_factory=set)
@@ -250,11 +288,22 @@ class Coordinator:
         pool: ConnectionPool[Any],
         directory: Directory,
         transport: Transport,
+        client_pool: ConnectionPool[Any] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.ptype = ptype
-        self.pool = pool
+        self.pool = pool  # the peer's own login: participants' transactions, recovery, the log
+        # the client login (DEJIMA_CLIENT_DATABASE_URL): the origin's transactions, which run a client's statements
+        self.client_pool = client_pool if client_pool is not None else pool
+        self.watchdog = Watchdog(config.name)
+        self._restore_sql = (
+            sql.SQL("SELECT set_config('statement_timeout', {}, true), set_config('lock_timeout', {}, true)").format(
+                sql.Literal(f"{config.statement_timeout_ms}ms"), sql.Literal(f"{config.lock_timeout_ms}ms")
+            ),
+            sql.SQL("SET LOCAL synchronous_commit TO DEFAULT"),
+            sql.SQL("SET LOCAL search_path TO DEFAULT"),
+        )
         self.directory = directory
         self.transport = transport
         self.gxs: dict[str, Gx] = {}
@@ -321,10 +370,13 @@ class Coordinator:
         if gx.conn is not None:
             return
         remaining = max(0.1, gx.deadline - time.monotonic())
+        # the origin's transaction runs a client's statements: on a connection of the client login, which can change
+        # base tables and nothing else; a participant's applies only what peers sent, on the peer's own login
+        pool = self.client_pool if gx.origin == self.name else self.pool
         try:
-            conn = self.pool.getconn(timeout=remaining)
+            conn = pool.getconn(timeout=remaining)
         except PoolTimeout as exc:
-            stats = self.pool.get_stats()
+            stats = pool.get_stats()
             with self.lock:
                 phases = [g.phase for g in self.gxs.values() if g.conn is not None]
             raise GlobalTxnError(
@@ -339,20 +391,20 @@ class Coordinator:
         try:  # one round trip (simple query protocol: the values are composed as literals by psycopg)
             conn.execute(
                 sql.SQL(
-                    "BEGIN; SELECT set_config('dejima.gxid', {}, true), set_config('lock_timeout', {}, true),"
+                    "BEGIN; {}; SELECT set_config('lock_timeout', {}, true),"
                     " set_config('statement_timeout', {}, true){}"
                 ).format(
-                    sql.Literal(gx.gxid),
+                    begin_sql(gx.gxid, gx.token),
                     sql.Literal(f"{lock_ms}ms"),
                     sql.Literal(f"{self.config.statement_timeout_ms}ms"),
                     sql.SQL("; SAVEPOINT {}").format(savepoint) if savepoint is not None else sql.SQL(""),
                 )
             )
         except psycopg.Error:
-            self.pool.putconn(conn)
+            pool.putconn(conn)
             raise
-        gx.conn = conn
-        gx.state = GxState(gxid=gx.gxid, ptype=self.ptype, conn=conn, peer=self.name)
+        gx.conn, gx.pool = conn, pool
+        gx.state = GxState(gxid=gx.gxid, ptype=self.ptype, conn=conn, token=gx.token, peer=self.name)
 
     def _release(self, gx: Gx, statement: str | None) -> None:
         """End the gxid's database transaction with `statement` (ROLLBACK, COMMIT, …) and free the connection."""
@@ -363,7 +415,7 @@ class Coordinator:
             if statement is not None and not conn.closed:
                 conn.execute(statement)
         finally:
-            self.pool.putconn(conn)
+            (gx.pool or self.pool).putconn(conn)
 
     def _get_or_create(self, gxid: str, origin: str, timeout_s: float) -> Gx:
         with self.lock:
@@ -656,7 +708,7 @@ class Coordinator:
                 try:
                     gx.conn.execute(statement.encode())
                 except psycopg.Error as exc:
-                    raise GlobalTxnError(classify(exc), f"{self.name}: {exc}".strip()) from None
+                    raise client_error(self.name, exc) from None
             return {}
         failed: dict[int, GlobalTxnError] = {}
         short = False  # whether the members' lock wait is BATCH_LOCK_WAIT_MS already
@@ -680,7 +732,7 @@ class Coordinator:
                         Retry("conflict", message, alone=False) if put_off else GlobalTxnError("conflict", message)
                     )
                 else:
-                    failed[i] = GlobalTxnError(classify(error), f"{self.name}: {error}".strip())
+                    failed[i] = client_error(self.name, error)
                 gx.conn.execute(CLIENT_ROLLBACK_SQL)  # the savepoint stays: the next member's too
                 i += 1
             self._join(batch)
@@ -754,16 +806,25 @@ class Coordinator:
             with gx.lock:
                 self._open(gx, savepoint=CLIENT_SAVEPOINT if batch[0].batchable else None)
                 assert gx.conn is not None and gx.state is not None
-                failed = self._execute(gx, batch)
+                # the client's statements may switch PostgreSQL's own timeouts off (SET LOCAL): bounded all the same
+                with self.watchdog.guard(gx.conn, gx.deadline):
+                    failed = self._execute(gx, batch)
                 ran = [i for i in range(len(batch)) if i not in failed]
                 if not ran:
                     raise GlobalTxnError("bad_request", "every client transaction of the batch failed")
-                changes = take_changes(gx.conn, gxid)
+                changes = self._take_after_client(gx)
                 txlog.fold_into(gx.changes, changes)
                 deltas = outgoing(gx.state, changes)
             if not deltas:
                 with gx.lock:
-                    self._release(gx, "COMMIT")
+                    assert gx.conn is not None
+                    try:
+                        with gx.conn.pipeline():  # one round trip
+                            end_global(gx.conn, gx.token)
+                            gx.conn.execute("COMMIT")
+                    except psycopg.Error as exc:  # the client's statements may have made it fail (deferred checks)
+                        raise client_error(self.name, exc) from None
+                    self._release(gx, None)
                     gx.phase = "committed"
                 self._count_committed(len(ran))
                 outcome: dict[str, Any] = {"status": "committed", "gxid": gxid, "participants": [], "batch": len(ran)}
@@ -783,13 +844,16 @@ class Coordinator:
             with gx.lock:
                 conn = gx.conn
                 assert conn is not None
-                with conn.pipeline():  # one round trip: the decision row, the txlog entry and the commit point
-                    conn.execute(
-                        "INSERT INTO dejima.decisions (gxid, participants) VALUES (%s, %s)",
-                        (gxid, sorted(participants)),
-                    )
-                    self._append_txlog(gx, "origin")
-                    conn.execute("COMMIT")  # the commit point
+                views = txlog.summary(gx.changes.values())
+                try:
+                    with conn.pipeline():  # one round trip: the decision row, the txlog entry and the commit point
+                        conn.execute(
+                            COMMIT_POINT_SQL,
+                            (gx.token, sorted(participants), self.name, Jsonb(views) if views else None),
+                        )
+                        conn.execute("COMMIT")  # the commit point
+                except psycopg.Error as exc:  # a deferred constraint of the client's, a serialization failure, …
+                    raise client_error(self.name, exc) from None
                 self._release(gx, None)
                 gx.phase = "committed"
             self.seal_wanted.set()
@@ -822,6 +886,21 @@ class Coordinator:
             retry = Retry(error.kind, str(error), alone=error.kind != "conflict")
             return [failed.get(i, error if batch[i].tries >= BATCH_TRIES else retry) for i in range(len(batch))]
         return [failed.get(i, error) for i in range(len(batch))]
+
+    def _take_after_client(self, gx: Gx) -> list[RowChange]:
+        """What the client's statements changed, taken from the origin's transaction, in one round trip with the
+        settings the protocol relies on for the rest of it put back (the client's statements may have changed them
+        for the transaction: SET LOCAL, set_config): its timeouts, the durability of the commit point, the search
+        path. A failure the client's statements caused (they made the transaction read only, …) is theirs."""
+        conn = gx.conn
+        assert conn is not None
+        try:
+            with conn.pipeline():
+                for statement in self._restore_sql:
+                    conn.execute(statement)
+                return take_changes(conn, gx.token)
+        except psycopg.Error as exc:
+            raise client_error(self.name, exc) from None
 
     def _count_committed(self, clients: int) -> None:
         with self.lock:
@@ -1144,16 +1223,7 @@ class Coordinator:
                     sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.config.lock_timeout_ms}ms"))
                 )
 
-    # ---- tamper evidence: the txlog entry, staged in the committing transaction -----------------------------
-    def _append_txlog(self, gx: Gx, role: str) -> None:
-        """Stage this gxid's entry for the peer's hash chain in gx's transaction (caller holds gx.lock), when it
-        changed this peer's data; the sealer chains it once committed."""
-        views = txlog.summary(gx.changes.values())
-        if not views:
-            return
-        assert gx.conn is not None
-        txlog.stage(gx.conn, gx.gxid, gx.origin, role, views)
-
+    # ---- tamper evidence: the txlog entry is staged in the committing transaction (commit point, _prepare_locked)
     def run_sealer(self, stopped: threading.Event) -> None:
         """The sealer loop (a daemon thread): chain the committed staged txlog entries whenever a commit here wakes
         it, and at least every recovery interval (entries left staged by a crash, or committed by recovery)."""
@@ -1201,7 +1271,9 @@ class Coordinator:
         prepare = sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(self.gid(gx.gxid)))
         try:
             with conn.pipeline():  # one round trip; a failed stage skips the PREPARE
-                self._append_txlog(gx, "participant")
+                # the txlog entry, when it changed this peer's data (the sealer chains it once committed), and the
+                # end of the transaction's registration
+                end_global(conn, gx.token, gx.origin, "participant", txlog.summary(gx.changes.values()) or None)
                 conn.execute(prepare)
         except (GlobalTxnError, psycopg.Error) as exc:
             kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)

@@ -1,25 +1,31 @@
-"""Read what the capture triggers recorded for a gxid, folded to the net change of each dejima view.
+"""Read what the capture triggers recorded for a global transaction, folded to the net change of each dejima view.
 
-The triggers append one record per changed base row and statement (`dejima.delta`): the row's view image before
-and after. Several statements of one transaction are folded per (view, base row): the first image before, the last
-image after; a row that ends where it started is no change at all.
+A database transaction takes part in a global transaction once the peer registered it (`begin_global`, which
+returns the transaction's token: 32 random bytes only the peer service knows). The triggers append one record per
+changed base row and statement (`dejima.delta`): the row's view image before and after, under the registered gxid.
+`take_changes` removes and returns them (the token proves it is the peer asking, not a client's SQL running in the
+same transaction); several statements of one transaction are folded per (view, base row): the first image before,
+the last image after; a row that ends where it started is no change at all. `end_global` ends the registration
+before the transaction commits or is prepared.
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from peer.dejima import jsonvalues  # noqa: F401  (json/jsonb numbers load exactly: see the module)
 
 Row = dict[str, Any]
 
-TAKE_SQL = """
-WITH taken AS (DELETE FROM dejima.delta WHERE gxid = %s RETURNING seq, view_name, row_id, old_row, new_row)
-SELECT view_name, row_id, old_row, new_row FROM taken ORDER BY seq
-"""
+TAKE_SQL = "SELECT view_name, row_id, old_row, new_row FROM dejima.take_delta(%s)"
+END_SQL = "SELECT dejima.end_global(%s, %s, %s, %s)"
 
 
 @dataclass(frozen=True)
@@ -69,14 +75,42 @@ def to_deltas(changes: list[RowChange]) -> dict[str, Delta]:
     return out
 
 
-def take_changes(conn: psycopg.Connection[Any], gxid: str) -> list[RowChange]:
-    """Remove and return this gxid's captured records, folded. Runs inside the caller's transaction."""
-    rows = conn.execute(TAKE_SQL, (gxid,)).fetchall()
+def take_changes(conn: psycopg.Connection[Any], token: bytes) -> list[RowChange]:
+    """Remove and return the records captured so far in the caller's transaction (registered with `token`),
+    folded."""
+    rows = conn.execute(TAKE_SQL, (token,)).fetchall()
     return fold([RowChange(view, row_id, old, new) for view, row_id, old, new in rows])
 
 
-def set_gxid(conn: psycopg.Connection[Any], gxid: str) -> None:
-    """Mark the current transaction as part of global transaction `gxid` (transaction-local)."""
+def new_token() -> bytes:
+    """A fresh transaction token (`begin_global`)."""
+    return secrets.token_bytes(32)
+
+
+def begin_sql(gxid: str, token: bytes) -> sql.Composed:
+    """The statement that registers the current transaction as part of `gxid` (only the token's sha256 is sent, so
+    nothing a client could read in the server's activity view or logs gives the token away)."""
     if not gxid:
         raise ValueError("gxid must be non-empty")
-    conn.execute("SELECT set_config('dejima.gxid', %s, true)", (gxid,))
+    return sql.SQL("SELECT dejima.begin_global({}, {})").format(
+        sql.Literal(gxid), sql.Literal(hashlib.sha256(token).digest())
+    )
+
+
+def begin_global(conn: psycopg.Connection[Any], gxid: str) -> bytes:
+    """Register the caller's open transaction as part of global transaction `gxid`; its token."""
+    token = new_token()
+    conn.execute(begin_sql(gxid, token))
+    return token
+
+
+def end_global(
+    conn: psycopg.Connection[Any],
+    token: bytes,
+    origin: str | None = None,
+    role: str | None = None,
+    views: dict[str, Any] | None = None,
+) -> None:
+    """End the registration of the caller's transaction (before COMMIT or PREPARE), staging its txlog entry when
+    `views` is given (peer.dejima.txlog)."""
+    conn.execute(END_SQL, (token, origin, role, Jsonb(views) if views is not None else None))

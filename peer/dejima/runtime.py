@@ -1,9 +1,11 @@
 """The peer process: one per peer (gunicorn gthread, one worker, many threads), so that the database connection
 of every open global transaction lives in one process across several HTTP requests.
 
-`get_runtime()` builds it once: settings, the peer type's SQL installed (idempotent), a connection pool, the
-directory (discovery loop), the coordinator (recovery and sealer loops) and, with DEJIMA_MESSAGE_BIND, the lean
-listener for peer messages (peer.dejima.peerserver).
+`get_runtime()` builds it once: settings; the database checked (UTF8, no superuser login outside debug, a client
+login that can do nothing but change base tables) and its machinery inspected and repaired (peer.dejima.machinery);
+two connection pools (the peer's own login, and the client login a client's statements run under); the directory
+(discovery loop), the coordinator (recovery and sealer loops) and, with DEJIMA_MESSAGE_BIND, the lean listener for
+peer messages (peer.dejima.peerserver).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from peer.dejima import machinery
 from peer.dejima.auth import Authenticator, KeyFormatError, load_or_create_key, parse_private_key, trusted_keys
 from peer.dejima.config import ConfigError, PeerConfig, load_config
 from peer.dejima.coordinator import Coordinator
 from peer.dejima.directory import Directory
-from peer.dejima.install import install
+from peer.dejima.install import InstallError, Roles
 from peer.dejima.manifest import PeerType, load_peer_types
 from peer.dejima.peerserver import PeerServer, Route, message_routes
 from peer.dejima.transport import Transport
@@ -69,12 +72,27 @@ def _check(conn: psycopg.Connection[Any]) -> None:
         ConnectionPool.check_connection(conn)
 
 
+# What a client's statements may have left on a connection of the client login that outlives their transaction:
+# settings made with set_config(…, false), session advisory locks, open WITH HOLD cursors (the client login cannot
+# create temporary objects or prepared statements). Cleared whenever such a connection goes back to the pool.
+CLIENT_RESET_SQL = b"RESET ALL; SELECT pg_advisory_unlock_all(); CLOSE ALL"
+
+
+def _client_returned(conn: psycopg.Connection[Any]) -> None:
+    """The client pool's reset callback: clear the session state a client's statements may have left (a connection
+    whose reset fails is discarded by the pool), and remember when it came back."""
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        conn.execute(CLIENT_RESET_SQL)
+    _returned(conn)
+
+
 class PeerRuntime:
     def __init__(self, config: PeerConfig, background: bool = True) -> None:
         self.config = config
         types = load_peer_types(config.sql_root)
         self.ptype: PeerType = types[config.peer_type]
-        install(config.database_url, config.peer_type, config.sql_root)
+        self.expected = machinery.expected(self.ptype, config.sql_root)
+        self.roles, self.least_privilege = check_database(config, self.ptype)
         self.pool: ConnectionPool[Any] = ConnectionPool(
             config.database_url,
             min_size=2,
@@ -88,10 +106,25 @@ class PeerRuntime:
             open=True,
         )
         self.pool.wait(timeout=30)
+        self.client_pool: ConnectionPool[Any] = ConnectionPool(
+            config.client_database_url,
+            min_size=1,
+            max_size=config.client_pool_size,
+            configure=_configure,
+            reset=_client_returned,
+            check=_check,
+            kwargs={"connect_timeout": 5},
+            timeout=config.txn_timeout,
+            name=f"{config.name}-client-db",
+            open=True,
+        )
+        self.client_pool.wait(timeout=30)
         self.auth = make_authenticator(config)
         self.transport = Transport(config.name, self.auth)
         self.directory = Directory(config, self.ptype, self.pool, self.transport)
-        self.coordinator = Coordinator(config, self.ptype, self.pool, self.directory, self.transport)
+        self.coordinator = Coordinator(
+            config, self.ptype, self.pool, self.directory, self.transport, client_pool=self.client_pool
+        )
         if adopted := self.coordinator.adopt_prepared():
             log.info("peer %s: %d transactions left prepared here; recovery finishes them", config.name, adopted)
         self.stopped = threading.Event()
@@ -153,12 +186,89 @@ class PeerRuntime:
         self.coordinator.seal_wanted.set()  # the sealer sees `stopped` at once
         self.directory.stop()
         self.transport.close()
+        self.coordinator.watchdog.close()
+        self.client_pool.close()
         self.pool.close()
 
 
 def _drop_remote(run: Callable[[Any], tuple[int, bytes, dict[str, str]]]) -> Route:
     """A route for a client API function, which does not ask who calls (whoever reaches the port may)."""
     return lambda body, remote: run(body)
+
+
+ROLE_SQL = (  # text as bytea: in a SQL_ASCII database psycopg would answer bytes
+    "SELECT convert_to(session_user, 'UTF8'), r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication,"
+    " r.rolbypassrls, (SELECT count(*) FROM pg_auth_members m WHERE m.member = r.oid),"
+    " convert_to(getdatabaseencoding(), 'UTF8'), convert_to(current_database(), 'UTF8')"
+    " FROM pg_roles r WHERE r.rolname = session_user"
+)
+
+
+def _texts(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    assert row is not None
+    return tuple(bytes(v).decode() if isinstance(v, bytes | memoryview) else v for v in row)
+
+
+def check_database(config: PeerConfig, ptype: PeerType) -> tuple[Roles, bool]:
+    """Before the peer serves anything: its database is UTF8; its own login is no superuser (only in debug, with a
+    warning); the login of a client's statements is another one, with no special attribute and no role it could
+    switch to (its privileges: docs/security.md); the machinery is what the manifest generates, repaired as its
+    owner when it is not (peer.dejima.machinery). The three roles, and whether the logins are the least-privilege
+    ones (not so only in debug). Raises ConfigError naming the setting."""
+    try:
+        with psycopg.connect(config.database_url, connect_timeout=10, autocommit=True) as conn:
+            peer = _texts(conn.execute(ROLE_SQL).fetchone())
+            with psycopg.connect(config.client_database_url, connect_timeout=10, autocommit=True) as client_conn:
+                client = _texts(client_conn.execute(ROLE_SQL).fetchone())
+            least = _check_logins(config, peer, client)
+            roles = Roles(owner=config.db_owner_role, peer=str(peer[0]), client=str(client[0]))
+            repaired = machinery.ensure(conn, ptype, config.sql_root, roles, privileges=least)
+    except psycopg.OperationalError as exc:
+        raise ConfigError("DEJIMA_DATABASE_URL", f"cannot connect: {str(exc).strip()}") from None
+    except InstallError as exc:
+        raise ConfigError("DEJIMA_DATABASE_URL", f"the peer type's machinery in the database: {exc}") from None
+    for what in repaired:
+        log.warning("peer %s: repaired the machinery in the database: %s", config.name, what)
+    return roles, least
+
+
+def _check_logins(config: PeerConfig, peer: tuple[Any, ...], client: tuple[Any, ...]) -> bool:
+    """Raises ConfigError for a database or logins the peer must not run with; False when it runs with them all the
+    same (debug)."""
+    encoding, database = peer[7], peer[8]
+    if encoding != "UTF8":
+        raise ConfigError(
+            "DEJIMA_DATABASE_URL",
+            f"database {database} is encoded {encoding}; the peer needs UTF8 (CREATE DATABASE … ENCODING 'UTF8'"
+            " TEMPLATE template0): every value it exchanges is JSON text",
+        )
+    if client[8] != database:
+        raise ConfigError(
+            "DEJIMA_CLIENT_DATABASE_URL", f"names database {client[8]}, DEJIMA_DATABASE_URL names {database}"
+        )
+    weak: list[tuple[str, str]] = []
+    if peer[1]:
+        weak.append(("DEJIMA_DATABASE_URL", f"logs in as {peer[0]}, a superuser"))
+    if client[0] == peer[0]:
+        weak.append(("DEJIMA_CLIENT_DATABASE_URL", f"logs in as {client[0]}, the peer's own login"))
+    special = [
+        a
+        for a, on in zip(("superuser", "createrole", "createdb", "replication", "bypassrls"), client[1:6], strict=True)
+        if on
+    ]
+    if special:
+        weak.append(("DEJIMA_CLIENT_DATABASE_URL", f"logs in as {client[0]}, which has {', '.join(special)}"))
+    if client[6] and client[0] != peer[0]:
+        weak.append(("DEJIMA_CLIENT_DATABASE_URL", f"logs in as {client[0]}, a member of other roles"))
+    for setting, what in weak:
+        message = (
+            f"{what}: a client's SQL must run with no more privilege than the base tables need"
+            " (roles: `python manage.py dejima_install --peer-role … --client-role …`, docs/security.md)"
+        )
+        if not config.debug:
+            raise ConfigError(setting, message + "; only debug (DEJIMA_DEBUG=1) starts like this")
+        log.warning("peer %s: %s: %s (started anyway: DEJIMA_DEBUG=1)", config.name, setting, message)
+    return not weak
 
 
 def make_authenticator(config: PeerConfig) -> Authenticator:

@@ -16,6 +16,8 @@ from peer.dejima.messages import KINDS, PROTOCOL
 MESSAGE_KINDS = tuple(sorted(KINDS))
 ERROR_KINDS = (
     "bad_request",
+    "bad_sql",
+    "forbidden",
     "unauthenticated",
     "refused",
     "conflict",
@@ -34,6 +36,10 @@ class ErrorSerializer(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["error"])
     kind = serializers.ChoiceField(choices=ERROR_KINDS, help_text="why: maps to the HTTP status")
     error = serializers.CharField()
+    sqlstate = serializers.CharField(
+        required=False,
+        help_text="PostgreSQL's SQLSTATE, when the client's own statement failed (bad_sql, forbidden, …)",
+    )
 
 
 class MethodNotAllowedSerializer(serializers.Serializer[Any]):
@@ -194,6 +200,15 @@ class TxlogSerializer(serializers.Serializer[Any]):
     head = TxlogHeadSerializer(allow_null=True)
     entries = TxlogEntrySerializer(many=True)
     verify = TxlogVerdictSerializer(required=False, help_text="only with verify=1")
+
+
+class MachinerySerializer(serializers.Serializer[Any]):
+    """Whether the peer type's triggers, functions and privileges in the database are what the manifest generates
+    (peer/dejima/machinery.py); what differs, one line each."""
+
+    peer = serializers.CharField()
+    ok = serializers.BooleanField()
+    problems = serializers.ListField(child=serializers.CharField())
 
 
 class SignatureSerializer(serializers.Serializer[Any]):

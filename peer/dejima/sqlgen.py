@@ -11,8 +11,11 @@ Contract of the generated SQL (docs/manifest.md, "What the SQL does"):
   row matched by the old key is changed in place (id and private columns kept; a key change is a rename);
   delete → the base row is deleted; a row outside the filter is refused (SQLSTATE 23514);
 - AFTER statement triggers with transition tables on the base table (capture): for every view over the table,
-  the view rows of the changed base rows go to `dejima.delta` under the gxid of `current_setting('dejima.gxid')`;
-  only changes of view columns count, and a row crossing the filter is an insertion or deletion of the view.
+  the view rows of the changed base rows go to `dejima.delta` under the gxid the peer service registered for the
+  transaction (`dejima.active`, common.sql); only changes of view columns count, and a row crossing the filter is an
+  insertion or deletion of the view. A write in a transaction the peer did not register (an administrator's psql) is
+  not captured. The capture functions are SECURITY DEFINER with a fixed search_path: they run as the owner of the
+  machinery, so a client's SQL writes base tables and nothing else, yet every write it makes is captured.
 """
 
 from __future__ import annotations
@@ -94,14 +97,21 @@ def _check_literals(ptype: PeerType) -> None:
                 raise ManifestError(ptype.path, f"views.{view.name}", f"values may not contain {DOLLAR_TAG}")
 
 
-def _function(name: str, body: sql.Composable, declare: sql.Composable | None = None) -> sql.Composable:
+# What a SECURITY DEFINER function of the machinery runs with: system objects only, temporary ones last.
+DEFINER = sql.SQL(" SECURITY DEFINER SET search_path = pg_catalog, pg_temp")
+
+
+def _function(
+    name: str, body: sql.Composable, declare: sql.Composable | None = None, definer: bool = False
+) -> sql.Composable:
     # Every column reference in a body is qualified, so a bare name is always a variable: without the directive,
     # a base column named like a variable (`g`, `dejima_in_view`) would make the trigger fail as ambiguous.
     return sql.SQL(
-        "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS {tag}\n"
+        "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql{definer} AS {tag}\n"
         "#variable_conflict use_variable\n{declare}BEGIN\n{body}\nEND\n{tag};"
     ).format(
         name=_fn(name),
+        definer=DEFINER if definer else sql.SQL(""),
         tag=sql.SQL(DOLLAR_TAG),
         declare=sql.SQL("DECLARE\n{}\n").format(declare) if declare is not None else sql.SQL(""),
         body=body,
@@ -275,7 +285,10 @@ def _capture(ptype: PeerType, table: Table) -> list[sql.Composable]:
     views = ptype.views_of(table.name)
     if not views:
         return []
-    declare = sql.SQL("    g text := current_setting('dejima.gxid', true);")
+    # the lookup of dejima.current_gxid() written out: capture runs as its owner already, once per statement
+    declare = sql.SQL(
+        "    g text := (SELECT a.gxid FROM dejima.active AS a WHERE a.xid = pg_current_xact_id_if_assigned());"
+    )
     out: list[sql.Composable] = []
     transitions = {
         "insert": "REFERENCING NEW TABLE AS dejima_new",
@@ -287,7 +300,7 @@ def _capture(ptype: PeerType, table: Table) -> list[sql.Composable]:
             "    IF g IS NULL OR g = '' THEN\n        RETURN NULL;\n    END IF;\n{}\n    RETURN NULL;"
         ).format(sql.SQL("\n").join(_capture_one(v, table, event) for v in views))
         fname = f"capture_{table.name}_{event[:3]}"
-        out.append(_function(fname, body, declare))
+        out.append(_function(fname, body, declare, definer=True))
         out.append(
             sql.SQL("CREATE OR REPLACE TRIGGER {} AFTER {} ON {} {} FOR EACH STATEMENT EXECUTE FUNCTION {}();").format(
                 sql.Identifier(f"dejima_capture_{event[:3]}"),
@@ -302,11 +315,11 @@ def _capture(ptype: PeerType, table: Table) -> list[sql.Composable]:
         "transaction cannot be captured; use DELETE"
     )
     body = sql.SQL(
-        "    IF coalesce(current_setting('dejima.gxid', true), '') <> '' THEN\n"
+        "    IF dejima.current_gxid() IS NOT NULL THEN\n"
         "        RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {};\n"
         "    END IF;\n    RETURN NULL;"
     ).format(sql.Literal(message))
-    out.append(_function(f"capture_{table.name}_trunc", body))
+    out.append(_function(f"capture_{table.name}_trunc", body, definer=True))
     out.append(
         sql.SQL(
             "CREATE OR REPLACE TRIGGER dejima_capture_trunc BEFORE TRUNCATE ON {} "

@@ -9,13 +9,15 @@ themselves.
 | | | 413 too large |
 | /api/v1/status | GET | 200 |
 | /api/v1/groups | GET | 200 |
-| /api/v1/exec | POST {"sql": str or [str]} | 200 committed; 400 bad SQL or input; 409 conflict (Retry-After); |
-| | | 422 constraint; 503 unreachable peer, or busy (Retry-After); 504 timeout |
-| /api/v1/query | POST {"sql": str} | 200 {columns, rows}; 400 |
+| /api/v1/exec | POST {"sql": str or [str]} | 200 committed; 400 bad input, or bad SQL (kind bad_sql, with its |
+| | | sqlstate); 403 a privilege the client's database role lacks (kind forbidden), or a participant refused; |
+| | | 409 conflict (Retry-After); 422 constraint; 503 unreachable peer, or busy (Retry-After); 504 timeout |
+| /api/v1/query | POST {"sql": str} | 200 {columns, rows}; 400 bad input or bad SQL; 403 forbidden; 409 timeout |
 | | | (both: transaction control or session state, a plain SET, … is 400: `peer.dejima.sqlguard`) |
 | /api/v1/views/<view> | GET | 200 {view, columns, rows, digest}; 404 unknown view |
 | /api/v1/prepared | GET | 200 prepared transactions of this peer's database |
 | /api/v1/txlog | GET ?verify=1&limit=N | 200 {peer, length, head, entries, verify?}; 400 bad limit |
+| /api/v1/machinery | GET | 200 {peer, ok, problems}: the triggers, functions and privileges in the database |
 | /api/v1/openapi.json | GET | 200 the OpenAPI schema of these endpoints (bodies, parameters, statuses) |
 
 Every endpoint answers 405 (with Allow) to a method it does not take. The bodies are described by the serializers
@@ -36,7 +38,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from psycopg import sql
 from rest_framework.decorators import api_view
 
-from peer.dejima import api, inbox, jsonvalues, txlog
+from peer.dejima import api, inbox, jsonvalues, machinery, txlog
 from peer.dejima.api import BadInput
 from peer.dejima.runtime import get_runtime
 from peer.dejima.serializers import (
@@ -46,6 +48,7 @@ from peer.dejima.serializers import (
     ErrorSerializer,
     GroupsSerializer,
     HealthSerializer,
+    MachinerySerializer,
     MethodNotAllowedSerializer,
     PreparedSerializer,
     QueryResultSerializer,
@@ -198,8 +201,10 @@ def groups(request: HttpRequest) -> JsonResponse:
     request=StatementsSerializer,
     responses={
         200: CommittedSerializer,
-        400: _err("malformed input, or bad SQL (unknown table or column, syntax); nothing was done"),
-        403: _err("a participant refused the change; nothing was done"),
+        400: _err("malformed input, or bad SQL (kind bad_sql: unknown table or column, syntax, …); nothing was done"),
+        403: _err(
+            "the client's database role may not do this (kind forbidden), or a participant refused; nothing was done"
+        ),
         409: _err("conflict with a concurrent transaction; nothing was done, try again (Retry-After)"),
         413: BAD_BODY[413],
         422: _err("a constraint is violated (the error names the peer and the constraint); nothing was done"),
@@ -225,6 +230,7 @@ def exec_sql(request: HttpRequest) -> HttpResponse:
     responses={
         200: QueryResultSerializer,
         400: _err("malformed input, bad SQL or a write; nothing was done"),
+        403: _err("the client's database role may not do this (kind forbidden); nothing was done"),
         409: _err("conflict or timeout; try again"),
         413: BAD_BODY[413],
         **NOT_ALLOWED,
@@ -326,6 +332,21 @@ def txlog_view(request: HttpRequest) -> JsonResponse:
     if verdict is not None:
         body["verify"] = verdict.to_json()
     return JsonResponse(body)
+
+
+@extend_schema(
+    tags=TAG,
+    summary="Whether the triggers, functions and privileges in this peer's database are what its manifest generates",
+    responses={200: MachinerySerializer, **NOT_ALLOWED},
+)
+@api_view(["GET"])
+def machinery_view(request: HttpRequest) -> JsonResponse:
+    """The inspection the peer runs at start (peer/dejima/machinery.py), run again now: `dejima check` reports every
+    peer whose capture or putback triggers, functions or privileges differ from what its manifest generates."""
+    rt = get_runtime()
+    with rt.pool.connection(timeout=5) as conn:
+        report = machinery.inspect(conn, rt.ptype, rt.expected, rt.roles, privileges=rt.least_privilege)
+    return JsonResponse({"peer": rt.config.name, **report.to_json()})
 
 
 def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:

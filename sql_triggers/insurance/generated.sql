@@ -90,10 +90,10 @@ $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_put_del" INSTEAD OF DELETE ON "public"."dejima_risk" FOR EACH ROW EXECUTE FUNCTION "dejima"."put_dejima_risk_del"();
 
 -- capture on insurance_users
-CREATE OR REPLACE FUNCTION "dejima"."capture_insurance_users_ins"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+CREATE OR REPLACE FUNCTION "dejima"."capture_insurance_users_ins"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
 #variable_conflict use_variable
 DECLARE
-    g text := current_setting('dejima.gxid', true);
+    g text := (SELECT a.gxid FROM dejima.active AS a WHERE a.xid = pg_current_xact_id_if_assigned());
 BEGIN
     IF g IS NULL OR g = '' THEN
         RETURN NULL;
@@ -108,10 +108,10 @@ BEGIN
 END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_ins" AFTER INSERT ON "public"."insurance_users" REFERENCING NEW TABLE AS dejima_new FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_insurance_users_ins"();
-CREATE OR REPLACE FUNCTION "dejima"."capture_insurance_users_upd"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+CREATE OR REPLACE FUNCTION "dejima"."capture_insurance_users_upd"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
 #variable_conflict use_variable
 DECLARE
-    g text := current_setting('dejima.gxid', true);
+    g text := (SELECT a.gxid FROM dejima.active AS a WHERE a.xid = pg_current_xact_id_if_assigned());
 BEGIN
     IF g IS NULL OR g = '' THEN
         RETURN NULL;
@@ -134,10 +134,10 @@ BEGIN
 END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_upd" AFTER UPDATE ON "public"."insurance_users" REFERENCING OLD TABLE AS dejima_old NEW TABLE AS dejima_new FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_insurance_users_upd"();
-CREATE OR REPLACE FUNCTION "dejima"."capture_insurance_users_del"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+CREATE OR REPLACE FUNCTION "dejima"."capture_insurance_users_del"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
 #variable_conflict use_variable
 DECLARE
-    g text := current_setting('dejima.gxid', true);
+    g text := (SELECT a.gxid FROM dejima.active AS a WHERE a.xid = pg_current_xact_id_if_assigned());
 BEGIN
     IF g IS NULL OR g = '' THEN
         RETURN NULL;
@@ -152,10 +152,10 @@ BEGIN
 END
 $dejima$;
 CREATE OR REPLACE TRIGGER "dejima_capture_del" AFTER DELETE ON "public"."insurance_users" REFERENCING OLD TABLE AS dejima_old FOR EACH STATEMENT EXECUTE FUNCTION "dejima"."capture_insurance_users_del"();
-CREATE OR REPLACE FUNCTION "dejima"."capture_insurance_users_trunc"() RETURNS trigger LANGUAGE plpgsql AS $dejima$
+CREATE OR REPLACE FUNCTION "dejima"."capture_insurance_users_trunc"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
 #variable_conflict use_variable
 BEGIN
-    IF coalesce(current_setting('dejima.gxid', true), '') <> '' THEN
+    IF dejima.current_gxid() IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = 'insurance_users carries dejima views (dejima_insurance, dejima_risk): TRUNCATE inside a global transaction cannot be captured; use DELETE';
     END IF;
     RETURN NULL;
