@@ -356,12 +356,102 @@ def test_the_entrypoint_waits_for_every_secret_file_and_the_healthcheck_asks_the
     entrypoint.wait_for_files([present], deadline=0.0)  # returns at once
     with pytest.raises(SystemExit, match="still missing"):
         entrypoint.wait_for_files([tmp_path / "absent"], deadline=0.0)
-    command = entrypoint.install_command({"DEJIMA_DATABASE_URL": "postgresql://dejima@db/dejima"})
-    assert command[1:] == [str(ROOT / "manage.py"), "dejima_install", "--database", "postgresql://dejima@db/dejima"]
     assert entrypoint.gunicorn_command()[1:] == ["-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"]
     healthcheck = load_module(ROOT / "docker" / "healthcheck.py")
     assert healthcheck.health_url("0.0.0.0:8000") == "http://127.0.0.1:8000/health"
     assert healthcheck.health_url("[::]:9000") == "http://127.0.0.1:9000/health"
+
+
+def install_settings(tmp_path: Path) -> dict[str, str]:
+    """A peer's settings as the deployment files give them, with its password files."""
+    files = {"admin": "the-superusers-password", "peer": "peer-pw", "client": "client-pw"}
+    for name, password in files.items():
+        (tmp_path / name).write_text(password + "\n")
+    return {
+        "PEER_TYPE": "bank",
+        "PATH": "/opt/venv/bin:/usr/bin",
+        "PGPASSFILE": "/s/pgpass",
+        "DEJIMA_DATABASE_URL": "postgresql://dejima_peer@bank-db:5432/dejima",
+        "DEJIMA_CLIENT_DATABASE_URL": "postgresql://dejima_client@bank-db:5432/dejima",
+        "DEJIMA_ADMIN_DATABASE_URL": "postgresql://dejima@bank-db:5432/dejima",
+        "DEJIMA_ADMIN_PASSWORD_FILE": str(tmp_path / "admin"),
+        "DEJIMA_DB_PEER_PASSWORD_FILE": str(tmp_path / "peer"),
+        "DEJIMA_DB_CLIENT_PASSWORD_FILE": str(tmp_path / "client"),
+        "PGPASSWORD": "the container's own (not a deployment file's): gunicorn keeps it, install does not",
+    }
+
+
+def test_the_install_step_runs_as_the_superuser_and_gunicorn_never_sees_its_settings(tmp_path: Path) -> None:
+    entrypoint = load_module(ROOT / "docker" / "entrypoint.py")
+    env = install_settings(tmp_path)
+    assert entrypoint.install_command(env)[1:] == [
+        str(ROOT / "manage.py"),
+        "dejima_install",
+        "--database",
+        "postgresql://dejima@bank-db:5432/dejima",
+        "--type",
+        "bank",
+        "--owner-role",
+        "dejima_owner",
+        "--peer-role",
+        "dejima_peer",
+        "--client-role",
+        "dejima_client",
+        "--peer-password-file",
+        str(tmp_path / "peer"),
+        "--client-password-file",
+        str(tmp_path / "client"),
+    ]
+    assert "the-superusers-password" not in " ".join(entrypoint.install_command(env))  # never on a command line
+    child = entrypoint.install_env(env)
+    assert child["PGPASSWORD"] == "the-superusers-password"
+    assert child["PGPASSFILE"] == "/s/pgpass"
+    assert child["PATH"] == env["PATH"]
+    served = entrypoint.service_env(env)
+    for setting in entrypoint.ADMIN_SETTINGS:
+        assert setting not in served, f"gunicorn would get {setting}"
+        assert setting not in child
+    assert served["PGPASSWORD"] == env["PGPASSWORD"]  # the superuser's password is the install step's alone
+    assert served["DEJIMA_DATABASE_URL"] == env["DEJIMA_DATABASE_URL"]
+    assert set(entrypoint.ADMIN_SETTINGS) == {
+        "DEJIMA_ADMIN_DATABASE_URL",
+        "DEJIMA_ADMIN_PASSWORD_FILE",
+        "DEJIMA_DB_PEER_PASSWORD_FILE",
+        "DEJIMA_DB_CLIENT_PASSWORD_FILE",
+    }
+    # the owner role follows the peer's own setting; the role names follow the URLs
+    other = {**env, "DEJIMA_DB_OWNER_ROLE": "bank_owner", "DEJIMA_DATABASE_URL": "postgresql://p2@bank-db/dejima"}
+    command = entrypoint.install_command(other)
+    assert command[command.index("--owner-role") + 1] == "bank_owner"
+    assert command[command.index("--peer-role") + 1] == "p2"
+    without_files = {k: v for k, v in env.items() if not k.startswith("DEJIMA_DB_")}
+    assert "--peer-password-file" not in entrypoint.install_command(without_files)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"DEJIMA_ADMIN_DATABASE_URL": ""}, "DEJIMA_ADMIN_DATABASE_URL is required"),
+        ({"DEJIMA_CLIENT_DATABASE_URL": " "}, "DEJIMA_CLIENT_DATABASE_URL is required"),
+        ({"DEJIMA_ADMIN_DATABASE_URL": "postgresql://dejima:pw@db/dejima"}, "no password in the URL"),
+        ({"DEJIMA_DATABASE_URL": "postgresql://db/dejima"}, "DEJIMA_DATABASE_URL: give postgresql://USER@"),
+        ({"PEER_TYPE": ""}, "PEER_TYPE is required"),
+    ],
+)
+def test_the_install_step_refuses_missing_or_unsafe_settings(
+    tmp_path: Path, change: dict[str, str], message: str
+) -> None:
+    entrypoint = load_module(ROOT / "docker" / "entrypoint.py")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        entrypoint.install_command({**install_settings(tmp_path), **change})
+
+
+def test_the_install_step_refuses_an_empty_password_file(tmp_path: Path) -> None:
+    entrypoint = load_module(ROOT / "docker" / "entrypoint.py")
+    env = install_settings(tmp_path)
+    (tmp_path / "admin").write_text("\n")
+    with pytest.raises(SystemExit, match=r"DEJIMA_ADMIN_PASSWORD_FILE: .* is empty"):
+        entrypoint.install_env(env)
 
 
 def test_the_image_sets_only_settings_or_variables_python_reads() -> None:

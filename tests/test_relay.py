@@ -84,7 +84,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
     def port(self) -> int:
         return int(self.server_address[1])
 
-    def __enter__(self) -> EchoServer:  # type: ignore[override]
+    def __enter__(self) -> EchoServer:
         self.thread.start()
         return self
 
@@ -132,7 +132,7 @@ class NamedHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (the base class's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -146,7 +146,7 @@ class NamedHTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         self.connections += 1
-        super().process_request(request, client_address)  # type: ignore[arg-type]
+        super().process_request(request, client_address)
 
 
 @contextlib.contextmanager
@@ -312,7 +312,7 @@ def test_a_request_head_must_come_whole_and_bounded() -> None:
 
 # ---- the command line -------------------------------------------------------------------------------------------
 def test_addresses_and_routes_are_parsed_or_refused() -> None:
-    assert relay.parse_address("0.0.0.0:9000") == ("0.0.0.0", 9000)
+    assert relay.parse_address("0.0.0.0:9000") == ("0.0.0.0", 9000)  # noqa: S104  (parsed, not bound)
     assert relay.parse_address("[::]:9000") == ("::", 9000)
     assert relay.parse_address("bank-peer:9000") == ("bank-peer", 9000)
     assert relay.parse_route("Gov-Gateway:9000=gov-gateway-peers:9000") == (
@@ -332,7 +332,7 @@ def test_addresses_and_routes_are_parsed_or_refused() -> None:
 
 
 def test_the_command_line_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    assert relay.main(["--listen", "0.0.0.0", "--to", "a:1"]) == 2
+    assert relay.main(["--listen", "0.0.0.0", "--to", "a:1"]) == 2  # noqa: S104  (refused before binding)
     assert "--listen '0.0.0.0'" in capsys.readouterr().err
     assert relay.main(["--listen", "127.0.0.1:0", "--route", "a:1"]) == 2
     with pytest.raises(SystemExit):
@@ -347,7 +347,12 @@ def test_the_command_relays_checks_and_stops_cleanly_on_sigterm(echo: EchoServer
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stderr is not None
     stderr = proc.stderr
-    threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True).start()
+
+    def read_lines() -> None:
+        for line in stderr:
+            lines.put(line)
+
+    threading.Thread(target=read_lines, daemon=True).start()
     try:
         port = 0
         deadline = time.monotonic() + DEADLINE
