@@ -345,6 +345,7 @@ def stack(
             "environment": {
                 **common,
                 "DEJIMA_URL": f"http://{gateway(peer.name)}:{RELAY_PORT}",
+                "DEJIMA_MESSAGE_BIND": f"0.0.0.0:{MESSAGE_PORT}",  # the listener its gateway relays to
                 "DEJIMA_SEEDS": ",".join(seeds),
                 "DEJIMA_DATABASE_URL": f"postgresql://{DB_PEER_ROLE}{db_url}",
                 "DEJIMA_CLIENT_DATABASE_URL": f"postgresql://{DB_CLIENT_ROLE}{db_url}",

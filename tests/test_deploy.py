@@ -486,6 +486,9 @@ def check_peer(services: dict[str, Service], net: Network, peer: Service, config
     assert config.url == f"http://{deploygen.gateway(peer.org)}:{deploygen.RELAY_PORT}", (
         f"{where}: {peer.name} advertises {config.url}, not its gateway"
     )
+    assert config.message_bind == ("0.0.0.0", deploygen.MESSAGE_PORT), (  # noqa: S104  (inside its container)
+        f"{where}: {peer.name}'s message listener is {config.message_bind}, not the port its gateway relays to"
+    )
     for other in (s for s in services.values() if s.is_peer and s != peer):  # as every other peer reaches it
         end, port = net.follow_url(other, config.url)
         assert (end.name, port) == (peer.name, deploygen.MESSAGE_PORT), (
