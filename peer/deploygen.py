@@ -4,21 +4,32 @@
     python -m peer.deploygen stack --per-type 20 -o deploy/stack-20.yml
     python -m peer.deploygen secrets deploy/secrets --per-type 20 --rotate bank-3   # a new key pair for bank-3
 
-Peers are named `<peer type>-<i>` (`bank-1` … `bank-20`). Every peer gets, in DIR/<peer>/: `private_key` (Ed25519,
-PEM), `secret_key` (Django), `db_password` (its PostgreSQL user `dejima`), `pgpass` (the same password in libpq's
-passfile format, for PGPASSFILE) and `client_password` (the client app's user `admin`); DIR/trusted_keys holds the
+Peers are named `<peer type>-<i>` (`bank-1` … `bank-20`). Every peer gets, in DIR/<peer>/ (`PEER_SECRETS`):
+`private_key` (Ed25519, PEM), `secret_key` (Django), `db_password` (the PostgreSQL superuser `dejima`, used only by
+the install step), `db_peer_password` and `db_client_password` (the peer's two logins `dejima_peer` and
+`dejima_client`), `pgpass` (those two passwords in libpq's passfile format, for PGPASSFILE; not the superuser's),
+`client_password` (the client app's user `admin`), `client_token` (the API token the client app sends to its peer)
+and `api_tokens` (its name, scopes and SHA-256, for the peer's DEJIMA_API_TOKENS_FILE). DIR/trusted_keys holds the
 public key of every peer found in DIR (`name base64key` a line: DEJIMA_TRUSTED_KEYS_FILE). Files are created mode
-0600 and never overwritten, except the rotated key and trusted_keys.
+0600 and never overwritten, except the rotated key and the files derived from others (`pgpass`, `api_tokens`,
+`trusted_keys`), rewritten when they no longer match. `--deliver ROOT` also copies each consumer's files
+(`CONSUMERS`: the database, the peer, the client) into ROOT/<peer>/<consumer>/ (the one-host files mount one volume
+per consumer there; run as root, the copies are given to the user that reads them).
 
-The stack runs, per peer, three services: `<peer>-db` (PostgreSQL with prepared transactions), `<peer>-peer` and
-`<peer>-client`, pinned to the swarm nodes labelled `dejima.<peer>=true`, with a private overlay network per peer and
-one overlay network `peers` for all peer services. Secret files are read by `docker stack deploy` on the manager;
-their swarm names carry `--version`, so a rotation deploys new secrets (swarm secrets cannot change).
+The stack runs, per peer, five services: `<peer>-db` (PostgreSQL with prepared transactions), `<peer>-peer`,
+`<peer>-client`, `<peer>-gateway` and `<peer>-egress`, pinned to the swarm nodes labelled `dejima.<peer>=true`. The
+database, the peer and the client are only on the peer's private overlay network `org-<peer>`. The overlay network
+`peers` joins only the relays (peer/relay.py): the gateway, which relays to the peer's message listener and nothing
+else, and the egress, through which the peer reaches the other peers' gateways. Secret files are read by `docker
+stack deploy` on the manager; their swarm names carry `--version`, so a rotation deploys new secrets (swarm secrets
+cannot change).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import secrets as random
 import sys
 from collections.abc import Sequence
@@ -37,15 +48,47 @@ PEER_IMAGE = "dejima-peer:0.1.0"
 # PostgreSQL 17.6 (Debian bookworm), pinned by digest; docker/compose.yml and crane.yml use the same image.
 POSTGRES_IMAGE = "postgres:17.6-bookworm@sha256:f3bd19c606e442c3d7bdfa8002e03fe260a1023351e0ea4598032022b68dd6e3"
 MAX_PREPARED_TRANSACTIONS = 100  # PostgreSQL's default is 0: two-phase commit needs it above the peer's pool size
-DB_USER = "dejima"
+DB_ADMIN = "dejima"  # POSTGRES_USER: the postgres image's superuser; only the install step logs in as it
+DB_OWNER_ROLE = "dejima_owner"  # owns the peer's schema and tables (NOLOGIN; made by the install step)
+DB_PEER_ROLE = "dejima_peer"  # the peer's own login (DEJIMA_DATABASE_URL)
+DB_CLIENT_ROLE = "dejima_client"  # the login a client's SQL runs as (DEJIMA_CLIENT_DATABASE_URL)
 DB_NAME = "dejima"
 UID = "10001"  # the image's user `dejima` (docker/Dockerfile)
 PORT = 8000  # every peer and client listens on it inside its container (DEJIMA_BIND in docker/Dockerfile)
 MESSAGE_PORT = 9000  # a peer's lean listener for peer messages, inside its container (DEJIMA_MESSAGE_BIND there)
+RELAY_PORT = 9000  # where the gateways and egresses listen: peers' URLs are http://<peer>-gateway:9000
 FIRST_CLIENT_PORT = 8101  # published ports of the clients: 8101, 8102, …
 STATE_DIR = "/var/lib/dejima"  # the image's volume: the client's user store
 TRUSTED_KEYS_PATH = "/etc/dejima/trusted_keys"
-PEER_SECRETS = ("private_key", "secret_key", "db_password", "pgpass", "client_password")
+CLIENT_TOKEN_NAME = "client-app"  # noqa: S105  (a name: the client app's API token, its scopes in api_tokens)
+CLIENT_TOKEN_SCOPES = ("read", "write")
+PEER_SECRETS = (
+    "private_key",
+    "secret_key",
+    "db_password",
+    "db_peer_password",
+    "db_client_password",
+    "pgpass",
+    "client_password",
+    "client_token",
+    "api_tokens",
+)
+# Who gets which secret, and nothing more: the superuser's password goes to the database (POSTGRES_PASSWORD_FILE)
+# and to the peer's install step only; the client gets no database credential.
+CONSUMERS: dict[str, tuple[str, ...]] = {
+    "db": ("db_password",),
+    "peer": (
+        "private_key",
+        "secret_key",
+        "pgpass",
+        "db_password",
+        "db_peer_password",
+        "db_client_password",
+        "api_tokens",
+    ),
+    "client": ("client_password", "secret_key", "client_token"),
+}
+CONSUMER_UID = {"db": "0", "peer": UID, "client": UID}  # the postgres image reads its password file as root
 TRUSTED_KEYS = "trusted_keys"
 
 
@@ -87,9 +130,53 @@ def _write_new(path: Path, text: str) -> bool:
     return True
 
 
-def write_secrets(directory: Path, names: Sequence[str], rotate: Sequence[str] = ()) -> list[Path]:
-    """Create the missing secret files of each peer in `names` (and a new private key for each in `rotate`), then
-    rewrite DIR/trusted_keys from every private key in DIR. Returns the files written."""
+def _write_derived(path: Path, text: str, mode: int = 0o600) -> bool:
+    """Make `path` hold `text` (a file derived from others): False when it does already, else replaced whole (a
+    reader never sees it half written)."""
+    if path.is_file() and path.read_text() == text and path.stat().st_mode & 0o777 == mode:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    new = path.with_name(f".{path.name}.new")
+    new.unlink(missing_ok=True)
+    with new.open("x") as fh:
+        new.chmod(mode)
+        fh.write(text)
+    new.replace(path)
+    return True
+
+
+def _pgpass_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def pgpass_text(peer_password: str, client_password: str) -> str:
+    """libpq's passfile (PGPASSFILE) with the peer's two logins; the superuser is not in it."""
+    return "".join(
+        f"*:*:*:{role}:{_pgpass_field(password)}\n"
+        for role, password in ((DB_PEER_ROLE, peer_password), (DB_CLIENT_ROLE, client_password))
+    )
+
+
+def api_tokens_text(client_token: str) -> str:
+    """The peer's DEJIMA_API_TOKENS_FILE: the client app's token as `name scopes sha256hex` (a hash, no secret)."""
+    digest = hashlib.sha256(client_token.encode("utf-8")).hexdigest()
+    return (
+        "# name scopes sha256-of-the-token (DEJIMA_API_TOKENS_FILE; written by peer.deploygen)\n"
+        f"{CLIENT_TOKEN_NAME} {','.join(CLIENT_TOKEN_SCOPES)} {digest}\n"
+    )
+
+
+def new_token() -> str:
+    """An API token string, as the peer's token command makes them."""
+    return "dj_" + random.token_urlsafe(32)
+
+
+def write_secrets(
+    directory: Path, names: Sequence[str], rotate: Sequence[str] = (), deliver: Path | None = None
+) -> list[Path]:
+    """Create the missing secret files of each peer in `names` (and a new private key for each in `rotate`), bring
+    the derived files up to date (pgpass, api_tokens, then DIR/trusted_keys from every private key in DIR) and, with
+    `deliver`, copy each consumer's files there. Returns the files written."""
     for name in [*names, *rotate]:
         if not PEER_NAME_RE.match(name):
             raise DeployError(f"{name!r} is not a peer name (lower-case letters, digits, - and _; at most 40)")
@@ -104,32 +191,63 @@ def write_secrets(directory: Path, names: Sequence[str], rotate: Sequence[str] =
         replacement.replace(key_path)
         written.append(key_path)
     for name in names:
-        password = random.token_urlsafe(24)
         values = {
             "private_key": private_pem(Ed25519PrivateKey.generate()).decode(),
             "secret_key": random.token_urlsafe(50),
             "client_password": random.token_urlsafe(18),
+            "db_password": random.token_urlsafe(24),
+            "db_peer_password": random.token_urlsafe(24),
+            "db_client_password": random.token_urlsafe(24),
+            "client_token": new_token(),
         }
         for kind, text in values.items():
             if _write_new(directory / name / kind, text + ("" if text.endswith("\n") else "\n")):
                 written.append(directory / name / kind)
-        # The database password twice: plain for the postgres image, as a passfile line for the peer (libpq).
-        if _write_new(directory / name / "db_password", password + "\n"):
-            written.append(directory / name / "db_password")
-            (directory / name / "pgpass").unlink(missing_ok=True)
-        plain = (directory / name / "db_password").read_text().strip()
-        if _write_new(directory / name / "pgpass", f"*:*:*:{DB_USER}:{plain}\n"):
-            written.append(directory / name / "pgpass")
+
+        def read(kind: str, peer: str = name) -> str:
+            return (directory / peer / kind).read_text().strip()
+
+        derived = {
+            "pgpass": pgpass_text(read("db_peer_password"), read("db_client_password")),
+            "api_tokens": api_tokens_text(read("client_token")),
+        }
+        for kind, text in derived.items():
+            if _write_derived(directory / name / kind, text):
+                written.append(directory / name / kind)
     keys = sorted(
         (path.parent.name, public_b64(parse_private_key(path.read_bytes()))) for path in directory.glob("*/private_key")
     )
-    trusted = directory / TRUSTED_KEYS
     lines = "".join(f"{name} {key}\n" for name, key in keys)
-    if not trusted.exists() or trusted.read_text() != "# name public-key (DEJIMA_TRUSTED_KEYS_FILE)\n" + lines:
-        trusted.unlink(missing_ok=True)
-        _write_new(trusted, "# name public-key (DEJIMA_TRUSTED_KEYS_FILE)\n" + lines)
-        trusted.chmod(0o644)  # public keys: readable by the peers of a one-host network, whatever their user
-        written.append(trusted)
+    if _write_derived(directory / TRUSTED_KEYS, "# name public-key (DEJIMA_TRUSTED_KEYS_FILE)\n" + lines, 0o644):
+        written.append(directory / TRUSTED_KEYS)  # public keys: readable by the peers, whatever their user
+    if deliver is not None:
+        for name in dict.fromkeys([*names, *rotate]):
+            written += deliver_secrets(directory, deliver, name)
+    return written
+
+
+def deliver_secrets(directory: Path, root: Path, name: str) -> list[Path]:
+    """Copy the secrets of peer `name` to ROOT/<name>/<consumer>/, each consumer's own (`CONSUMERS`; the peer also
+    gets trusted_keys), and remove anything else there. Run as root, each folder and file is given to the user
+    that reads it (`CONSUMER_UID`); as anyone else, they stay the runner's. Returns the files written."""
+    written: list[Path] = []
+    for consumer, kinds in CONSUMERS.items():
+        folder = root / name / consumer
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        files = {kind: ((directory / name / kind).read_text(), 0o600) for kind in kinds}
+        if consumer == "peer":
+            files[TRUSTED_KEYS] = ((directory / TRUSTED_KEYS).read_text(), 0o644)
+        for stale in folder.iterdir():
+            if stale.name not in files and (stale.is_file() or stale.is_symlink()):
+                stale.unlink()
+        for kind, (text, mode) in files.items():
+            if _write_derived(folder / kind, text, mode):
+                written.append(folder / kind)
+        if os.geteuid() == 0:
+            uid = int(CONSUMER_UID[consumer])
+            for path in (folder, *(folder / kind for kind in files)):
+                os.chown(path, uid, uid)
     return written
 
 
@@ -144,6 +262,33 @@ def _placement(peer: Peer) -> dict[str, Any]:
 
 def _restart() -> dict[str, Any]:
     return {"condition": "any", "delay": "5s", "window": "60s"}
+
+
+def gateway(name: str) -> str:
+    """The service a peer's URL names: it relays to the peer's message listener only."""
+    return f"{name}-gateway"
+
+
+def gateway_on_peers(name: str) -> str:
+    """The gateway's name on the network `peers` only: the egresses relay there (the gateway's own name is an alias
+    of the egress on every other organization's network, so an egress could resolve it to itself)."""
+    return f"{name}-gateway-peers"
+
+
+def relay_command(*arguments: str) -> list[str]:
+    return ["python", "-m", "peer.relay", "--listen", f"0.0.0.0:{RELAY_PORT}", *arguments]
+
+
+def gateway_command(name: str) -> list[str]:
+    return relay_command("--to", f"{name}-peer:{MESSAGE_PORT}")
+
+
+def egress_command(others: Sequence[str]) -> list[str]:
+    routes = [f"{gateway(other)}:{RELAY_PORT}={gateway_on_peers(other)}:{RELAY_PORT}" for other in others]
+    return relay_command(*(arg for route in routes for arg in ("--route", route)))
+
+
+RELAY_HEALTHCHECK = ["CMD", "python", "-m", "peer.relay", "--check", f"127.0.0.1:{RELAY_PORT}"]
 
 
 def stack(
@@ -171,20 +316,27 @@ def stack(
                 "file": f"{secrets_dir}/{peer.name}/{kind}",
                 "name": f"dejima-v{version}-{peer.name}-{kind}",
             }
-        seeds = [f"http://{first.name}-peer:{MESSAGE_PORT}" for first in firsts.values() if first != peer]
+        seeds = [f"http://{gateway(first.name)}:{RELAY_PORT}" for first in firsts.values() if first != peer]
+        others = [other.name for other in peers if other != peer]
         common = {"PEER_TYPE": peer.peer_type, "DEJIMA_PEER_NAME": peer.name}
+        db_url = f"@{peer.name}-db:5432/{DB_NAME}"
+
+        def own_secrets(consumer: str, peer: Peer = peer) -> list[dict[str, Any]]:
+            uid = CONSUMER_UID[consumer]
+            return [_secret(f"{peer.name}-{kind}", kind, uid) for kind in CONSUMERS[consumer]]
+
         services[f"{peer.name}-db"] = {
             "image": POSTGRES_IMAGE,
             "command": ["postgres", "-c", f"max_prepared_transactions={MAX_PREPARED_TRANSACTIONS}"],
             "environment": {
-                "POSTGRES_USER": DB_USER,
+                "POSTGRES_USER": DB_ADMIN,
                 "POSTGRES_DB": DB_NAME,
                 "POSTGRES_PASSWORD_FILE": "/run/secrets/db_password",
             },
-            "secrets": [_secret(f"{peer.name}-db_password", "db_password", uid="0")],
+            "secrets": own_secrets("db"),
             "volumes": [f"{peer.name}-pgdata:/var/lib/postgresql/data"],
             "networks": [private],
-            "healthcheck": {"test": ["CMD", "pg_isready", "-U", DB_USER, "-d", DB_NAME], **healthcheck},
+            "healthcheck": {"test": ["CMD", "pg_isready", "-U", DB_ADMIN, "-d", DB_NAME], **healthcheck},
             "deploy": {"placement": _placement(peer), "restart_policy": _restart()},
             "stop_grace_period": "60s",
         }
@@ -192,17 +344,24 @@ def stack(
             "image": image,
             "environment": {
                 **common,
-                "DEJIMA_URL": f"http://{peer.name}-peer:{MESSAGE_PORT}",
-                "DEJIMA_DATABASE_URL": f"postgresql://{DB_USER}@{peer.name}-db:5432/{DB_NAME}",
+                "DEJIMA_URL": f"http://{gateway(peer.name)}:{RELAY_PORT}",
+                "DEJIMA_MESSAGE_BIND": f"0.0.0.0:{MESSAGE_PORT}",  # the listener its gateway relays to
                 "DEJIMA_SEEDS": ",".join(seeds),
+                "DEJIMA_DATABASE_URL": f"postgresql://{DB_PEER_ROLE}{db_url}",
+                "DEJIMA_CLIENT_DATABASE_URL": f"postgresql://{DB_CLIENT_ROLE}{db_url}",
+                "DEJIMA_ADMIN_DATABASE_URL": f"postgresql://{DB_ADMIN}{db_url}",
+                "DEJIMA_ADMIN_PASSWORD_FILE": "/run/secrets/db_password",
+                "DEJIMA_DB_PEER_PASSWORD_FILE": "/run/secrets/db_peer_password",
+                "DEJIMA_DB_CLIENT_PASSWORD_FILE": "/run/secrets/db_client_password",
+                "PGPASSFILE": "/run/secrets/pgpass",
+                "DEJIMA_API_TOKENS_FILE": "/run/secrets/api_tokens",
                 "DEJIMA_PRIVATE_KEY_FILE": "/run/secrets/private_key",
                 "DEJIMA_TRUSTED_KEYS_FILE": TRUSTED_KEYS_PATH,
                 "DEJIMA_SECRET_KEY_FILE": "/run/secrets/secret_key",
-                "PGPASSFILE": "/run/secrets/pgpass",
             },
-            "secrets": [_secret(f"{peer.name}-{kind}", kind) for kind in ("private_key", "secret_key", "pgpass")],
+            "secrets": own_secrets("peer"),
             "configs": [{"source": TRUSTED_KEYS, "target": TRUSTED_KEYS_PATH, "mode": 0o444}],
-            "networks": ["peers", private],
+            "networks": [private],
             "deploy": {
                 "replicas": 1,  # one process owns the peer's open global transactions: never two at once
                 "placement": _placement(peer),
@@ -217,15 +376,31 @@ def stack(
                 **common,
                 "PEER_MODE": "client",
                 "DEJIMA_PEER_URL": f"http://{peer.name}-peer:{PORT}",
+                "DEJIMA_PEER_TOKEN_FILE": "/run/secrets/client_token",
                 "DEJIMA_CLIENT_DB": f"{STATE_DIR}/client.sqlite3",
                 "DEJIMA_CLIENT_PASSWORD_FILE": "/run/secrets/client_password",
                 "DEJIMA_SECRET_KEY_FILE": "/run/secrets/secret_key",
             },
-            "secrets": [_secret(f"{peer.name}-{kind}", kind) for kind in ("client_password", "secret_key")],
+            "secrets": own_secrets("client"),
             "volumes": [f"{peer.name}-client:{STATE_DIR}"],
             "networks": [private],
             "ports": [{"target": PORT, "published": peer.client_port, "protocol": "tcp", "mode": "ingress"}],
             "deploy": {"placement": _placement(peer), "restart_policy": _restart()},
+        }
+        relay = {
+            "image": image,
+            "healthcheck": {"test": RELAY_HEALTHCHECK, **healthcheck, "start_period": "10s"},
+            "deploy": {"placement": _placement(peer), "restart_policy": _restart()},
+        }
+        services[gateway(peer.name)] = {
+            **relay,
+            "command": gateway_command(peer.name),
+            "networks": {"peers": {"aliases": [gateway_on_peers(peer.name)]}, private: {}},
+        }
+        services[f"{peer.name}-egress"] = {
+            **relay,
+            "command": egress_command(others),
+            "networks": {"peers": {}, private: {"aliases": [gateway(other) for other in others]}},
         }
         volumes[f"{peer.name}-pgdata"] = {}
         volumes[f"{peer.name}-client"] = {}
@@ -268,6 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sec.add_argument("--per-type", type=int, default=0, help="peers <type>-1 … <type>-N of each --types")
     sec.add_argument("--types", default=",".join(EXAMPLE_TYPES), help="peer types, comma-separated")
     sec.add_argument("--rotate", action="append", default=[], metavar="NAME", help="a new key pair for NAME")
+    sec.add_argument(
+        "--deliver",
+        type=Path,
+        default=None,
+        metavar="ROOT",
+        help="copy each consumer's files to ROOT/<peer>/<consumer>/",
+    )
     stk = sub.add_parser("stack", help="write a docker swarm stack for N peers of each type")
     stk.add_argument("--per-type", type=int, required=True)
     stk.add_argument("--types", default=",".join(EXAMPLE_TYPES), help="peer types, comma-separated")
@@ -282,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = list(args.names) + [p.name for p in (peers_per_type(args.per_type, types) if args.per_type else [])]
             if not names and not args.rotate:
                 raise DeployError("name the peers, or give --per-type N")
-            for path in write_secrets(args.directory, names, args.rotate):
+            for path in write_secrets(args.directory, names, args.rotate, args.deliver):
                 print(f"wrote {path}")
             return 0
         text = render(peers_per_type(args.per_type, types), args.image, args.version, args.secrets_dir)

@@ -1,20 +1,35 @@
 """Deployment files, checked statically (no Docker engine runs here): the image (hadolint, pins, build context), the
 one-host files (docker/compose.yml, crane.yml, deploy/env/*.env) and the swarm stacks (deploy/stack.yml and the
 generator's output for 20 peers per type), validated by `docker stack config`. Every environment variable they set
-is a setting the peer reads (or one that PostgreSQL's image or libpq reads), and every peer and client they start
-gets a configuration `load_config` accepts, with the secrets the deployment itself generates.
+is a setting the code reads (the peer, the image's entrypoint) or one PostgreSQL's image or libpq reads, and every
+peer and client they start gets a configuration `load_config` accepts, with the secrets the deployment itself
+generates (the init container's command and the generator are run for real).
+
+What the files promise (docs/deployment.md, "Networks" and "Database roles"), proved from them by following names
+the way Docker resolves them (on the networks a container shares) and connections through the relays' arguments:
+- only gateways and egresses are on the network `peers`; no database, peer or client is;
+- whatever a partner connects to on `peers` ends at a peer's message listener (DEJIMA_MESSAGE_BIND's port), each
+  gateway at its own peer's; every peer reaches every other peer's message listener at the URL it advertises;
+- a peer logs in as `dejima_peer` and runs clients' SQL as `dejima_client` (never the superuser POSTGRES_USER), both
+  passwords in its pgpass, which holds no other; the superuser's password is readable only by the database and its
+  peer (for the install step); a client can read no database password, and its API token is the one the peer's
+  DEJIMA_API_TOKENS_FILE names.
 
 Needs the docker CLI (`docker stack config` works offline) and hadolint (.venv/bin/hadolint, from the dev extra).
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import importlib.util
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +38,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from peer import deploygen
+from peer import deploygen, relay
 from peer.dejima.config import PeerConfig, load_config, setting_names
 
 pytestmark = pytest.mark.unit
@@ -34,12 +49,19 @@ COMPOSE = ROOT / "docker" / "compose.yml"
 CRANE = ROOT / "crane.yml"
 STACK = ROOT / "deploy" / "stack.yml"
 PEER_IMAGES = ("dejima-peer:",)
+RELAY = ["python", "-m", "peer.relay"]
 # Variables the deployment files may set that are not the peer's settings: who reads them.
 THIRD_PARTY = {
     "POSTGRES_USER": "the postgres image",
     "POSTGRES_DB": "the postgres image",
     "POSTGRES_PASSWORD_FILE": "the postgres image",
-    "PGPASSFILE": "libpq (psycopg): the password of DEJIMA_DATABASE_URL, kept out of the URL",
+    "PGPASSFILE": "libpq (psycopg): the passwords of the peer's logins, kept out of their URLs",
+}
+# Settings of the trust-boundaries contract (notes/contract.md) that other branches add to the code: the files set
+# them already. Remove a name once `setting_names()` has it (and docs/settings.md documents it).
+PENDING = {
+    "DEJIMA_API_TOKENS_FILE": "the API tokens' hashes, imported at start (the tokens branch)",
+    "DEJIMA_PEER_TOKEN_FILE": "the client app's token for its peer (the tokens branch)",
 }
 IMAGE_ENV = {  # ENV of docker/Dockerfile that Python, pip or Django read
     "PATH",
@@ -68,8 +90,17 @@ CRANE_SERVICE_KEYS = {
     "health-cmd",
     "health-interval",
     "health-retries",
+    "user",
 }
 CRANE_TOP_KEYS = {"prefix", "services", "networks", "volumes", "groups"}
+PEER_DB_URLS = ("DEJIMA_DATABASE_URL", "DEJIMA_CLIENT_DATABASE_URL", "DEJIMA_ADMIN_DATABASE_URL")
+# The settings that carry a database password (the entrypoint's install step and libpq): never a client's.
+DB_PASSWORD_SETTINGS = (
+    "PGPASSFILE",
+    "DEJIMA_ADMIN_PASSWORD_FILE",
+    "DEJIMA_DB_PEER_PASSWORD_FILE",
+    "DEJIMA_DB_CLIENT_PASSWORD_FILE",
+)
 
 
 # ---- tools --------------------------------------------------------------------------------------------------------
@@ -127,11 +158,14 @@ class Service:
     name: str
     image: str
     env: dict[str, str]
-    networks: set[str]
-    aliases: set[str]
+    names: dict[str, set[str]]  # network -> the names this service answers to there
     mounts: dict[str, Path] = field(default_factory=dict)  # container path -> host file or folder
     command: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
+
+    @property
+    def networks(self) -> set[str]:
+        return set(self.names)
 
     @property
     def is_dejima(self) -> bool:
@@ -140,6 +174,30 @@ class Service:
     @property
     def is_postgres(self) -> bool:
         return self.image.startswith("postgres:")
+
+    @property
+    def is_relay(self) -> bool:
+        return self.is_dejima and self.command[:3] == RELAY
+
+    @property
+    def is_peer(self) -> bool:
+        return self.is_dejima and not self.command and self.env.get("PEER_MODE", "peer") == "peer"
+
+    @property
+    def is_client(self) -> bool:
+        return self.is_dejima and not self.command and self.env.get("PEER_MODE") == "client"
+
+    @property
+    def org(self) -> str:
+        """The organization's prefix of the service's name: `bank` of bank-peer, `bank-1` of bank-1-gateway."""
+        return self.name.rsplit("-", 1)[0]
+
+    @cached_property
+    def relay_args(self) -> argparse.Namespace:
+        assert self.is_relay, f"{self.name} is not a relay"
+        args = relay.argument_parser().parse_args(self.command[3:])
+        assert args.listen and (args.to or args.route), f"{self.name}: {self.command}"
+        return args
 
     def host_path(self, container_path: str) -> Path:
         """Where a file the container reads is, on this machine (mounted folders and secrets)."""
@@ -150,6 +208,19 @@ class Service:
                 return source / container_path[len(target.rstrip("/")) + 1 :]
         raise AssertionError(f"{self.name}: {container_path} is not in any mount of this service ({self.mounts})")
 
+    def read(self, setting: str) -> str:
+        """The content of the file a setting names, as the container reads it."""
+        return self.host_path(self.env[setting]).read_text().strip()
+
+    def readable(self) -> dict[Path, str]:
+        """Every file the container can read from its mounts (folders listed), with its content."""
+        files: dict[Path, str] = {}
+        for source in self.mounts.values():
+            for path in sorted(source.iterdir()) if source.is_dir() else [source]:
+                if path.is_file():
+                    files[path] = path.read_text()
+        return files
+
     def local_env(self) -> dict[str, str]:
         """The environment with every file setting pointing at the file on this machine."""
         env = dict(self.env)
@@ -158,6 +229,16 @@ class Service:
                 env[key] = str(self.host_path(value))
         env["DEJIMA_KEY_FILE"] = "/nonexistent/unused.key"  # the private key comes from DEJIMA_PRIVATE_KEY_FILE
         return env
+
+
+def network_names(name: str, networks: Any, alias_key: str, implicit: bool) -> dict[str, set[str]]:
+    """network -> names of a service there: its aliases (and its own name where Docker adds it: compose, stack)."""
+    if isinstance(networks, list):
+        networks = dict.fromkeys(networks)
+    return {
+        net: ({name} if implicit else set()) | set((options or {}).get(alias_key, []))
+        for net, options in (networks or {}).items()
+    }
 
 
 def compose_services(config: dict[str, Any], volume_dirs: dict[str, Path]) -> dict[str, Service]:
@@ -176,14 +257,12 @@ def compose_services(config: dict[str, Any], volume_dirs: dict[str, Path]) -> di
             mounts[target] = Path(top_secrets[ref["source"]]["file"])
         for ref in svc.get("configs", []):
             mounts[ref.get("target", f"/{ref['source']}")] = Path(top_configs[ref["source"]]["file"])
-        networks = svc.get("networks", {})
         command = svc.get("command", [])
         services[name] = Service(
             name=name,
             image=svc["image"],
             env={k: str(v) for k, v in (svc.get("environment") or {}).items()},
-            networks=set(networks),
-            aliases={name},
+            names=network_names(name, svc.get("networks"), "aliases", implicit=True),
             mounts=mounts,
             command=command if isinstance(command, list) else command.split(),
             ports=[int(p["published"]) for p in svc.get("ports", [])],
@@ -203,13 +282,11 @@ def crane_services(config: dict[str, Any], volume_dirs: dict[str, Path]) -> dict
             source, target = volume.split(":")[:2]
             if source in volume_dirs:
                 mounts[target] = volume_dirs[source]
-        networks = svc.get("networks", {})
         services[name] = Service(
             name=name,
             image=svc["image"],
             env=env,
-            networks=set(networks),
-            aliases={a for n in networks.values() for a in (n or {}).get("alias", [])},
+            names=network_names(name, svc.get("networks"), "alias", implicit=False),  # crane prefixes its names
             mounts=mounts,
             command=list(svc.get("cmd", [])),
             ports=[int(p.rsplit(":", 2)[-2]) for p in svc.get("publish", [])],
@@ -217,14 +294,79 @@ def crane_services(config: dict[str, Any], volume_dirs: dict[str, Path]) -> dict
     return services
 
 
-def run_secrets_service(services: dict[str, Service], host_dir: Path) -> list[str]:
-    """Run the one-host init container's command (`python -m peer.deploygen secrets DIR NAME…`) for real, with DIR
-    on this machine. Returns the peer names it made secrets for."""
+def init_volume_dirs(mounts: Iterable[tuple[str, str]], host_root: Path) -> dict[str, Path]:
+    """The init container's file system mirrored under `host_root`: each of its volumes (source, target) is the folder
+    `host_root/<target>`, wherever another service mounts it."""
+    return {source: host_root / target.lstrip("/") for source, target in mounts}
+
+
+def run_secrets_service(services: dict[str, Service], host_root: Path) -> list[str]:
+    """Run the one-host init container's command (`python -m peer.deploygen secrets DIR NAME… --deliver ROOT`) for
+    real, its paths mirrored under `host_root` (init_volume_dirs). Returns the peer names it made secrets for."""
     command = services["secrets"].command
     assert command[:4] == ["python", "-m", "peer.deploygen", "secrets"], command
-    names = command[5:]
-    assert deploygen.main(["secrets", str(host_dir), *names]) == 0
-    return names
+    arguments = [str(host_root / arg.lstrip("/")) if arg.startswith("/") else arg for arg in command[4:]]
+    assert deploygen.main(["secrets", *arguments]) == 0
+    return [arg for arg in command[5:] if not arg.startswith(("-", "/"))]
+
+
+# ---- names and connections, as Docker resolves them ---------------------------------------------------------------
+class Network:
+    """The services of one file and the names they answer to on each network."""
+
+    def __init__(self, services: dict[str, Service], where: str) -> None:
+        self.services = services
+        self.where = where
+        self.index: dict[tuple[str, str], list[Service]] = {}
+        for svc in services.values():
+            for net, names in svc.names.items():
+                for name in names:
+                    self.index.setdefault((net, name), []).append(svc)
+
+    def resolve(self, svc: Service, host: str) -> Service:
+        """The one service `host` names for `svc`: on the networks it shares with it. Two would be ambiguous (Docker
+        answers from one network or the other), none unreachable: both fail."""
+        found = {other.name: other for net in svc.networks for other in self.index.get((net, host), [])}
+        assert len(found) == 1, (
+            f"{self.where}: {svc.name} resolves {host!r} to {sorted(found) or 'nothing'} on {sorted(svc.networks)}"
+        )
+        return next(iter(found.values()))
+
+    def follow(self, svc: Service, host: str, port: int, http_host: str = "", hops: int = 0) -> tuple[Service, int]:
+        """Where a connection from `svc` to host:port ends, through relays: a relay with --to passes it on, one with
+        routes passes it where the request's Host (`http_host`, the first URL's host:port) says."""
+        assert hops < 5, f"{self.where}: {svc.name} -> {host}:{port}: a loop of relays"
+        http_host = http_host or f"{host}:{port}"
+        target = self.resolve(svc, host)
+        if not target.is_relay:
+            return target, port
+        args = target.relay_args
+        assert relay.parse_address(args.listen)[1] == port, f"{self.where}: {target.name} listens on {args.listen}"
+        if args.to:
+            return self.follow(target, *relay.parse_address(args.to), http_host, hops + 1)
+        routes = dict(relay.parse_route(route) for route in args.route)
+        destination = routes.get(relay.host_key(http_host))
+        assert destination, f"{self.where}: {target.name} has no route for {http_host} ({svc.name} sent it)"
+        return self.follow(target, *destination, http_host, hops + 1)
+
+    def follow_url(self, svc: Service, url: str) -> tuple[Service, int]:
+        parts = urlsplit(url)
+        return self.follow(svc, parts.hostname or "", parts.port or 80)
+
+
+def url_user(url: str) -> str:
+    return urlsplit(url).username or ""
+
+
+def pgpass_lines(text: str) -> dict[str, str]:
+    """user -> password of a libpq passfile (`host:port:db:user:password`, `\\:` escapes a colon)."""
+    logins: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            fields = [f.replace("\\:", ":") for f in re.split(r"(?<!\\):", line)]
+            assert len(fields) == 5, f"not a passfile line: {line!r}"
+            logins[fields[3]] = fields[4]
+    return logins
 
 
 # ---- checks shared by every file ----------------------------------------------------------------------------------
@@ -233,28 +375,24 @@ def check_env_names(services: dict[str, Service], where: str) -> None:
     for svc in services.values():
         for key in svc.env:
             if key.startswith(("PEER_", "DEJIMA_")):
-                assert key in known, f"{where}: {svc.name} sets {key}, which no setting reads (docs/settings.md)"
+                assert key in known or key in PENDING, (
+                    f"{where}: {svc.name} sets {key}, which no setting reads (docs/settings.md)"
+                )
             else:
                 assert key in THIRD_PARTY, f"{where}: {svc.name} sets {key}: neither a setting nor a known variable"
                 assert not key.startswith("POSTGRES_") or svc.is_postgres, f"{where}: {svc.name} sets {key}"
-            for secret in ("DEJIMA_SECRET_KEY", "DEJIMA_CLIENT_PASSWORD", "DEJIMA_PRIVATE_KEY"):
+            for secret in ("DEJIMA_SECRET_KEY", "DEJIMA_CLIENT_PASSWORD", "DEJIMA_PRIVATE_KEY", "DEJIMA_PEER_TOKEN"):
                 assert key != secret, f"{where}: {svc.name} sets {secret} in plain text: use {secret}_FILE"
-        if svc.is_dejima:
-            assert "PEER_TYPE" in svc.env or svc.command, f"{where}: {svc.name} has no PEER_TYPE"
-
-
-def neighbours(services: dict[str, Service], svc: Service, host: str, where: str) -> Service:
-    """The service that `host` names, as `svc` resolves it: a service sharing one of its networks."""
-    found = [other for other in services.values() if host in other.aliases and other.networks & svc.networks]
-    assert found, (
-        f"{where}: {svc.name} cannot reach {host!r}: no service of that name shares one of {sorted(svc.networks)}"
-    )
-    return found[0]
+            assert "PGPASSWORD" not in key, f"{where}: {svc.name} sets {key}: passwords come from files"
+        if svc.is_dejima and not svc.command:
+            assert "PEER_TYPE" in svc.env, f"{where}: {svc.name} has no PEER_TYPE"
 
 
 def check_services(services: dict[str, Service], where: str) -> dict[str, PeerConfig]:
-    """Every peer and client starts with a valid configuration; the URLs in it reach the right services."""
+    """Every peer and client starts with a valid configuration; the networks, logins and secrets are as the module's
+    docstring says."""
     check_env_names(services, where)
+    net = Network(services, where)
     configs: dict[str, PeerConfig] = {}
     for svc in services.values():
         if svc.is_postgres:
@@ -262,40 +400,152 @@ def check_services(services: dict[str, Service], where: str) -> dict[str, PeerCo
             settings = [c for c in svc.command if c.startswith("max_prepared_transactions=")]
             assert settings, f"{where}: {svc.name} runs without max_prepared_transactions"
             assert int(settings[0].split("=")[1]) >= 20, f"{where}: {svc.name}: fewer prepared transactions than a pool"
-            assert svc.host_path(svc.env["POSTGRES_PASSWORD_FILE"]).is_file(), f"{where}: {svc.name}: no password"
-            assert "peers" not in svc.networks, f"{where}: {svc.name}: a database is private to its organization"
-        if not svc.is_dejima or not svc.env.get("PEER_TYPE"):
-            continue
-        config = load_config(svc.local_env())  # raises ConfigError naming a missing or bad setting
-        configs[svc.name] = config
-        if config.mode == "peer":
-            assert "peers" in svc.networks, f"{where}: {svc.name} is not on the network of the peers"
-            host = urlsplit(config.url).hostname or ""
-            assert host in svc.aliases, f"{where}: {svc.name} advertises {config.url}, not its own name"
-            # peers' messages go to its lean listener (DEJIMA_MESSAGE_BIND of the image), the fast path
-            assert urlsplit(config.url).port == deploygen.MESSAGE_PORT, f"{where}: {svc.name} advertises {config.url}"
-            db = neighbours(services, svc, urlsplit(config.database_url).hostname or "", where)
-            assert db.is_postgres, f"{where}: {svc.name}'s DEJIMA_DATABASE_URL names {db.name}, not a database"
-            assert "PGPASSFILE" in svc.env, f"{where}: {svc.name} has no database password (PGPASSFILE)"
-            password = svc.host_path(svc.env["PGPASSFILE"]).read_text().strip().rsplit(":", 1)[1]
-            assert password == db.host_path(db.env["POSTGRES_PASSWORD_FILE"]).read_text().strip()
-            assert config.private_key, f"{where}: {svc.name} has no DEJIMA_PRIVATE_KEY_FILE"
-            assert config.seeds, f"{where}: {svc.name} has no seeds"
-            for url in config.seeds["*"]:
-                seed = neighbours(services, svc, urlsplit(url).hostname or "", where)
-                assert seed.is_dejima, f"{where}: {svc.name} seeds {url}, not a peer"
-                assert urlsplit(url).port in (deploygen.PORT, deploygen.MESSAGE_PORT), f"{where}: {svc.name}: {url}"
-        else:
-            assert config.client_password, f"{where}: {svc.name} has no password for its user"
-            peer = neighbours(services, svc, urlsplit(config.peer_url_for_client).hostname or "", where)
-            assert peer.env.get("PEER_MODE", "peer") == "peer", f"{where}: {svc.name}'s DEJIMA_PEER_URL is no peer"
-            assert str(config.client_db).startswith("/var/lib/dejima/"), f"{where}: {svc.name} keeps users elsewhere"
-    peers = {c.name for c in configs.values() if c.mode == "peer"}
-    for name, config in configs.items():
-        if config.mode == "peer":
-            missing = peers - set(config.trusted_keys) - {config.name}
-            assert not missing, f"{where}: {name} does not trust {sorted(missing)}"
+            assert svc.read("POSTGRES_PASSWORD_FILE"), f"{where}: {svc.name}: no password"
+        if svc.is_peer or svc.is_client:
+            configs[svc.name] = load_config(svc.local_env())  # raises ConfigError naming a missing or bad setting
+    peers = [s for s in services.values() if s.is_peer]
+    clients = [s for s in services.values() if s.is_client]
+    assert peers, f"{where}: no peer"
+    check_isolation(services, net, where)
+    for peer in peers:
+        check_peer(services, net, peer, configs[peer.name], where)
+    for client in clients:
+        config = configs[client.name]
+        assert config.client_password, f"{where}: {client.name} has no password for its user"
+        assert str(config.client_db).startswith("/var/lib/dejima/"), f"{where}: {client.name} keeps users elsewhere"
+        peer = net.resolve(client, urlsplit(config.peer_url_for_client).hostname or "")
+        assert peer.is_peer and peer.org == client.org, f"{where}: {client.name}'s DEJIMA_PEER_URL names {peer.name}"
+        check_client_secrets(services, peer, client, where)
+    names = {configs[p.name].name for p in peers}
+    for peer in peers:
+        config = configs[peer.name]
+        missing = names - set(config.trusted_keys) - {config.name}
+        assert not missing, f"{where}: {peer.name} does not trust {sorted(missing)}"
     return configs
+
+
+def check_isolation(services: dict[str, Service], net: Network, where: str) -> None:
+    """Only relays on `peers`; whatever a partner connects to there ends at a peer's message listener; each gateway
+    relays to its own peer's, each egress to the other peers' gateways."""
+    for svc in services.values():
+        if svc.is_relay:
+            assert "peers" in svc.networks, f"{where}: {svc.name}: a relay of no use, not on `peers`"
+            assert not svc.env, f"{where}: {svc.name}: a relay needs no settings"
+            assert not svc.mounts, f"{where}: {svc.name}: a relay needs no secrets"
+            assert not svc.ports, f"{where}: {svc.name}: a relay publishes nothing"
+        else:
+            assert "peers" not in svc.networks, f"{where}: {svc.name} is on `peers`: only relays are"
+            if svc.name != "secrets":  # the one-host init container runs once, on no network
+                assert len(svc.networks) == 1, f"{where}: {svc.name} is on {sorted(svc.networks)}: one private network"
+    peers = {svc.org: svc for svc in services.values() if svc.is_peer}
+    relays = [svc for svc in services.values() if svc.is_relay]
+    assert {r.name for r in relays} == {f"{o}-{kind}" for o in peers for kind in ("gateway", "egress")}, (
+        f"{where}: every peer has a gateway and an egress, and there are no other relays"
+    )
+    for svc in relays:  # a partner on `peers` connects to any of them
+        peer = peers[svc.org]
+        assert svc.networks == {"peers", *peer.networks}, f"{where}: {svc.name} is not on {peer.name}'s network"
+        args = svc.relay_args
+        listen = relay.parse_address(args.listen)
+        if svc.name.endswith("-gateway"):
+            assert args.to == f"{peer.name}:{deploygen.MESSAGE_PORT}", f"{where}: {svc.name} relays to {args.to}"
+            end, port = net.follow(svc, *relay.parse_address(args.to))
+            assert (end.name, port) == (peer.name, deploygen.MESSAGE_PORT), f"{where}: {svc.name} reaches {end.name}"
+            assert deploygen.gateway_on_peers(svc.org) in svc.names["peers"], f"{where}: {svc.name}: no name on peers"
+        else:
+            others = [o for o in peers if o != svc.org]
+            wanted = {
+                relay.host_key(f"{deploygen.gateway(o)}:{deploygen.RELAY_PORT}"): o for o in others
+            }  # every other peer's URL, and nothing else
+            routes = dict(relay.parse_route(route) for route in args.route)
+            assert set(routes) == set(wanted), f"{where}: {svc.name} routes {sorted(routes)}"
+            for host, other in wanted.items():
+                gateway = net.resolve(svc, routes[host][0])
+                assert gateway.name == deploygen.gateway(other), f"{where}: {svc.name}: {host} -> {gateway.name}"
+                end, port = net.follow(svc, *routes[host], http_host=host)
+                assert (end.name, port) == (peers[other].name, deploygen.MESSAGE_PORT)
+            private = next(iter(peer.networks))
+            assert {deploygen.gateway(o) for o in others} <= svc.names[private], (
+                f"{where}: {svc.name} does not answer the other gateways' names on {private}"
+            )
+        assert listen[1] == deploygen.RELAY_PORT, f"{where}: {svc.name} listens on {args.listen}"
+    # A partner on `peers` reaches the relays' listeners (nothing else is there), and through each of them, whatever
+    # the Host it sends, only a peer's message listener.
+    for svc in relays:
+        args = svc.relay_args
+        destinations = [relay.parse_address(args.to)] if args.to else [relay.parse_route(r)[1] for r in args.route]
+        for host, port in destinations:
+            end, end_port = net.follow(svc, host, port)
+            assert end.is_peer and end_port == deploygen.MESSAGE_PORT, (
+                f"{where}: from `peers`, {svc.name} leads to {end.name}:{end_port}, not a peer's message listener"
+            )
+
+
+def check_peer(services: dict[str, Service], net: Network, peer: Service, config: PeerConfig, where: str) -> None:
+    """A peer: its URL and seeds reach message listeners; its logins; the superuser's password only where needed."""
+    assert config.url == f"http://{deploygen.gateway(peer.org)}:{deploygen.RELAY_PORT}", (
+        f"{where}: {peer.name} advertises {config.url}, not its gateway"
+    )
+    assert config.message_bind == ("0.0.0.0", deploygen.MESSAGE_PORT), (  # noqa: S104  (inside its container)
+        f"{where}: {peer.name}'s message listener is {config.message_bind}, not the port its gateway relays to"
+    )
+    for other in (s for s in services.values() if s.is_peer and s != peer):  # as every other peer reaches it
+        end, port = net.follow_url(other, config.url)
+        assert (end.name, port) == (peer.name, deploygen.MESSAGE_PORT), (
+            f"{where}: {other.name} reaches {peer.name}'s URL {config.url} at {end.name}:{port}"
+        )
+    assert config.seeds, f"{where}: {peer.name} has no seeds"
+    for url in config.seeds["*"]:
+        assert urlsplit(url).hostname != deploygen.gateway(peer.org), f"{where}: {peer.name} seeds itself"
+        end, port = net.follow_url(peer, url)
+        assert end.is_peer and port == deploygen.MESSAGE_PORT, f"{where}: {peer.name} seeds {url}: {end.name}:{port}"
+    assert config.private_key, f"{where}: {peer.name} has no DEJIMA_PRIVATE_KEY_FILE"
+    # its database, and who logs in there as whom
+    urls = {s: peer.env.get(s, "") for s in PEER_DB_URLS}
+    db = net.resolve(peer, urlsplit(config.database_url).hostname or "")
+    assert db.is_postgres and db.org == peer.org, f"{where}: {peer.name}'s database is {db.name}"
+    superuser = db.env["POSTGRES_USER"]
+    for setting, url in urls.items():
+        assert url, f"{where}: {peer.name} has no {setting}"
+        assert net.resolve(peer, urlsplit(url).hostname or "") is db, (
+            f"{where}: {peer.name}: {setting} is not {db.name}"
+        )
+        assert urlsplit(url).password is None, f"{where}: {peer.name}: {setting} carries a password"
+    assert url_user(urls["DEJIMA_DATABASE_URL"]) == deploygen.DB_PEER_ROLE
+    assert url_user(urls["DEJIMA_CLIENT_DATABASE_URL"]) == deploygen.DB_CLIENT_ROLE
+    assert url_user(urls["DEJIMA_ADMIN_DATABASE_URL"]) == superuser, f"{where}: {peer.name}: install as {superuser}"
+    assert superuser not in (deploygen.DB_PEER_ROLE, deploygen.DB_CLIENT_ROLE)
+    passwords = {
+        deploygen.DB_PEER_ROLE: peer.read("DEJIMA_DB_PEER_PASSWORD_FILE"),
+        deploygen.DB_CLIENT_ROLE: peer.read("DEJIMA_DB_CLIENT_PASSWORD_FILE"),
+    }
+    assert pgpass_lines(peer.read("PGPASSFILE")) == passwords, f"{where}: {peer.name}'s pgpass is not its two logins'"
+    admin = peer.read("DEJIMA_ADMIN_PASSWORD_FILE")
+    assert admin == db.read("POSTGRES_PASSWORD_FILE"), f"{where}: {peer.name} has not its database's superuser password"
+    assert len({admin, *passwords.values()}) == 3, f"{where}: {peer.name}: three logins, three passwords"
+    for svc in services.values():
+        if svc.name == "secrets":  # the one-host init container writes them all (check_one_host)
+            continue
+        if any(admin in text for text in svc.readable().values()):
+            assert svc in (peer, db), f"{where}: {svc.name} can read {db.name}'s superuser password"
+    tokens = peer.read("DEJIMA_API_TOKENS_FILE")
+    assert re.fullmatch(r"(#.*\n)*client-app read,write [0-9a-f]{64}", tokens), f"{where}: {peer.name}: {tokens!r}"
+
+
+def check_client_secrets(services: dict[str, Service], peer: Service, client: Service, where: str) -> None:
+    """A client reads no database password, and sends its peer a token the peer knows."""
+    for setting in DB_PASSWORD_SETTINGS:
+        assert setting not in client.env, f"{where}: {client.name} gets {setting}"
+    for setting in PEER_DB_URLS:
+        assert urlsplit(client.env.get(setting, "")).password is None, f"{where}: {client.name}: {setting}"
+    db_passwords = {peer.read(s) for s in DB_PASSWORD_SETTINGS if s != "PGPASSFILE"}
+    for path, text in client.readable().items():
+        leaked = [p for p in db_passwords if p in text]
+        assert not leaked, f"{where}: {client.name} can read a database password in {path}"
+    token = client.read("DEJIMA_PEER_TOKEN_FILE")
+    assert re.fullmatch(r"dj_[A-Za-z0-9_-]{43}", token), f"{where}: {client.name}'s token is not a token"
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    assert f"client-app read,write {digest}" in peer.read("DEJIMA_API_TOKENS_FILE").splitlines()
 
 
 # ---- the image --------------------------------------------------------------------------------------------------
@@ -356,12 +606,102 @@ def test_the_entrypoint_waits_for_every_secret_file_and_the_healthcheck_asks_the
     entrypoint.wait_for_files([present], deadline=0.0)  # returns at once
     with pytest.raises(SystemExit, match="still missing"):
         entrypoint.wait_for_files([tmp_path / "absent"], deadline=0.0)
-    command = entrypoint.install_command({"DEJIMA_DATABASE_URL": "postgresql://dejima@db/dejima"})
-    assert command[1:] == [str(ROOT / "manage.py"), "dejima_install", "--database", "postgresql://dejima@db/dejima"]
     assert entrypoint.gunicorn_command()[1:] == ["-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"]
     healthcheck = load_module(ROOT / "docker" / "healthcheck.py")
     assert healthcheck.health_url("0.0.0.0:8000") == "http://127.0.0.1:8000/health"
     assert healthcheck.health_url("[::]:9000") == "http://127.0.0.1:9000/health"
+
+
+def install_settings(tmp_path: Path) -> dict[str, str]:
+    """A peer's settings as the deployment files give them, with its password files."""
+    files = {"admin": "the-superusers-password", "peer": "peer-pw", "client": "client-pw"}
+    for name, password in files.items():
+        (tmp_path / name).write_text(password + "\n")
+    return {
+        "PEER_TYPE": "bank",
+        "PATH": "/opt/venv/bin:/usr/bin",
+        "PGPASSFILE": "/s/pgpass",
+        "DEJIMA_DATABASE_URL": "postgresql://dejima_peer@bank-db:5432/dejima",
+        "DEJIMA_CLIENT_DATABASE_URL": "postgresql://dejima_client@bank-db:5432/dejima",
+        "DEJIMA_ADMIN_DATABASE_URL": "postgresql://dejima@bank-db:5432/dejima",
+        "DEJIMA_ADMIN_PASSWORD_FILE": str(tmp_path / "admin"),
+        "DEJIMA_DB_PEER_PASSWORD_FILE": str(tmp_path / "peer"),
+        "DEJIMA_DB_CLIENT_PASSWORD_FILE": str(tmp_path / "client"),
+        "PGPASSWORD": "the container's own (not a deployment file's): gunicorn keeps it, install does not",
+    }
+
+
+def test_the_install_step_runs_as_the_superuser_and_gunicorn_never_sees_its_settings(tmp_path: Path) -> None:
+    entrypoint = load_module(ROOT / "docker" / "entrypoint.py")
+    env = install_settings(tmp_path)
+    assert entrypoint.install_command(env)[1:] == [
+        str(ROOT / "manage.py"),
+        "dejima_install",
+        "--database",
+        "postgresql://dejima@bank-db:5432/dejima",
+        "--type",
+        "bank",
+        "--owner-role",
+        "dejima_owner",
+        "--peer-role",
+        "dejima_peer",
+        "--client-role",
+        "dejima_client",
+        "--peer-password-file",
+        str(tmp_path / "peer"),
+        "--client-password-file",
+        str(tmp_path / "client"),
+    ]
+    assert "the-superusers-password" not in " ".join(entrypoint.install_command(env))  # never on a command line
+    child = entrypoint.install_env(env)
+    assert child["PGPASSWORD"] == "the-superusers-password"
+    assert child["PGPASSFILE"] == "/s/pgpass"
+    assert child["PATH"] == env["PATH"]
+    served = entrypoint.service_env(env)
+    for setting in entrypoint.ADMIN_SETTINGS:
+        assert setting not in served, f"gunicorn would get {setting}"
+        assert setting not in child
+    assert served["PGPASSWORD"] == env["PGPASSWORD"]  # the superuser's password is the install step's alone
+    assert served["DEJIMA_DATABASE_URL"] == env["DEJIMA_DATABASE_URL"]
+    assert set(entrypoint.ADMIN_SETTINGS) == {
+        "DEJIMA_ADMIN_DATABASE_URL",
+        "DEJIMA_ADMIN_PASSWORD_FILE",
+        "DEJIMA_DB_PEER_PASSWORD_FILE",
+        "DEJIMA_DB_CLIENT_PASSWORD_FILE",
+    }
+    # the owner role follows the peer's own setting; the role names follow the URLs
+    other = {**env, "DEJIMA_DB_OWNER_ROLE": "bank_owner", "DEJIMA_DATABASE_URL": "postgresql://p2@bank-db/dejima"}
+    command = entrypoint.install_command(other)
+    assert command[command.index("--owner-role") + 1] == "bank_owner"
+    assert command[command.index("--peer-role") + 1] == "p2"
+    without_files = {k: v for k, v in env.items() if not k.startswith("DEJIMA_DB_")}
+    assert "--peer-password-file" not in entrypoint.install_command(without_files)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"DEJIMA_ADMIN_DATABASE_URL": ""}, "DEJIMA_ADMIN_DATABASE_URL is required"),
+        ({"DEJIMA_CLIENT_DATABASE_URL": " "}, "DEJIMA_CLIENT_DATABASE_URL is required"),
+        ({"DEJIMA_ADMIN_DATABASE_URL": "postgresql://dejima:pw@db/dejima"}, "no password in the URL"),
+        ({"DEJIMA_DATABASE_URL": "postgresql://db/dejima"}, "DEJIMA_DATABASE_URL: give postgresql://USER@"),
+        ({"PEER_TYPE": ""}, "PEER_TYPE is required"),
+    ],
+)
+def test_the_install_step_refuses_missing_or_unsafe_settings(
+    tmp_path: Path, change: dict[str, str], message: str
+) -> None:
+    entrypoint = load_module(ROOT / "docker" / "entrypoint.py")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        entrypoint.install_command({**install_settings(tmp_path), **change})
+
+
+def test_the_install_step_refuses_an_empty_password_file(tmp_path: Path) -> None:
+    entrypoint = load_module(ROOT / "docker" / "entrypoint.py")
+    env = install_settings(tmp_path)
+    (tmp_path / "admin").write_text("\n")
+    with pytest.raises(SystemExit, match=r"DEJIMA_ADMIN_PASSWORD_FILE: .* is empty"):
+        entrypoint.install_env(env)
 
 
 def test_the_image_sets_only_settings_or_variables_python_reads() -> None:
@@ -375,16 +715,51 @@ def test_the_image_sets_only_settings_or_variables_python_reads() -> None:
 
 
 # ---- one host: compose and crane --------------------------------------------------------------------------------
+def compose_init_mounts(config: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(v["source"], v["target"]) for v in config["services"]["secrets"].get("volumes", [])]
+
+
+def crane_init_mounts(config: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(v.split(":")[0], v.split(":")[1]) for v in config["services"]["secrets"].get("volume", [])]
+
+
+def check_one_host(services: dict[str, Service], where: str) -> None:
+    """The three organizations of the example: five services each; the secrets' store is the init container's."""
+    store = services["secrets"].host_path("/var/lib/dejima-secrets")
+    for svc in services.values():
+        assert svc.name == "secrets" or store not in svc.mounts.values(), f"{where}: {svc.name} mounts every secret"
+    for org in ("gov", "bank", "insurance"):
+        private = {org}
+        for kind in ("db", "peer", "client"):
+            assert services[f"{org}-{kind}"].networks == private, f"{where}: {org}-{kind}"
+        for kind in ("gateway", "egress"):
+            assert services[f"{org}-{kind}"].networks == {"peers", org}, f"{where}: {org}-{kind}"
+    assert sorted(s.name for s in services.values() if "peers" in s.networks) == sorted(
+        f"{org}-{kind}" for org in ("gov", "bank", "insurance") for kind in ("gateway", "egress")
+    )
+
+
 def test_the_compose_file_is_valid_and_starts_three_working_peers_and_clients(tmp_path: Path) -> None:
     config = stack_config(COMPOSE)
-    services = compose_services(config, {"dejima-secrets": tmp_path})
-    names = run_secrets_service(services, tmp_path)
-    assert names == ["government", "bank", "insurance"]
+    services = compose_services(config, init_volume_dirs(compose_init_mounts(config), tmp_path))
+    assert run_secrets_service(services, tmp_path) == ["government", "bank", "insurance"]
     configs = check_services(services, "docker/compose.yml")
     assert sorted(c.name for c in configs.values() if c.mode == "peer") == ["bank", "government", "insurance"]
     assert sum(c.mode == "client" for c in configs.values()) == 3
-    ports = [p for s in services.values() for p in s.ports]
-    assert sorted(ports) == [8001, 8002, 8003, 8101, 8102, 8103]
+    check_one_host(services, "docker/compose.yml")
+    # ports, as written (`docker stack config` drops the host address): the peers' REST API on loopback only, for
+    # the operator; the clients as before; nothing else
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]
+    published = {name: svc.get("ports", []) for name, svc in raw.items() if svc.get("ports")}
+    assert published == {
+        "gov-peer": ["127.0.0.1:8001:8000"],
+        "bank-peer": ["127.0.0.1:8002:8000"],
+        "insurance-peer": ["127.0.0.1:8003:8000"],
+        "gov-client": ["127.0.0.1:8101:8000"],
+        "bank-client": ["127.0.0.1:8102:8000"],
+        "insurance-client": ["127.0.0.1:8103:8000"],
+    }
+    assert raw["secrets"]["user"] == "0:0"  # it hands each container's copies to the user that reads them
 
 
 def test_crane_runs_each_peer_and_client_by_name_as_the_seed_did(tmp_path: Path) -> None:
@@ -404,16 +779,19 @@ def test_crane_runs_each_peer_and_client_by_name_as_the_seed_did(tmp_path: Path)
         for env_file in svc.get("env-file", []):
             assert (ROOT / env_file).is_file(), f"crane.yml: {name}: no {env_file}"
         assert "$" not in yaml.safe_dump(svc), f"crane.yml: {name}: crane expands $ (write $$)"
+        for publish in svc.get("publish", []):
+            assert publish.startswith("127.0.0.1:"), f"crane.yml: {name} publishes {publish} beyond loopback"
     for group, members in config.get("groups", {}).items():
         assert set(members) <= set(config["services"]), f"crane.yml: group {group} names unknown services"
-    services = crane_services(config, {"secrets": tmp_path})
+    for org in ("gov", "bank", "insurance"):  # `crane run <org>-peer` brings up what it needs to talk to others
+        assert {f"{org}-gateway", f"{org}-egress"} <= set(config["services"][f"{org}-peer"]["requires"])
+    services = crane_services(config, init_volume_dirs(crane_init_mounts(config), tmp_path))
     assert run_secrets_service(services, tmp_path) == ["government", "bank", "insurance"]
     configs = check_services(services, "crane.yml")
     assert set(configs) == set(wanted)
-    for org in ("bank", "gov", "insurance"):  # one private network per organization, its database only there
-        assert services[f"{org}-db"].networks == {org}
-        assert services[f"{org}-peer"].networks == {"peers", org}
-        assert services[f"{org}-client"].networks == {org}
+    check_one_host(services, "crane.yml")
+    assert sorted(p for s in services.values() for p in s.ports) == [8001, 8002, 8003, 8101, 8102, 8103]
+    assert config["services"]["secrets"]["user"] == "0:0"
 
 
 def test_crane_and_compose_share_the_env_files_and_every_env_file_is_used() -> None:
@@ -425,6 +803,9 @@ def test_crane_and_compose_share_the_env_files_and_every_env_file_is_used() -> N
         env = read_env_file(env_file)
         assert env["PEER_TYPE"] in deploygen.EXAMPLE_TYPES
         assert env["DEJIMA_PEER_NAME"] == env_file.stem
+        assert not any(k.endswith("_FILE") or k == "PGPASSFILE" for k in env), (
+            f"{relative}: file settings differ between the peer and its client: they are in the anchors"
+        )
 
 
 # ---- many hosts: the swarm stack and its generator ----------------------------------------------------------------
@@ -432,9 +813,16 @@ def generated_stack(tmp_path: Path, per_type: int, text: str | None = None) -> t
     """A stack (the generator's, or `text`) beside real secrets for its peers, as `docker stack config` reads it."""
     peers = deploygen.peers_per_type(per_type)
     rendered = deploygen.render(peers)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "stack.yml").write_text(text if text is not None else rendered)
     deploygen.write_secrets(tmp_path / "secrets", [p.name for p in peers])
     return compose_services(stack_config(tmp_path / "stack.yml"), {}), rendered
+
+
+def check_stack(services: dict[str, Service], where: str) -> None:
+    for svc in services.values():
+        if not svc.is_client:
+            assert not svc.ports, f"{where}: {svc.name} publishes {svc.ports}: only clients are published"
 
 
 def test_the_committed_stack_is_the_generators_output_and_starts_working_peers(tmp_path: Path) -> None:
@@ -442,6 +830,11 @@ def test_the_committed_stack_is_the_generators_output_and_starts_working_peers(t
     assert STACK.read_text() == rendered, "deploy/stack.yml is stale: python -m peer.deploygen stack --per-type 1 …"
     configs = check_services(services, "deploy/stack.yml")
     assert sorted(c.name for c in configs.values() if c.mode == "peer") == ["bank-1", "government-1", "insurance-1"]
+    check_stack(services, "deploy/stack.yml")
+    on_peers = sorted(s.name for s in services.values() if "peers" in s.networks)
+    assert on_peers == sorted(
+        f"{p}-{k}" for p in ("bank-1", "government-1", "insurance-1") for k in ("egress", "gateway")
+    )
 
 
 def test_the_generated_stack_for_twenty_peers_per_type_is_valid(tmp_path: Path) -> None:
@@ -450,8 +843,27 @@ def test_the_generated_stack_for_twenty_peers_per_type_is_valid(tmp_path: Path) 
     assert sum(c.mode == "peer" for c in configs.values()) == 60
     assert sum(c.mode == "client" for c in configs.values()) == 60
     assert sum(s.is_postgres for s in services.values()) == 60
+    assert sum(s.is_relay for s in services.values()) == 120
     ports = [p for s in services.values() for p in s.ports]
     assert len(ports) == len(set(ports)) == 60
+    check_stack(services, "stack for 20 peers per type")
+
+
+def test_the_checks_catch_a_peer_on_the_peers_network_and_a_client_with_a_database_password(tmp_path: Path) -> None:
+    """The checks above can fail: the same stack with one peer on `peers`, or a client given the pgpass."""
+    services, _ = generated_stack(tmp_path, 1)
+    services["bank-1-peer"].names["peers"] = {"bank-1-peer"}
+    with pytest.raises(AssertionError, match="bank-1-peer is on `peers`"):
+        check_services(services, "mutated")
+    services, _ = generated_stack(tmp_path / "2", 1)
+    client, peer = services["bank-1-client"], services["bank-1-peer"]
+    client.mounts["/run/secrets/pgpass"] = peer.mounts["/run/secrets/pgpass"]
+    with pytest.raises(AssertionError, match="bank-1-client can read a database password"):
+        check_services(services, "mutated")
+    services, _ = generated_stack(tmp_path / "3", 1)
+    services["bank-1-gateway"].command[-1] = "bank-1-peer:8000"  # the REST API
+    with pytest.raises(AssertionError, match="bank-1-gateway relays to bank-1-peer:8000"):
+        check_services(services, "mutated")
 
 
 def test_the_stack_pins_each_peer_to_its_nodes_restarts_it_and_runs_one_replica() -> None:
@@ -463,6 +875,8 @@ def test_the_stack_pins_each_peer_to_its_nodes_restarts_it_and_runs_one_replica(
         if name.endswith("-peer"):
             assert svc["deploy"]["replicas"] == 1
             assert svc["deploy"]["update_config"]["order"] == "stop-first"
+        if name.endswith(("-gateway", "-egress")):
+            assert svc["healthcheck"]["test"] == ["CMD", *RELAY, "--check", f"127.0.0.1:{deploygen.RELAY_PORT}"]
     assert all(n["driver"] == "overlay" for n in stack["networks"].values())
     assert all(s["name"].startswith("dejima-v1-") for s in stack["secrets"].values())
     assert all(
@@ -471,17 +885,31 @@ def test_the_stack_pins_each_peer_to_its_nodes_restarts_it_and_runs_one_replica(
     )
 
 
+# ---- secrets --------------------------------------------------------------------------------------------------------
 def test_secrets_are_written_once_private_and_rotated_on_request(tmp_path: Path) -> None:
     first = deploygen.write_secrets(tmp_path, ["bank-1", "government-1"])
-    assert len(first) == 11  # five files per peer and trusted_keys
+    assert len(first) == 19  # nine files per peer and trusted_keys
+    assert {p.name for p in first} == {*deploygen.PEER_SECRETS, deploygen.TRUSTED_KEYS}
     for path in first:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o644 if path.name == "trusted_keys" else 0o600), f"{path} has mode {mode:o}"
     before = {p: p.read_text() for p in first}
     assert deploygen.write_secrets(tmp_path, ["bank-1", "government-1"]) == []
     assert {p: p.read_text() for p in first} == before
-    pgpass = (tmp_path / "bank-1" / "pgpass").read_text().strip()
-    assert pgpass == f"*:*:*:dejima:{(tmp_path / 'bank-1' / 'db_password').read_text().strip()}"
+
+    def read(kind: str) -> str:
+        return (tmp_path / "bank-1" / kind).read_text().strip()
+
+    assert pgpass_lines(read("pgpass")) == {
+        "dejima_peer": read("db_peer_password"),
+        "dejima_client": read("db_client_password"),
+    }
+    assert len({read("db_password"), read("db_peer_password"), read("db_client_password")}) == 3
+    assert read("db_password") not in read("pgpass")  # the superuser is for the install step only
+    assert re.fullmatch(r"dj_[A-Za-z0-9_-]{43}", read("client_token"))
+    digest = hashlib.sha256(read("client_token").encode()).hexdigest()
+    assert read("api_tokens").splitlines()[-1] == f"client-app read,write {digest}"
+    assert read("client_token") not in read("api_tokens")
     rotated = deploygen.write_secrets(tmp_path, [], rotate=["bank-1"])
     assert set(rotated) == {tmp_path / "bank-1" / "private_key", tmp_path / "trusted_keys"}
     assert (tmp_path / "bank-1" / "private_key").read_text() != before[tmp_path / "bank-1" / "private_key"]
@@ -489,6 +917,46 @@ def test_secrets_are_written_once_private_and_rotated_on_request(tmp_path: Path)
     trusted = (tmp_path / "trusted_keys").read_text()
     assert trusted != before[tmp_path / "trusted_keys"]
     assert [ln.split()[0] for ln in trusted.splitlines() if not ln.startswith("#")] == ["bank-1", "government-1"]
+
+
+def test_an_existing_deployment_gets_its_new_secrets_and_keeps_its_old_ones(tmp_path: Path) -> None:
+    """The secrets of a deployment whose peer logged in as `dejima`: the old files stay, the new ones appear, the
+    pgpass no longer holds the superuser."""
+    deploygen.write_secrets(tmp_path / "scratch", ["bank"])
+    old = tmp_path / "store" / "bank"
+    old.mkdir(parents=True)
+    (old / "private_key").write_text((tmp_path / "scratch" / "bank" / "private_key").read_text())
+    (old / "secret_key").write_text("s" * 60 + "\n")
+    (old / "db_password").write_text("old-superuser-password\n")
+    (old / "pgpass").write_text("*:*:*:dejima:old-superuser-password\n")
+    (old / "client_password").write_text("an old client password\n")
+    kept = {kind: (old / kind).read_text() for kind in ("private_key", "secret_key", "db_password", "client_password")}
+    written = {p.name for p in deploygen.write_secrets(tmp_path / "store", ["bank"])}
+    assert written == {"db_peer_password", "db_client_password", "client_token", "api_tokens", "pgpass", "trusted_keys"}
+    assert {kind: (old / kind).read_text() for kind in kept} == kept  # never overwritten
+    assert set(pgpass_lines((old / "pgpass").read_text())) == {"dejima_peer", "dejima_client"}
+    assert "old-superuser-password" not in (old / "pgpass").read_text()
+    assert (old / "pgpass").stat().st_mode & 0o777 == 0o600
+
+
+def test_each_consumer_gets_its_own_secrets_and_nothing_else(tmp_path: Path) -> None:
+    store, out = tmp_path / "store", tmp_path / "out"
+    deploygen.write_secrets(store, ["bank"], deliver=out)
+    for consumer, kinds in deploygen.CONSUMERS.items():
+        folder = out / "bank" / consumer
+        extra = {deploygen.TRUSTED_KEYS} if consumer == "peer" else set()
+        assert {p.name for p in folder.iterdir()} == {*kinds, *extra}
+        for kind in kinds:
+            assert (folder / kind).read_text() == (store / "bank" / kind).read_text()
+            assert (folder / kind).stat().st_mode & 0o777 == 0o600
+        assert folder.stat().st_mode & 0o777 == 0o700
+    assert "db_password" not in {p.name for p in (out / "bank" / "client").iterdir()}
+    (out / "bank" / "client" / "db_password").write_text("planted\n")  # a stale file is removed at the next run
+    (store / "bank" / "client_password").unlink()  # a replaced password reaches its consumer
+    written = deploygen.write_secrets(store, ["bank"], deliver=out)
+    assert out / "bank" / "client" / "client_password" in written
+    assert not (out / "bank" / "client" / "db_password").exists()
+    assert deploygen.write_secrets(store, ["bank"], deliver=out) == []
 
 
 def test_the_generator_refuses_bad_arguments_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -379,12 +379,15 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
 
 def setting_names() -> frozenset[str]:
     """The name of every setting a peer or client reads at start: each `PEER_*`/`DEJIMA_*` name written in this
-    module, in peer/settings.py and in peer/gunicorn_conf.py (read from their source, so it follows the code).
-    Deployment files are checked against it (tests/test_deploy.py); the development kit's own settings
-    (`DEJIMA_PG`, … in peer/pgserver.py) are not among them."""
+    module, in peer/settings.py, in peer/gunicorn_conf.py and in the image's entrypoint (docker/entrypoint.py, when
+    it is there: its install step's own settings), read from their source, so it follows the code. Deployment files
+    are checked against it (tests/test_deploy.py); the development kit's own settings (`DEJIMA_PG`, … in
+    peer/pgserver.py) are not among them."""
     package = Path(__file__).resolve().parents[1]
+    sources = [Path(__file__), package / "settings.py", package / "gunicorn_conf.py"]
+    entrypoint = package.parent / "docker" / "entrypoint.py"
     names: set[str] = set()
-    for source in (Path(__file__), package / "settings.py", package / "gunicorn_conf.py"):
+    for source in [*sources, *([entrypoint] if entrypoint.is_file() else [])]:
         for node in ast.walk(ast.parse(source.read_text(), str(source))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and SETTING_NAME_RE.match(node.value):
                 names.add(node.value)

@@ -12,8 +12,9 @@ peer-to-peer traffic goes through proxies.
   `seconds` before forwarding it (every peer-to-peer request carries that header, see peer/dejima/transport.py);
   `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut and hold.
 
-Threads own their sockets: other threads only `shutdown()` a socket (which wakes a blocked `recv`/`accept`),
-the owning thread closes it, so a file descriptor is never closed under a thread still using it.
+The proxy is the deployment's relay (peer/relay.py: its listener, connections, threads and their sockets) with
+these faults added through the relay's hooks: whether the listener is open, how bytes are sent, and how the client's
+bytes are read (request by request here, to delay or cut by sender). It has no connection limit and no idle timeout.
 
 `ProxiedCluster` builds a `LocalNetwork` of the shipped example where each peer advertises the URL of its own
 proxy (`DEJIMA_URL`) and is seeded with the other peers' proxy URLs (`DEJIMA_SEEDS`): other peers learn a peer's
@@ -28,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,62 +40,28 @@ from psycopg import sql
 from peer.cli import check_network
 from peer.network import LocalNetwork, NetworkError, example_specs
 from peer.pgserver import PgServer
+from peer.relay import LOOPBACK, Link, Relay
 
-LOOPBACK = "127.0.0.1"
 SENDER_HEADER = b"x-dejima-peer"
 MAX_HEAD = 64 * 1024
 
 
-class _Link:
-    """One proxied connection: client socket <-> server socket, two pump threads."""
-
-    def __init__(self, client: socket.socket) -> None:
-        self.client = client
-        self.server: socket.socket | None = None
-        self.closed = threading.Event()
-        self.sender = ""
-        self._lock = threading.Lock()
-        self._owners = 2  # the pump threads; the last one out closes the sockets
-
-    def close(self) -> None:
-        """Wake both pumps (shutdown); the sockets are closed by the last pump thread."""
-        self.closed.set()
-        for sock in (self.client, self.server):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def done(self, owners: int = 1) -> bool:
-        """A pump thread is finished with the link; the last one closes the sockets and returns True."""
-        with self._lock:
-            self._owners -= owners
-            last = self._owners <= 0
-        if last:
-            self.closed.set()
-            for sock in (self.client, self.server):
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.close()
-        return last
-
-
-class Proxy:
-    """A threaded TCP proxy from a free loopback port to `target_host:target_port`."""
+class Proxy(Relay):
+    """A threaded TCP proxy from a free loopback port to `target_host:target_port`, with faults."""
 
     def __init__(self, target_port: int, target_host: str = LOOPBACK, name: str = "") -> None:
-        self.target = (target_host, target_port)
-        self.name = name or f"proxy->{target_port}"
-        self.port = 0
-        self._lock = threading.Lock()
-        self._links: set[_Link] = set()
+        super().__init__(
+            (target_host, target_port),
+            (LOOPBACK, 0),
+            max_connections=1_000_000,
+            idle_timeout=None,
+            name=name or f"proxy->{target_port}",
+        )
         self._flowing = threading.Event()
         self._flowing.set()
         self._delays: dict[str, float] = {}
         self._cut_senders: set[str] = set()
         self._refusing = False
-        self._stopped = threading.Event()
-        self._listening = threading.Event()  # the acceptor's listener state, acknowledged to cut()/restore()
-        self._acceptor: threading.Thread | None = None
         self.requests_seen: dict[str, int] = {}  # sender -> HTTP requests forwarded (or cut)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
@@ -103,49 +70,39 @@ class Proxy:
         return f"http://{LOOPBACK}:{self.port}"
 
     def start(self) -> Proxy:
-        listener = self._listen(0)
-        self.port = listener.getsockname()[1]
-        self._acceptor = threading.Thread(
-            target=self._accept_loop, args=(listener,), name=f"{self.name}-accept", daemon=True
-        )
-        self._acceptor.start()
-        self._wait(self._listening, True)
+        super().start()
+        self._wait(True)
         return self
 
-    def stop(self) -> None:
-        self._stopped.set()
-        self._refusing = True
-        self._flowing.set()
-        self._close_links(lambda link: True)
-        if self._acceptor is not None:
-            self._acceptor.join(timeout=5)
+    def stop(self, timeout: float = 5.0) -> None:
+        self._flowing.set()  # held sends give up on their closed links
+        super().stop(timeout)
 
     def __enter__(self) -> Proxy:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- faults ---------------------------------------------------------------------------------------------
     def cut(self) -> None:
         """Close every connection and refuse new ones until `restore()`."""
         with self._lock:
             self._refusing = True
+        self._reconsider()
         self._close_links(lambda link: True)
-        self._wait(self._listening, False)
+        self._wait(False)
 
     def restore(self) -> None:
         """Accept connections again (same port) and forget every cut."""
         with self._lock:
             self._refusing = False
             self._cut_senders.clear()
-        self._wait(self._listening, True)
+        self._reconsider()
+        self._wait(True)
 
     def cut_from(self, sender: str) -> None:
         """Drop every connection carrying requests from `sender` (now or later) until `restore()`."""
         with self._lock:
             self._cut_senders.add(sender)
-        self._close_links(lambda link: link.sender == sender)
+        self._close_links(lambda link: link.label == sender)
 
     def hold(self) -> None:
         """Stop forwarding new data (both directions) until `release()`; nothing is lost."""
@@ -169,166 +126,64 @@ class Proxy:
         self.release()
         self.restore()
 
-    # ---- internals ------------------------------------------------------------------------------------------
-    def _wait(self, event: threading.Event, state: bool, timeout: float = 5.0) -> None:
+    # ---- the relay's hooks ----------------------------------------------------------------------------------
+    def _listener_wanted(self) -> bool:
+        return not self._refusing
+
+    def _wait(self, listening: bool, timeout: float = 5.0) -> None:
+        """Until the acceptor has opened (closed) its listener, as `cut()`/`restore()` asked."""
         deadline = time.monotonic() + timeout
-        while event.is_set() != state:
+        while self.listening != listening:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: listener did not become {'open' if state else 'closed'}")
+                raise RuntimeError(f"{self.name}: listener did not become {'open' if listening else 'closed'}")
             time.sleep(0.005)
 
-    def _listen(self, port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LOOPBACK, port))
-        sock.listen(128)
-        sock.settimeout(0.05)
-        return sock
-
-    def _accept_loop(self, listener: socket.socket | None) -> None:
-        """Owns the listening socket: closes it while refusing, listens again on the same port after."""
-        try:
-            while not self._stopped.is_set():
-                if self._refusing:
-                    if listener is not None:
-                        listener.close()
-                        listener = None
-                    self._listening.clear()
-                    time.sleep(0.01)
-                    continue
-                if listener is None:
-                    try:
-                        listener = self._listen(self.port)
-                    except OSError:
-                        time.sleep(0.05)
-                        continue
-                self._listening.set()
-                try:
-                    client, _ = listener.accept()
-                    client.settimeout(None)
-                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:  # a timeout, or a client gone already: the loop must go on
-                    continue
-                link = _Link(client)
-                with self._lock:
-                    refused = self._refusing
-                    if not refused:
-                        self._links.add(link)
-                if refused:
-                    client.close()
-                    continue
-                threading.Thread(target=self._run_link, args=(link,), name=f"{self.name}-link", daemon=True).start()
-        finally:
-            if listener is not None:
-                listener.close()
-            self._listening.clear()
-
-    def _close_links(self, which: Callable[[_Link], bool]) -> None:
-        with self._lock:
-            links = [link for link in self._links if which(link)]
-        for link in links:
-            link.close()
-
-    def _run_link(self, link: _Link) -> None:
-        try:
-            server = socket.create_connection(self.target, timeout=3)
-            server.settimeout(None)
-            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # target down: the client sees the connection closed
-            link.done(owners=2)
-            self._forget(link)
-            return
-        link.server = server
-        if link.closed.is_set():  # cut while connecting
-            link.close()
-        threading.Thread(target=self._pump_down, args=(link,), name=f"{self.name}-down", daemon=True).start()
-        self._pump_up(link)
-
-    def _forget(self, link: _Link) -> None:
-        with self._lock:
-            self._links.discard(link)
-
-    def _send(self, link: _Link, sock: socket.socket, data: bytes) -> bool:
+    def _send(self, link: Link, sock: socket.socket, data: bytes) -> bool:
         """Forward `data` once the proxy is not held; False when the link closed meanwhile."""
         while not self._flowing.wait(0.05):
             if link.closed.is_set():
                 return False
-        if link.closed.is_set():
-            return False
-        try:
-            sock.sendall(data)
-        except OSError:
-            link.close()
-            return False
-        return True
+        return super()._send(link, sock, data)
 
-    def _pump_down(self, link: _Link) -> None:
-        """server -> client, raw bytes."""
-        assert link.server is not None
-        try:
-            while True:
-                try:
-                    data = link.server.recv(65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    with contextlib.suppress(OSError):
-                        link.client.shutdown(socket.SHUT_WR)
-                    return
-                if not self._send(link, link.client, data):
-                    return
-        finally:
-            self._done(link)
-
-    def _pump_up(self, link: _Link) -> None:
+    def _pump_up(self, link: Link) -> None:
         """client -> server, request by request (HTTP/1.1 with Content-Length), so that requests can be delayed or
         cut by sender; anything else (chunked bodies, not HTTP) is forwarded as raw bytes."""
         assert link.server is not None
         buf = b""
         raw = False
-        try:
-            while True:
-                if not raw:
-                    end = buf.find(b"\r\n\r\n")
-                    if end >= 0:
-                        request, rest, raw = self._take_request(link, buf, end)
-                        if request is not None:
-                            buf = rest
-                            if not self._forward_request(link, request):
-                                return
-                            continue
-                    elif len(buf) > MAX_HEAD:
-                        raw = True
-                if raw and buf:
-                    if not self._send(link, link.server, buf):
-                        return
-                    buf = b""
-                try:
-                    data = link.client.recv(65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    if buf and not self._send(link, link.server, buf):
-                        return
-                    with contextlib.suppress(OSError):
-                        link.server.shutdown(socket.SHUT_WR)
+        while True:
+            if not raw:
+                end = buf.find(b"\r\n\r\n")
+                if end >= 0:
+                    request, rest, raw = self._take_request(link, buf, end)
+                    if request is not None:
+                        buf = rest
+                        if not self._forward_request(link, request):
+                            return
+                        continue
+                elif len(buf) > MAX_HEAD:
+                    raw = True
+            if raw and buf:
+                if not self._send(link, link.server, buf):
                     return
-                buf += data
-        finally:
-            self._done(link)
+                buf = b""
+            data = self._recv(link, link.client)
+            if not data:
+                if buf and not self._send(link, link.server, buf):
+                    return
+                with contextlib.suppress(OSError):
+                    link.server.shutdown(socket.SHUT_WR)
+                return
+            buf += data
 
-    def _done(self, link: _Link) -> None:
-        if link.done():
-            self._forget(link)
-
-    def _take_request(self, link: _Link, buf: bytes, end: int) -> tuple[bytes | None, bytes, bool]:
+    def _take_request(self, link: Link, buf: bytes, end: int) -> tuple[bytes | None, bytes, bool]:
         """Split one complete request off `buf`: (request, or None while incomplete; the rest; raw from now on)."""
         headers: dict[bytes, bytes] = {}
         for line in buf[:end].split(b"\r\n")[1:]:
             name, sep, value = line.partition(b":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
-        link.sender = headers.get(SENDER_HEADER, b"").decode("latin-1")
+        link.label = headers.get(SENDER_HEADER, b"").decode("latin-1")
         try:
             length = int(headers.get(b"content-length", b"0"))
         except ValueError:
@@ -340,8 +195,8 @@ class Proxy:
             return None, buf, False
         return buf[:total], buf[total:], False
 
-    def _forward_request(self, link: _Link, request: bytes) -> bool:
-        sender = link.sender
+    def _forward_request(self, link: Link, request: bytes) -> bool:
+        sender = link.label
         with self._lock:
             self.requests_seen[sender] = self.requests_seen.get(sender, 0) + 1
             cut = sender in self._cut_senders
