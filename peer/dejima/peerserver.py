@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 
 from peer.dejima import jsonvalues
 from peer.dejima.auth import read_envelope, wire
+from peer.dejima.jsonvalues import TOO_DEEP_TO_HANDLE, TooDeep
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +208,18 @@ class PeerServer:
             answer = {"status": "error", "kind": "method_not_allowed", "error": f"{method} not allowed"}
             return 405, answer, {}, close
         try:
-            envelope = read_envelope(body)  # `jsonvalues.loads`, keeping a signed body's text as it came
-        except (ValueError, UnicodeDecodeError) as exc:
+            envelope = read_envelope(body)  # `jsonvalues.loads_request`, keeping a signed body's text as it came
+        except TooDeep as exc:
+            return 400, _error_body(str(exc)), {}, close
+        except ValueError as exc:  # UnicodeDecodeError among them
             return 400, _error_body(f"malformed JSON: {exc}"), {}, close
+        except RecursionError:  # not past the depth check; were it to, the request fails, not the thread
+            return 400, _error_body(TOO_DEEP_TO_HANDLE), {}, close
         try:
             status, encoded, headers = route(envelope, remote)
+        except RecursionError:  # e.g. a query's deeply nested jsonb result: a 400 like a body too deep
+            log.warning("the request to %s from %s nests too deeply to handle", path, remote)
+            return 400, _error_body(TOO_DEEP_TO_HANDLE), {}, close
         except Exception as exc:
             log.exception("the request to %s from %s failed", path, remote)
             answer = {"status": "error", "kind": "internal", "error": f"{type(exc).__name__}: {exc}"}
