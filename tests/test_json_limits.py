@@ -1,12 +1,15 @@
 """Bad JSON gets a clear 400, never a 500 or a dead listener thread.
 
-Unit tier: `jsonvalues.check_depth` against the nesting it measures (hypothesis), and the middleware that turns a
-RecursionError into a 400. The lean listener's answer to a body nested too deeply: tests/test_peerserver.py.
+Unit tier: `jsonvalues.check_depth` against the nesting it measures (hypothesis), the request decoder's other
+refusals (lone surrogates, NaN), and the middleware that turns a RecursionError into a 400. The lean listener's
+answer to a body nested too deeply: tests/test_peerserver.py.
 """
 
 from __future__ import annotations
 
+import decimal
 import json
+import re
 import threading
 from typing import Any
 
@@ -159,6 +162,53 @@ def test_the_check_holds_in_a_thread_at_the_limit() -> None:
     thread.start()
     thread.join()
     assert len(out) == 1 and depth_of(out[0]) == MAX_DEPTH
+
+
+# ---- unit: what else the request decoder refuses ----------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"sql": "\\ud800"}', "lone surrogate \\ud800"),
+        (b'{"sql": "\\uDC00 after"}', "lone surrogate \\uDC00"),
+        (b'["\\ud800\\ud800\\udc00"]', "lone surrogate \\ud800"),  # the first high one has no low one after it
+        (b'["\\ud83d\\\\\\ude00"]', "lone surrogate \\ud83d"),  # an escaped backslash between them
+        (b'{"sql": "\xed\xa0\x80"}', "can't decode"),  # a surrogate's UTF-8 bytes
+        (b'{"sql": NaN}', "NaN is not a JSON value"),
+        (b'{"sql": -Infinity}', "-Infinity is not a JSON value"),
+        (b"[Infinity]", "Infinity is not a JSON value"),
+    ],
+)
+def test_the_request_decoder_refuses_what_is_not_json_text(body: bytes, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)) as err:
+        jsonvalues.loads_request(body)
+    assert not isinstance(err.value, TooDeep)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        read_envelope(body)
+
+
+@pytest.mark.unit
+def test_the_request_decoder_takes_what_is_json_text() -> None:
+    assert jsonvalues.loads_request(b'["\\ud83d\\ude00", "\\\\ud800", "\\u00e9"]') == ["\U0001f600", "\\ud800", "é"]
+    assert jsonvalues.loads_request(b'{"n": 1e999999, "n": 2.50}') == {"n": decimal.Decimal("2.50")}  # the last
+    assert jsonvalues.loads_request('{"sql": "SELECT 1"}'.encode("utf-16")) == {"sql": "SELECT 1"}
+
+
+@pytest.mark.unit
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec=None, min_codepoint=0xD7F0, max_codepoint=0xE010) | st.just("a")))
+def test_a_string_is_refused_exactly_when_it_is_no_unicode_text(text: str) -> None:
+    data = json.dumps([text]).encode()  # surrogates as \\u escapes; two in a row may pair up
+    decoded = json.loads(data)[0]
+    try:
+        decoded.encode("utf-8")
+    except UnicodeEncodeError:
+        with pytest.raises(ValueError, match="lone surrogate"):
+            jsonvalues.loads_request(data)
+    else:
+        assert jsonvalues.loads_request(data) == [decoded]
 
 
 # ---- unit: the middleware ------------------------------------------------------------------------------------

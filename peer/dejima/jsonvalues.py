@@ -13,8 +13,10 @@ Importing this module makes psycopg load json and jsonb values with `loads` and 
 same values as the messages. `peer.dejima.delta` imports it, so does everything that reads or writes them.
 
 A request body from outside (a client's exec or query, a peer message, a peer's answer) is read with
-`loads_request` (`peer.dejima.auth.read_envelope` with `request_text`): nested deeper than `MAX_DEPTH`, it is
-refused (`TooDeep`) before anything decodes it.
+`loads_request` (`peer.dejima.auth.read_envelope` with `request_text`): its text is checked before anything decodes
+it. Nested deeper than `MAX_DEPTH` is `TooDeep`; not UTF-8/16/32 (an encoded surrogate is not UTF-8 either), a string
+with a lone surrogate (`"\\ud800"`: no PostgreSQL text can hold it, psycopg cannot encode it) and `NaN`/`Infinity`
+(not JSON) are ValueErrors. Duplicate keys are taken as JSON allows: the last one counts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import decimal
 import itertools
 import json
+import re
 from typing import Any
 
 import simplejson
@@ -56,8 +59,20 @@ class TooDeep(ValueError):
         super().__init__(f"JSON nested deeper than {limit} levels")
 
 
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not a JSON value")
+
+
+_REQUEST_DECODER = json.JSONDecoder(parse_float=decimal.Decimal, parse_constant=_not_json)
 _NOT_MARKS = bytes(b for b in range(256) if b not in b'"[]{}')  # translate() deletes all but quotes and brackets
 _SIGNED = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # a bracket as a signed byte: +1 opens, -1 closes
+_ESCAPES = re.compile(rb'\\(?:"|u[dD][89a-fA-F])')  # a backslash before a quote; a surrogate's escape
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_HEX2 = rb"[0-9a-fA-F]{2}"
+_HIGH = rb"\\u[dD][89abAB]" + _HEX2
+_LOW = rb"\\u[dD][c-fC-F]" + _HEX2
+# a high surrogate's escape without a low one right after, or a low one without a high one right before
+_LONE_SURROGATE = re.compile(_HIGH + rb"(?!" + _LOW + rb")|" + _LOW + rb"(?<!" + _HIGH + _LOW + rb")")
 
 
 def _deepest(brackets: bytes) -> int:
@@ -102,22 +117,27 @@ def _check_depth(data: bytes, limit: int, quotes_escaped: bool) -> None:
 
 def request_text(data: bytes, max_depth: int = MAX_DEPTH) -> str:
     """The text of a JSON request body, checked before any decoding: raises TooDeep when nested deeper than
-    `max_depth`, UnicodeDecodeError (a ValueError) when it is not UTF-8/16/32 text."""
+    `max_depth`, ValueError when it is not UTF-8/16/32 text or a string holds a lone surrogate."""
     encoding = json.detect_encoding(data)
-    text = data.decode(encoding, "surrogatepass")
-    raw = data if encoding == "utf-8" else text.encode("utf-8", "surrogatepass")
-    check_depth(raw, max_depth)
+    text = data.decode(encoding)  # strict: the UTF-8 bytes of a surrogate are malformed
+    raw = data if encoding == "utf-8" else text.encode()
+    escapes = b"\\" in raw and _ESCAPES.search(raw) is not None  # memchr: most bodies hold no backslash
+    _check_depth(raw, max_depth, escapes and b'\\"' in raw)
+    if escapes and _SURROGATE.search(raw):
+        lone = _LONE_SURROGATE.search(raw.replace(b"\\\\", b"__"))  # an escaped backslash escapes no "u"
+        if lone is not None:
+            raise ValueError(f"a string holds a lone surrogate {lone.group().decode()}, which is not text")
     return text
 
 
 def decode_request(text: str) -> Any:
-    """Parse the text `request_text` returned, as `loads`."""
-    return _DECODER.decode(text)
+    """Parse the text `request_text` returned, as `loads` but refusing NaN and Infinity."""
+    return _REQUEST_DECODER.decode(text)
 
 
 def decode_request_at(text: str, start: int) -> tuple[Any, int]:
-    """As `loads_at`, for the text `request_text` returned."""
-    return _DECODER.raw_decode(text, start)
+    """As `loads_at`, for the text `request_text` returned (NaN and Infinity refused)."""
+    return _REQUEST_DECODER.raw_decode(text, start)
 
 
 def loads_request(data: bytes, max_depth: int = MAX_DEPTH) -> Any:
