@@ -1,13 +1,14 @@
 """Bad JSON gets a clear 400, never a 500 or a dead listener thread.
 
 Unit tier: `jsonvalues.check_depth` against the nesting it measures (hypothesis), the request decoder's other
-refusals (lone surrogates, NaN), and the middleware that turns a RecursionError into a 400. The lean listener's
-answer to a body nested too deeply: tests/test_peerserver.py.
+refusals (lone surrogates, NaN), the client app's parser and the middleware that turns a RecursionError into a 400.
+The lean listener's answer to a body nested too deeply: tests/test_peerserver.py.
 """
 
 from __future__ import annotations
 
 import decimal
+import io
 import json
 import re
 import threading
@@ -19,10 +20,13 @@ from django.test import RequestFactory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peer.client.parsers import DepthCheckedJSONParser, NestedTooDeep
 from peer.dejima import jsonvalues
 from peer.dejima.auth import read_envelope, wire
 from peer.dejima.jsonvalues import MAX_DEPTH, TOO_DEEP_TO_HANDLE, TooDeep
 from peer.middleware import RecursionIsBadRequest
+
+TOO_DEEP = {"status": "error", "kind": "bad_request", "error": f"JSON nested deeper than {MAX_DEPTH} levels"}
 
 
 def nested(depth: int, kind: str = "[") -> bytes:
@@ -211,7 +215,23 @@ def test_a_string_is_refused_exactly_when_it_is_no_unicode_text(text: str) -> No
         assert jsonvalues.loads_request(data) == [decoded]
 
 
-# ---- unit: the middleware ------------------------------------------------------------------------------------
+# ---- unit: the client app's parser and the middleware -------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("charset", ["utf-8", "utf-16"])
+def test_the_client_parser_refuses_a_body_nested_too_deeply(charset: str) -> None:
+    parser = DepthCheckedJSONParser()
+    deep = json.dumps({"first_name": json.loads(nested(MAX_DEPTH))}).encode(charset)
+    with pytest.raises(NestedTooDeep) as err:
+        parser.parse(io.BytesIO(deep), "application/json", {"encoding": charset})
+    assert (err.value.status_code, err.value.default_code, str(err.value.detail)) == (
+        400,
+        "bad_request",
+        TOO_DEEP["error"],
+    )
+    flat = json.dumps({"first_name": "[[[[", "last_name": "Roe"}).encode(charset)
+    assert parser.parse(io.BytesIO(flat), "application/json", {"encoding": charset}) == json.loads(flat.decode(charset))
 
 
 @pytest.mark.unit
