@@ -106,6 +106,8 @@ def test_it_answers_several_requests_on_one_keep_alive_connection(server: PeerSe
         (b"POST /peer/v1/message\r\n\r\n", 400, "request line"),
         (b"POST /peer/v1/message HTTP/1.1\r\nno colon here\r\n\r\n", 400, "header"),
         (b"POST /peer/v1/message HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431, "too long"),
+        ("POST /peer/v1/message HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n{}".encode("latin-1"), 400, "Content-Length"),
+        (b"POST /peer/v1/message HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 413, "5000 digits"),
     ],
     ids=[
         "get",
@@ -117,6 +119,8 @@ def test_it_answers_several_requests_on_one_keep_alive_connection(server: PeerSe
         "no-version",
         "bad-header",
         "long",
+        "unicode-digit-length",
+        "5000-digit-length",
     ],
 )
 def test_it_refuses_a_bad_request_with_a_json_error_and_hands_nothing_to_the_handler(

@@ -192,9 +192,14 @@ class PeerServer:
         if "transfer-encoding" in headers:
             raise _Refused(411, "send the body with a Content-Length (chunked bodies are not taken here)")
         raw_length = headers.get("content-length", "0").strip()
-        if not raw_length.isdigit():
+        if not (raw_length.isascii() and raw_length.isdigit()):  # str.isdigit() takes "²" too, int() does not
             raise _Refused(400, f"bad Content-Length {raw_length!r}")
-        length = int(raw_length)
+        digits = raw_length.lstrip("0")
+        if len(digits) > 18:  # no body is that long; int() would refuse 4,300 digits
+            raise _Refused(
+                413, f"Content-Length of {len(digits)} digits is over the limit of {self.max_body_bytes} bytes"
+            )
+        length = int(digits or "0")
         if length > self.max_body_bytes:
             raise _Refused(413, f"body of {length} bytes is larger than the limit of {self.max_body_bytes} bytes")
         body = reader.read(length) if length else b""
