@@ -309,9 +309,9 @@ class Authenticator:
             raise AuthError(401, f"malformed signature: expected an object with fields {sorted(SIGNATURE_FIELDS)}")
         peer, ts, sig_id, reply_to, sig_b64 = (sig[f] for f in ("peer", "ts", "id", "reply_to", "sig"))
         if not all(isinstance(v, str) for v in (peer, sig_id, reply_to, sig_b64)) or not (
-            isinstance(ts, int) and not isinstance(ts, bool)
+            isinstance(ts, int) and not isinstance(ts, bool) and abs(ts) < 2**63  # a float of it: no OverflowError
         ):
-            raise AuthError(401, "malformed signature: peer, id, reply_to and sig are strings, ts is an integer")
+            raise AuthError(401, "malformed signature: peer, id, reply_to and sig are strings, ts is a 64-bit integer")
         if not sig_id:
             raise AuthError(401, "malformed signature: empty id")
         public = self.trusted.get(peer)
