@@ -4,13 +4,19 @@
 body chunked: the headers, the chunk and the closing empty chunk, three writes to the socket where two do, and the
 client decodes chunks. Streaming responses, and those that have no body by definition (1xx, 204, 304: RFC 9110
 forbids the header on 1xx and 204), are left as they are.
+
+`RecursionIsBadRequest`: a view that fails with RecursionError (input nested too deeply for the code that handles
+it; request bodies nested deeper than `jsonvalues.MAX_DEPTH` are refused before they are decoded) is answered 400
+in the API's error shape, not 500.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
+
+from peer.dejima.jsonvalues import TOO_DEEP_TO_HANDLE
 
 NO_BODY = frozenset({204, 304})
 
@@ -30,3 +36,16 @@ def content_length(
         return response
 
     return middleware
+
+
+class RecursionIsBadRequest:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponseBase | None:
+        if not isinstance(exception, RecursionError):
+            return None
+        return JsonResponse({"status": "error", "kind": "bad_request", "error": TOO_DEEP_TO_HANDLE}, status=400)

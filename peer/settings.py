@@ -42,7 +42,10 @@ LOGGING = {
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["stderr"], "level": os.environ.get("DEJIMA_LOG_LEVEL", "INFO").upper()},
 }
-MIDDLEWARE: list[str] = ["peer.middleware.content_length"]  # peer/middleware.py
+MIDDLEWARE: list[str] = [  # peer/middleware.py
+    "peer.middleware.content_length",
+    "peer.middleware.RecursionIsBadRequest",
+]
 ROOT_URLCONF = "peer.urls"
 WSGI_APPLICATION = "peer.wsgi.application"
 DATABASES: dict[str, dict[str, object]] = {}
@@ -85,6 +88,7 @@ if PEER_MODE == "client":
         "django.contrib.auth.middleware.AuthenticationMiddleware",
         "django.contrib.auth.middleware.LoginRequiredMiddleware",
         "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        "peer.middleware.RecursionIsBadRequest",
     ]
     CSRF_FAILURE_VIEW = "peer.client.views.csrf_failure"
     LOGIN_URL = "client-login"

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from peer.dejima.config import ConfigError, load_config, parse_bind
+from peer.dejima.jsonvalues import MAX_DEPTH, TOO_DEEP_TO_HANDLE
 from peer.dejima.peerserver import MESSAGE_PATH, PeerServer, message_routes
 from peer.network import LocalNetwork
 
@@ -32,6 +33,8 @@ class Echo:
         self.calls.append(envelope)
         if envelope == "boom":
             raise RuntimeError("the handler failed")
+        if envelope == "recurse":
+            raise RecursionError("maximum recursion depth exceeded")
         return 200, {"echo": envelope, "remote": remote}
 
 
@@ -103,8 +106,22 @@ def test_it_answers_several_requests_on_one_keep_alive_connection(server: PeerSe
         (b"POST /peer/v1/message\r\n\r\n", 400, "request line"),
         (b"POST /peer/v1/message HTTP/1.1\r\nno colon here\r\n\r\n", 400, "header"),
         (b"POST /peer/v1/message HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431, "too long"),
+        ("POST /peer/v1/message HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n{}".encode("latin-1"), 400, "Content-Length"),
+        (b"POST /peer/v1/message HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 413, "5000 digits"),
     ],
-    ids=["get", "other-path", "broken-json", "bad-length", "chunked", "too-large", "no-version", "bad-header", "long"],
+    ids=[
+        "get",
+        "other-path",
+        "broken-json",
+        "bad-length",
+        "chunked",
+        "too-large",
+        "no-version",
+        "bad-header",
+        "long",
+        "unicode-digit-length",
+        "5000-digit-length",
+    ],
 )
 def test_it_refuses_a_bad_request_with_a_json_error_and_hands_nothing_to_the_handler(
     server: PeerServer, echo: Echo, request_bytes: bytes, status: int, says: str
@@ -128,6 +145,39 @@ def test_a_failing_handler_is_a_500_and_the_connection_stays_usable(server: Peer
         assert post(conn, b'"fine"')[:2] == (200, {"echo": "fine", "remote": "127.0.0.1"})
     finally:
         conn.close()
+
+
+def test_a_body_nested_too_deeply_is_a_400_and_the_connection_stays_usable(server: PeerServer, echo: Echo) -> None:
+    """The thread of the connection used to die of the decoder's RecursionError without an answer (2,000 levels:
+    beyond the interpreter's recursion limit, within this server's body limit)."""
+    conn = connect(server)
+    try:
+        local = conn.sock.getsockname()
+        for deep in (b"[" * 2000 + b"]" * 2000, b'{"a":' * (MAX_DEPTH + 1) + b"1" + b"}" * (MAX_DEPTH + 1)):
+            status, answer, connection = post(conn, deep)
+            assert (status, answer, connection) == (
+                400,
+                _bad_request(f"JSON nested deeper than {MAX_DEPTH} levels"),
+                None,
+            )
+        assert post(conn, b'{"fine": [[1]]}')[:2] == (200, {"echo": {"fine": [[1]]}, "remote": "127.0.0.1"})
+        assert conn.sock.getsockname() == local  # the same connection
+    finally:
+        conn.close()
+    assert echo.calls == [{"fine": [[1]]}]
+
+
+def test_a_recursion_error_in_the_handler_is_a_400_and_the_connection_stays_usable(server: PeerServer) -> None:
+    conn = connect(server)
+    try:
+        assert post(conn, b'"recurse"')[:2] == (400, _bad_request(TOO_DEEP_TO_HANDLE))
+        assert post(conn, b'"fine"')[:2] == (200, {"echo": "fine", "remote": "127.0.0.1"})
+    finally:
+        conn.close()
+
+
+def _bad_request(error: str) -> dict[str, str]:
+    return {"status": "error", "kind": "bad_request", "error": error}
 
 
 def test_it_closes_when_asked_and_after_http_1_0(server: PeerServer) -> None:

@@ -42,7 +42,6 @@ from drf_spectacular.views import SpectacularJSONAPIView
 from rest_framework import serializers
 from rest_framework.authentication import BasicAuthentication, SessionAuthentication
 from rest_framework.exceptions import APIException, NotAuthenticated, ParseError, UnsupportedMediaType
-from rest_framework.parsers import JSONParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -50,6 +49,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from peer.client.context import MAX_PAGE_SIZE, PAGE_SIZE, ClientContext, RowMissing, Snapshot, get_context
+from peer.client.parsers import DepthCheckedJSONParser
 from peer.client.peer_api import Outcome, PeerUnavailable, QueryFailed
 from peer.client.tables import RowInvalid, TableInfo, validate_row
 
@@ -195,7 +195,7 @@ class ClientAPIView(APIView):
     """JSON in, JSON out; errors of the framework itself (malformed JSON, wrong media type, not logged in) in the
     same shape. Basic first: an anonymous request gets 401 with WWW-Authenticate: Basic."""
 
-    parser_classes = [JSONParser]
+    parser_classes = [DepthCheckedJSONParser]  # JSONParser, refusing a body nested too deeply (400 bad_request)
     renderer_classes = [JSONRenderer]
     authentication_classes = [BasicAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]

@@ -237,20 +237,22 @@ def wire(value: Any) -> bytes:
 
 
 def read_envelope(data: bytes) -> Any:
-    """Parse a JSON body (`jsonvalues.loads`); an object whose first member is "body", as `wire` writes it, as a
-    `ReceivedEnvelope` that keeps the body's text. Malformed JSON raises ValueError, as `jsonvalues.loads`."""
-    if data.startswith(BODY_FIRST.encode()):
+    """Parse a JSON body (`jsonvalues.loads_request`); an object whose first member is "body", as `wire` writes it,
+    as a `ReceivedEnvelope` that keeps the body's text. Raises `jsonvalues.TooDeep` (a ValueError) for a body nested
+    deeper than `jsonvalues.MAX_DEPTH`, before anything decodes it; ValueError for malformed JSON, as
+    `jsonvalues.loads_request`."""
+    text = jsonvalues.request_text(data)
+    if text.startswith(BODY_FIRST) and text.isascii():
         try:
-            text = data.decode("ascii")
-            body, end = jsonvalues.loads_at(text, len(BODY_FIRST))
-            rest = jsonvalues.loads("{" + text[end + 1 :]) if text[end] == "," else None
+            body, end = jsonvalues.decode_request_at(text, len(BODY_FIRST))
+            rest = jsonvalues.decode_request("{" + text[end + 1 :]) if text[end] == "," else None
         except (ValueError, IndexError):
             rest = None
         if isinstance(rest, dict) and "body" not in rest:
             envelope = ReceivedEnvelope(body=body, **rest)
             envelope.body_text = text[len(BODY_FIRST) : end]
             return envelope
-    return jsonvalues.loads(data)
+    return jsonvalues.decode_request(text)
 
 
 def signature_id(envelope: Mapping[str, Any]) -> str:
@@ -307,9 +309,9 @@ class Authenticator:
             raise AuthError(401, f"malformed signature: expected an object with fields {sorted(SIGNATURE_FIELDS)}")
         peer, ts, sig_id, reply_to, sig_b64 = (sig[f] for f in ("peer", "ts", "id", "reply_to", "sig"))
         if not all(isinstance(v, str) for v in (peer, sig_id, reply_to, sig_b64)) or not (
-            isinstance(ts, int) and not isinstance(ts, bool)
+            isinstance(ts, int) and not isinstance(ts, bool) and abs(ts) < 2**63  # a float of it: no OverflowError
         ):
-            raise AuthError(401, "malformed signature: peer, id, reply_to and sig are strings, ts is an integer")
+            raise AuthError(401, "malformed signature: peer, id, reply_to and sig are strings, ts is a 64-bit integer")
         if not sig_id:
             raise AuthError(401, "malformed signature: empty id")
         public = self.trusted.get(peer)

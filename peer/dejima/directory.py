@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from peer.dejima import jsonvalues
 from peer.dejima.config import PeerConfig
 from peer.dejima.manifest import PeerType
 from peer.dejima.messages import Hello
@@ -260,7 +261,7 @@ class Directory:
     def _save_snapshot(self) -> None:
         with self.lock:
             peers = [
-                (p.name, p.url, p.peer_type, json.dumps(p.catalog), p.status, json.dumps(p.incompatible))
+                (p.name, p.url, p.peer_type, jsonvalues.dumps(p.catalog), p.status, json.dumps(p.incompatible))
                 for p in self.peers.values()
             ]
             groups = [(view, member) for view, members in self.groups().items() for member in members]

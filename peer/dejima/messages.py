@@ -111,8 +111,8 @@ class Propagate(Message):
         for row in [*self.insertions, *self.deletions]:
             if not isinstance(row, dict):
                 raise MessageError("propagate: every row must be an object")
-        if self.timeout_ms <= 0:
-            raise MessageError("propagate: timeout_ms must be positive")
+        if not 0 < self.timeout_ms < 2**63:  # a receiver divides it (a float): no OverflowError
+            raise MessageError("propagate: timeout_ms must be positive (and a 64-bit integer)")
         if not isinstance(self.origin_keys, dict) or not all(
             isinstance(v, list) and all(isinstance(k, list) for k in v) for v in self.origin_keys.values()
         ):
@@ -201,6 +201,33 @@ class Hello(Message):
     peer_type: str
     catalog: list[dict[str, Any]]
     known: list[dict[str, str]]
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.catalog, list) or not all(_is_view_signature(view) for view in self.catalog):
+            raise MessageError(
+                'hello: catalog must be a list of views {"view", "columns": [[name, type], …], "key", "members"}'
+            )
+        if not isinstance(self.known, list) or not all(
+            isinstance(peer, dict) and all(isinstance(v, str) for v in peer.values()) for peer in self.known
+        ):
+            raise MessageError("hello: known must be a list of objects of strings (name, url, peer_type)")
+
+
+def _texts(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_view_signature(entry: object) -> bool:
+    """A view of a hello's catalog, as `View.signature` writes it (a receiver reads these fields)."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("view"), str)
+        and isinstance(entry.get("columns"), list)
+        and all(_texts(column) and len(column) == 2 for column in entry["columns"])
+        and _texts(entry.get("key"))
+        and _texts(entry.get("members"))
+    )
 
 
 KINDS: dict[str, type[Message]] = {

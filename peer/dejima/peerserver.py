@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 
 from peer.dejima import jsonvalues
 from peer.dejima.auth import read_envelope, wire
+from peer.dejima.jsonvalues import TOO_DEEP_TO_HANDLE, TooDeep
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,14 @@ class PeerServer:
         if "transfer-encoding" in headers:
             raise _Refused(411, "send the body with a Content-Length (chunked bodies are not taken here)")
         raw_length = headers.get("content-length", "0").strip()
-        if not raw_length.isdigit():
+        if not (raw_length.isascii() and raw_length.isdigit()):  # str.isdigit() takes "²" too, int() does not
             raise _Refused(400, f"bad Content-Length {raw_length!r}")
-        length = int(raw_length)
+        digits = raw_length.lstrip("0")
+        if len(digits) > 18:  # no body is that long; int() would refuse 4,300 digits
+            raise _Refused(
+                413, f"Content-Length of {len(digits)} digits is over the limit of {self.max_body_bytes} bytes"
+            )
+        length = int(digits or "0")
         if length > self.max_body_bytes:
             raise _Refused(413, f"body of {length} bytes is larger than the limit of {self.max_body_bytes} bytes")
         body = reader.read(length) if length else b""
@@ -207,11 +213,18 @@ class PeerServer:
             answer = {"status": "error", "kind": "method_not_allowed", "error": f"{method} not allowed"}
             return 405, answer, {}, close
         try:
-            envelope = read_envelope(body)  # `jsonvalues.loads`, keeping a signed body's text as it came
-        except (ValueError, UnicodeDecodeError) as exc:
+            envelope = read_envelope(body)  # `jsonvalues.loads_request`, keeping a signed body's text as it came
+        except TooDeep as exc:
+            return 400, _error_body(str(exc)), {}, close
+        except ValueError as exc:  # UnicodeDecodeError among them
             return 400, _error_body(f"malformed JSON: {exc}"), {}, close
+        except RecursionError:  # not past the depth check; were it to, the request fails, not the thread
+            return 400, _error_body(TOO_DEEP_TO_HANDLE), {}, close
         try:
             status, encoded, headers = route(envelope, remote)
+        except RecursionError:  # e.g. a query's deeply nested jsonb result: a 400 like a body too deep
+            log.warning("the request to %s from %s nests too deeply to handle", path, remote)
+            return 400, _error_body(TOO_DEEP_TO_HANDLE), {}, close
         except Exception as exc:
             log.exception("the request to %s from %s failed", path, remote)
             answer = {"status": "error", "kind": "internal", "error": f"{type(exc).__name__}: {exc}"}

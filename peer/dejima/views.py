@@ -100,8 +100,10 @@ def _json_body(request: HttpRequest) -> Any:
     if len(body) > limit:
         raise BadInput(413, f"body is larger than the limit of {limit} bytes")
     try:
-        return jsonvalues.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return jsonvalues.loads_request(body)  # nested deeper than jsonvalues.MAX_DEPTH: refused before decoding
+    except jsonvalues.TooDeep as exc:
+        raise BadInput(400, str(exc)) from None
+    except ValueError as exc:  # UnicodeDecodeError among them
         raise BadInput(400, f"malformed JSON: {exc}") from None
 
 
