@@ -17,6 +17,8 @@ MESSAGE_KINDS = tuple(sorted(KINDS))
 ERROR_KINDS = (
     "bad_request",
     "unauthenticated",
+    "unauthorized",
+    "forbidden",
     "refused",
     "conflict",
     "constraint",
