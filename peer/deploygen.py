@@ -6,7 +6,9 @@
 
 Peers are named `<peer type>-<i>` (`bank-1` … `bank-20`). Every peer gets, in DIR/<peer>/: `private_key` (Ed25519,
 PEM), `secret_key` (Django), `db_password` (its PostgreSQL user `dejima`), `pgpass` (the same password in libpq's
-passfile format, for PGPASSFILE) and `client_password` (the client app's user `admin`); DIR/trusted_keys holds the
+passfile format, for PGPASSFILE), `client_password` (the client app's user `admin`), `client_token` (the API token
+the client sends its peer: DEJIMA_PEER_TOKEN_FILE) and `api_tokens` (its hash as the peer's tokens file, a line
+`client-app read,write <sha256>`: DEJIMA_API_TOKENS_FILE); DIR/trusted_keys holds the
 public key of every peer found in DIR (`name base64key` a line: DEJIMA_TRUSTED_KEYS_FILE). Files are created mode
 0600 and never overwritten, except the rotated key and trusted_keys.
 
@@ -31,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.dejima.auth import parse_private_key, private_pem, public_b64
 from peer.dejima.config import DEFAULT_SQL_ROOT, PEER_NAME_RE
+from peer.dejima.tokens import new_token, token_sha256
 
 EXAMPLE_TYPES = ("government", "bank", "insurance")
 PEER_IMAGE = "dejima-peer:0.1.0"
@@ -45,7 +48,8 @@ MESSAGE_PORT = 9000  # a peer's lean listener for peer messages, inside its cont
 FIRST_CLIENT_PORT = 8101  # published ports of the clients: 8101, 8102, …
 STATE_DIR = "/var/lib/dejima"  # the image's volume: the client's user store
 TRUSTED_KEYS_PATH = "/etc/dejima/trusted_keys"
-PEER_SECRETS = ("private_key", "secret_key", "db_password", "pgpass", "client_password")
+PEER_SECRETS = ("private_key", "secret_key", "db_password", "pgpass", "client_password", "client_token", "api_tokens")
+CLIENT_TOKEN_NAME = "client-app"  # noqa: S105  (a name: the client's token at its peer, source `file`)
 TRUSTED_KEYS = "trusted_keys"
 
 
@@ -120,6 +124,14 @@ def write_secrets(directory: Path, names: Sequence[str], rotate: Sequence[str] =
         plain = (directory / name / "db_password").read_text().strip()
         if _write_new(directory / name / "pgpass", f"*:*:*:{DB_USER}:{plain}\n"):
             written.append(directory / name / "pgpass")
+        # The client's API token twice too: the token for the client, its hash in the peer's tokens file.
+        if _write_new(directory / name / "client_token", new_token() + "\n"):
+            written.append(directory / name / "client_token")
+            (directory / name / "api_tokens").unlink(missing_ok=True)
+        token = (directory / name / "client_token").read_text().strip()
+        line = f"{CLIENT_TOKEN_NAME} read,write {token_sha256(token)}\n"
+        if _write_new(directory / name / "api_tokens", "# name scopes sha256 (DEJIMA_API_TOKENS_FILE)\n" + line):
+            written.append(directory / name / "api_tokens")
     keys = sorted(
         (path.parent.name, public_b64(parse_private_key(path.read_bytes()))) for path in directory.glob("*/private_key")
     )
@@ -198,9 +210,12 @@ def stack(
                 "DEJIMA_PRIVATE_KEY_FILE": "/run/secrets/private_key",
                 "DEJIMA_TRUSTED_KEYS_FILE": TRUSTED_KEYS_PATH,
                 "DEJIMA_SECRET_KEY_FILE": "/run/secrets/secret_key",
+                "DEJIMA_API_TOKENS_FILE": "/run/secrets/api_tokens",
                 "PGPASSFILE": "/run/secrets/pgpass",
             },
-            "secrets": [_secret(f"{peer.name}-{kind}", kind) for kind in ("private_key", "secret_key", "pgpass")],
+            "secrets": [
+                _secret(f"{peer.name}-{kind}", kind) for kind in ("private_key", "secret_key", "pgpass", "api_tokens")
+            ],
             "configs": [{"source": TRUSTED_KEYS, "target": TRUSTED_KEYS_PATH, "mode": 0o444}],
             "networks": ["peers", private],
             "deploy": {
@@ -219,9 +234,12 @@ def stack(
                 "DEJIMA_PEER_URL": f"http://{peer.name}-peer:{PORT}",
                 "DEJIMA_CLIENT_DB": f"{STATE_DIR}/client.sqlite3",
                 "DEJIMA_CLIENT_PASSWORD_FILE": "/run/secrets/client_password",
+                "DEJIMA_PEER_TOKEN_FILE": "/run/secrets/client_token",
                 "DEJIMA_SECRET_KEY_FILE": "/run/secrets/secret_key",
             },
-            "secrets": [_secret(f"{peer.name}-{kind}", kind) for kind in ("client_password", "secret_key")],
+            "secrets": [
+                _secret(f"{peer.name}-{kind}", kind) for kind in ("client_password", "client_token", "secret_key")
+            ],
             "volumes": [f"{peer.name}-client:{STATE_DIR}"],
             "networks": [private],
             "ports": [{"target": PORT, "published": peer.client_port, "protocol": "tcp", "mode": "ingress"}],

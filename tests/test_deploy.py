@@ -473,7 +473,7 @@ def test_the_stack_pins_each_peer_to_its_nodes_restarts_it_and_runs_one_replica(
 
 def test_secrets_are_written_once_private_and_rotated_on_request(tmp_path: Path) -> None:
     first = deploygen.write_secrets(tmp_path, ["bank-1", "government-1"])
-    assert len(first) == 11  # five files per peer and trusted_keys
+    assert len(first) == 15  # seven files per peer and trusted_keys
     for path in first:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o644 if path.name == "trusted_keys" else 0o600), f"{path} has mode {mode:o}"
