@@ -131,6 +131,10 @@ SPECTACULAR_SETTINGS = {
         "ErrorKindEnum": "peer.dejima.serializers.ERROR_KINDS",
         "MessageKindEnum": "peer.dejima.serializers.MESSAGE_KINDS",
     },
+    # a peer's schema needs a token like every endpoint (drf-spectacular's own default would be AllowAny)
+    "SERVE_PERMISSIONS": (
+        ["peer.dejima.apiauth.TokenScope"] if PEER_MODE == "peer" else ["rest_framework.permissions.AllowAny"]
+    ),
     # a peer: every operation behind an API token documents its 401 and 403 (peer/dejima/schema.py)
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
