@@ -85,6 +85,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return response
     response.data = refusal.body()
     response.status_code = refusal.status
+    if refusal.status != 401 and response.has_header("WWW-Authenticate"):
+        del response["WWW-Authenticate"]  # (DRF adds it to any failed authentication; a 503 is none)
     for name, value in refusal.headers().items():
         response[name] = value
     request = context.get("request")

@@ -329,8 +329,9 @@ class TokenStore:
         self.stale_limit_s = stale_limit_s
         self.clock = clock
         self._active: tuple[tuple[bytes, Principal], ...] | None = None
-        self._loaded_at = 0.0  # when _active was read (clock)
-        self._tried_at = 0.0  # when a read was last tried
+        self._loaded_at = float("-inf")  # when _active was read (clock)
+        self._tried_at = float("-inf")  # when a read was last tried
+        self._failure = ""  # why the last read failed ("" when it did not)
         self._refreshing = threading.Lock()
 
     def _read(self) -> tuple[tuple[bytes, Principal], ...]:
@@ -340,28 +341,33 @@ class TokenStore:
             ).fetchall()
         return tuple((str(h).encode(), Principal(str(n), frozenset(s))) for n, s, h in rows)
 
+    def _usable(self, now: float) -> tuple[tuple[bytes, Principal], ...]:
+        if self._active is not None and now - self._loaded_at < self.stale_limit_s:
+            return self._active
+        raise TokensUnavailable(f"cannot read the API tokens: {self._failure or 'not read yet'}")
+
     def active(self) -> tuple[tuple[bytes, Principal], ...]:
-        """(sha256 hex as bytes, principal) of every token not revoked, read again when older than refresh_s. One
-        thread reads while the others go on with what was read before (unless that is older than stale_limit_s)."""
+        """(sha256 hex as bytes, principal) of every token not revoked, read again when the last try is older than
+        refresh_s. One thread reads while the others go on with what was read before; while the database cannot be
+        read, that serves for stale_limit_s, then TokensUnavailable (tried again every refresh_s)."""
         now = self.clock()
-        active = self._active
-        if active is not None and now - self._tried_at < self.refresh_s:
-            return active
-        blocking = active is None or now - self._loaded_at >= self.stale_limit_s
-        if not self._refreshing.acquire(blocking=blocking):
-            return active if active is not None else ()
+        if now - self._tried_at < self.refresh_s or not self._refreshing.acquire(blocking=self._active is None):
+            return self._usable(now)
         try:
-            if self._active is not active and self._active is not None:  # another thread read them meanwhile
-                return self._active
+            if self.clock() - self._tried_at < self.refresh_s:  # another thread read (or tried) meanwhile
+                return self._usable(self.clock())
             self._tried_at = self.clock()
             try:
                 fresh = self._read()
             except (psycopg.Error, PoolTimeout, OSError) as exc:
-                if self._active is not None and self.clock() - self._loaded_at < self.stale_limit_s:
-                    log.warning("cannot read the API tokens again (%s); the last read serves meanwhile", exc)
-                    return self._active
-                raise TokensUnavailable(f"cannot read the API tokens: {exc}") from None
-            self._active, self._loaded_at = fresh, self.clock()
+                self._failure = str(exc).strip() or type(exc).__name__
+                log.warning(
+                    "cannot read the API tokens (%s); the last ones read serve for at most %g s",
+                    self._failure,
+                    self.stale_limit_s,
+                )
+                return self._usable(self.clock())
+            self._active, self._loaded_at, self._failure = fresh, self.clock(), ""
             return fresh
         finally:
             self._refreshing.release()
