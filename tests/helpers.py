@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from peer.cli import check_network
 from peer.dejima.auth import sign_envelope
 from peer.dejima.install import COMMON_SQL, SQL_ROOT
 from peer.dejima.manifest import MANIFEST_NAME, PeerType, View, load_peer_types
@@ -305,3 +306,9 @@ def start_client(net: LocalNetwork, state_dir: Path, name: str, peer_url: str) -
         client.stop_all()
         raise
     return client
+
+
+def check(net: LocalNetwork) -> dict[str, Any]:
+    """`dejima check` on the peers of a kit network, each asked with its API token."""
+    urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
+    return check_network(urls, {name: net.auth_headers(name) for name in urls})

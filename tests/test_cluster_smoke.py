@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from peer.cli import check_network
 from peer.network import LocalNetwork
+from tests.helpers import check
 
 pytestmark = pytest.mark.cluster
 
@@ -27,9 +27,7 @@ def test_it_propagates_an_insert_at_government_to_bank_and_insurance(network: Lo
     ]
     insurance = network.query("insurance", "SELECT first_name, address, birthdate::text AS b FROM insurance_users")
     assert insurance == [{"first_name": "Jane", "address": "2 Elm St", "b": "1980-05-17"}]
-    report = check_network(
-        {n: s.url for n, s in network.specs.items()}, {n: network.auth_headers(n) for n in network.specs}
-    )
+    report = check(network)
     assert report["ok"], report
 
 
