@@ -163,11 +163,16 @@ class LocalNetwork:
         """The API token of a peer or client of this network (generated when it has none yet; a peer's database
         learns it when the kit starts the peer, a client's peer when the kit starts the client)."""
         path = self.token_path(name)
-        if not path.exists():
-            with contextlib.suppress(FileExistsError):  # another process made it meanwhile: theirs it is
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if not path.exists():  # written whole, then linked into place: a reader never sees half a file
+            draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
                 with os.fdopen(fd, "w") as fh:
                     fh.write(tokens.new_token() + "\n")
+                with contextlib.suppress(FileExistsError):  # another process made it meanwhile: theirs it is
+                    os.link(draft, path)
+            finally:
+                draft.unlink(missing_ok=True)
         return path.read_text().strip()
 
     def auth_headers(self, name: str) -> dict[str, str]:
