@@ -195,10 +195,19 @@ def _apply_pending(
 class Client(threading.Thread):
     """Runs random global transactions (1-2 changes of keys it owns) at random peers until stopped."""
 
-    def __init__(self, name: str, urls: dict[str, str], history: History, rng: random.Random, gate: Gate) -> None:
+    def __init__(
+        self,
+        name: str,
+        urls: dict[str, str],
+        history: History,
+        rng: random.Random,
+        gate: Gate,
+        auth: dict[str, dict[str, str]],
+    ) -> None:
         super().__init__(name=f"chaos-{name}", daemon=True)
         self.client = name
         self.urls = urls
+        self.auth = auth  # peer -> the headers with its API token
         self.history = history
         self.rng = rng
         self.gate = gate
@@ -240,7 +249,12 @@ class Client(threading.Thread):
         statements = [op.sql(TABLES[peer]) for op in ops]
         req = Request(self.client, peer, ops, statements)
         try:
-            resp = self.session.post(self.urls[peer] + "/api/v1/exec", json={"sql": statements}, timeout=CLIENT_TIMEOUT)
+            resp = self.session.post(
+                self.urls[peer] + "/api/v1/exec",
+                json={"sql": statements},
+                headers=self.auth[peer],
+                timeout=CLIENT_TIMEOUT,
+            )
             req.status = resp.status_code
             try:
                 body = resp.json()
@@ -352,10 +366,11 @@ class Chaos:
     def start(self) -> None:
         self.cluster.start(timeout=60)
         urls = self.cluster.urls
+        auth = {name: self.cluster.net.auth_headers(name) for name in urls}
         for n in range(CLIENTS):
-            client = Client(str(n), urls, self.history, random.Random(self.rng.random()), self.gate)  # noqa: S311
+            client = Client(str(n), urls, self.history, random.Random(self.rng.random()), self.gate, auth)  # noqa: S311
             self.clients.append(client)
-        self.controller = Client("c", urls, self.history, random.Random(self.rng.random()), self.gate)  # noqa: S311
+        self.controller = Client("c", urls, self.history, random.Random(self.rng.random()), self.gate, auth)  # noqa: S311
         for client in self.clients:
             client.start()
 

@@ -3,18 +3,25 @@
 `up` starts PostgreSQL and the example peers (government, bank, insurance) on loopback; `down` stops them;
 `status`, `exec`, `query` and `check` talk to running peers over their REST API; `bench` runs benchmarks;
 `chaos` runs its own network under injected faults and checks the history (peer/chaos.py).
+
+Every call to a peer's API carries the peer's API token (`Authorization: Bearer …`): the one the kit made in
+`<network dir>/<peer>.token` (`.dejima/network/` unless `--network DIR`), for a peer given by name or by a URL of a
+peer of that network; for another URL, DEJIMA_PEER_TOKEN or DEJIMA_PEER_TOKEN_FILE when set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from peer.dejima.config import ConfigError, peer_token
 from peer.dejima.install import InstallError
 from peer.dejima.manifest import ManifestError
 from peer.network import CLIENT_USER, LocalNetwork, NetworkError, example_specs
@@ -29,30 +36,55 @@ class CliError(Exception):
     pass
 
 
+NETWORK_DIR = STATE_DIR / "network"
+
+
 def _server() -> PgServer:
     return PgServer.from_env(STATE_DIR / "pg")
 
 
-def _network() -> LocalNetwork:
-    return LocalNetwork.load(_server(), STATE_DIR / "network")
+def _network(directory: Path | None = None) -> LocalNetwork:
+    return LocalNetwork.load(_server(), directory or NETWORK_DIR)
 
 
-def _peer_url(peer: str) -> str:
+def _headers(net: LocalNetwork, name: str) -> dict[str, str]:
+    """The kit's API token of a peer of the network, as a header."""
+    if not net.token_path(name).exists():
+        raise CliError(f"no API token for {name} in {net.token_path(name)}: start it with `dejima up`")
+    return net.auth_headers(name)
+
+
+def url_headers(net: LocalNetwork, url: str) -> dict[str, str]:
+    """The API token for a peer given by URL: the kit's, when it is a peer of the network; else DEJIMA_PEER_TOKEN
+    or DEJIMA_PEER_TOKEN_FILE; else none (the peer will answer 401)."""
+    peer = net.peer_at(url)
+    if peer is not None:
+        return _headers(net, peer)
+    try:
+        token = peer_token({**os.environ, "DEJIMA_DEBUG": "1"})  # validated; "" when neither is set
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _target(net: LocalNetwork, peer: str) -> tuple[str, dict[str, str]]:
+    """(URL, headers) of a peer given by name or URL."""
     if peer.startswith(("http://", "https://")):
-        return peer.rstrip("/")
-    net = _network()
-    if peer not in net.specs:
-        known = ", ".join(net.specs) or "none (run `dejima up`)"
+        return peer.rstrip("/"), url_headers(net, peer)
+    if peer not in net.specs or net.specs[peer].mode != "peer":
+        known = ", ".join(n for n, s in net.specs.items() if s.mode == "peer") or "none (run `dejima up`)"
         raise CliError(f"unknown peer {peer!r}; known peers: {known}")
-    return net.specs[peer].url
+    return net.specs[peer].url, _headers(net, peer)
 
 
-def _api(url: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+def _api(
+    url: str, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     try:
         if body is None:
-            resp = requests.get(url + path, timeout=HTTP_TIMEOUT)
+            resp = requests.get(url + path, headers=headers, timeout=HTTP_TIMEOUT)
         else:
-            resp = requests.post(url + path, json=body, timeout=HTTP_TIMEOUT)
+            resp = requests.post(url + path, json=body, headers=headers, timeout=HTTP_TIMEOUT)
     except requests.RequestException as exc:
         raise CliError(f"{url} is unreachable: {exc}") from None
     try:
@@ -64,9 +96,9 @@ def _api(url: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, 
 def cmd_up(args: argparse.Namespace) -> int:
     server = _server()
     server.start()
-    net = _network()
+    net = _network(args.network)
     if not net.specs:
-        net = LocalNetwork(server, STATE_DIR / "network", example_specs(clients=True))
+        net = LocalNetwork(server, args.network or NETWORK_DIR, example_specs(clients=True))
     for name, spec in net.specs.items():
         if not spec.pid:
             net.start(name)
@@ -77,7 +109,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"PostgreSQL ({server.kind}): {server.url('postgres')}")
     for spec in net.specs.values():
         where = (
-            f"database {server.url(spec.database)}"
+            f"database {server.url(spec.database)}; API token in {net.token_path(spec.name)}"
             if spec.mode == "peer"
             else f"web app; login {CLIENT_USER}, password in {net.password_path(spec.name)}"
         )
@@ -89,14 +121,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     print('  dejima query bank "TABLE bank_users"')
     print("  dejima check")
+    first = next((s for s in net.specs.values() if s.mode == "peer"), None)
+    if first is not None:
+        print(f'  curl -H "Authorization: Bearer $(cat {net.token_path(first.name)})" {first.url}/api/v1/status')
     print("Logs: .dejima/network/<peer>.log. Stop everything with `dejima down` (or `make down`).")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    net = _network()
+    net = _network(args.network)
     net.stop_all()
-    (STATE_DIR / "network" / "network.json").unlink(missing_ok=True)
+    (net.state_dir / "network.json").unlink(missing_ok=True)
     server = _server()
     server.stop()
     print("stopped peers and PostgreSQL" if server.kind != "external" else "stopped peers")
@@ -104,13 +139,17 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    net = _network()
+    net = _network(args.network)
     out: dict[str, Any] = {}
     healthy = True
     for name, spec in net.specs.items():
         try:
             _, health = _api(spec.url, "/health")
-            _, status = _api(spec.url, "/api/v1/status")
+            status: dict[str, Any] = {}
+            if spec.mode == "peer":  # (a client's pages need a login, not a token: its health says enough)
+                code, status = _api(spec.url, "/api/v1/status", headers=_headers(net, name))
+                if code != 200:
+                    raise CliError(f"status: {code} {status.get('error', status)}")
             out[name] = {
                 "url": spec.url,
                 "health": health.get("status"),
@@ -133,7 +172,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    status, body = _api(_peer_url(args.peer), "/api/v1/exec", {"sql": args.sql})
+    url, headers = _target(_network(args.network), args.peer)
+    status, body = _api(url, "/api/v1/exec", {"sql": args.sql}, headers)
     if status == 200 and body.get("status") == "committed":
         reached = ", ".join(body.get("participants") or []) or "no other peer"
         print(f"committed {body.get('gxid')} (reached {reached})")
@@ -143,7 +183,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    status, body = _api(_peer_url(args.peer), "/api/v1/query", {"sql": args.sql})
+    url, headers = _target(_network(args.network), args.peer)
+    status, body = _api(url, "/api/v1/query", {"sql": args.sql}, headers)
     if status != 200:
         print(f"error ({status}): {body.get('error', body)}", file=sys.stderr)
         return 1
@@ -156,10 +197,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_network(urls: dict[str, str]) -> dict[str, Any]:
+def check_network(urls: dict[str, str], auth: Mapping[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """Compare every dejima view across its group; verify every peer's transaction log (hash chain); list leftover
     prepared transactions; report every peer whose machinery in the database (capture and putback triggers, their
-    functions, privileges) is not what its manifest generates (GET /api/v1/machinery).
+    functions, privileges) is not what its manifest generates (GET /api/v1/machinery). `auth` gives the headers (the
+    API token) for each key of `urls`.
 
     A view's digest (GET /api/v1/views/<view>) is order-independent: the sha256 of the sorted canonical JSON lines of
     its rows, so peers agree whatever their physical row order. A chain is verified by its peer (GET
@@ -171,12 +213,15 @@ def check_network(urls: dict[str, str]) -> dict[str, Any]:
     machinery: dict[str, list[str]] = {}  # peer -> what differs in its database (its capture triggers, …)
     errors: list[str] = []
     for name, url in urls.items():
+        headers = (auth or {}).get(name)
         try:
-            _, status = _api(url, "/api/v1/status")
+            code, status = _api(url, "/api/v1/status", headers=headers)
+            if code != 200:
+                raise CliError(f"status unavailable ({code}): {status.get('error', status)}")
             for view in status.get("views", []):
-                _, snap = _api(url, f"/api/v1/views/{view}")
+                _, snap = _api(url, f"/api/v1/views/{view}", headers=headers)
                 views.setdefault(view, {})[name] = snap["digest"]
-            code, log = _api(url, "/api/v1/txlog?verify=1&limit=0")
+            code, log = _api(url, "/api/v1/txlog?verify=1&limit=0", headers=headers)
             if code != 200 or "verify" not in log:
                 raise CliError(f"transaction log unavailable ({code}): {log.get('error', log)}")
             verdict = log["verify"]
@@ -186,9 +231,9 @@ def check_network(urls: dict[str, str]) -> dict[str, Any]:
                 "broken_at": verdict["broken_at"],
                 "reason": verdict.get("reason", ""),
             }
-            _, prep = _api(url, "/api/v1/prepared")
+            _, prep = _api(url, "/api/v1/prepared", headers=headers)
             prepared[name] = prep.get("prepared", [])
-            code, inspected = _api(url, "/api/v1/machinery")
+            code, inspected = _api(url, "/api/v1/machinery", headers=headers)
             if code != 200 or "problems" not in inspected:
                 raise CliError(f"machinery unavailable ({code}): {inspected.get('error', inspected)}")
             machinery[str(status.get("peer") or name)] = list(inspected["problems"])
@@ -213,14 +258,16 @@ def check_network(urls: dict[str, str]) -> dict[str, Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    net = _network(args.network)
     if args.peer:
         urls = {url: url.rstrip("/") for url in args.peer}
+        auth = {url: url_headers(net, url) for url in args.peer}
     else:
-        net = _network()
         urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
+        auth = {name: _headers(net, name) for name in urls}
     if not urls:
         raise CliError("no peers known; run `dejima up`")
-    report = check_network(urls)
+    report = check_network(urls, auth)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -258,6 +305,13 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dejima", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--network",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the local network's folder: network.json, logs, API tokens (default: .dejima/network)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start PostgreSQL and the example peers; return when ready")
     up.add_argument("--detach", action="store_true", help="return once ready (always: peers run in the background)")

@@ -7,6 +7,12 @@ Authenticated peers: each peer's key pair is created up front in `<state dir>/<n
 restarts) and every peer is given the public keys of all the others (DEJIMA_KEY_FILE, DEJIMA_TRUSTED_KEYS), so the
 network works with no manual step. Tests sign their own peer messages with these files (`LocalNetwork.key`).
 
+API tokens: before a peer starts, the kit makes sure `<state dir>/<peer>.token` exists (mode 0600, generated once,
+kept across restarts) and that the peer's database holds it (scopes read, write; named after the peer). Each client
+gets `<state dir>/<client>.token`, a token of its peer named after the client, as DEJIMA_PEER_TOKEN_FILE.
+`LocalNetwork.token(name)` / `auth_headers(name)` give them to the CLI, the benchmarks, chaos and the tests;
+`exec`, `query` and `get` send them.
+
 Client login: each client gets its own user store `<state dir>/<name>.sqlite3` (DEJIMA_CLIENT_DB) and a generated
 password for its user `admin` in `<state dir>/<name>.password` (mode 0600, next to its log, kept across restarts;
 DEJIMA_CLIENT_PASSWORD_FILE). `LocalNetwork.password_path(name)` / `password(name)` give it to the kit and the tests.
@@ -36,9 +42,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from peer.dejima import tokens
 from peer.dejima.auth import load_or_create_key, public_b64
 from peer.dejima.install import SQL_ROOT, Roles, install
 from peer.pgserver import PgServer
@@ -188,6 +196,68 @@ class LocalNetwork:
         root = Path(spec.env["DEJIMA_SQL_ROOT"]) if spec.env.get("DEJIMA_SQL_ROOT") else self.sql_root or SQL_ROOT
         install(self.admin_url(name), spec.peer_type, root, roles=roles)
 
+    # ---- API tokens -----------------------------------------------------------------------------------------------
+    def token_path(self, name: str) -> Path:
+        """Where the API token of a peer (its own) or of a client (one of its peer) is kept: mode 0600."""
+        return self.state_dir / f"{name}.token"
+
+    def token(self, name: str) -> str:
+        """The API token of a peer or client of this network (generated when it has none yet; a peer's database
+        learns it when the kit starts the peer, a client's peer when the kit starts the client)."""
+        path = self.token_path(name)
+        if not path.exists():  # written whole, then linked into place: a reader never sees half a file
+            draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(tokens.new_token() + "\n")
+                with contextlib.suppress(FileExistsError):  # another process made it meanwhile: theirs it is
+                    os.link(draft, path)
+            finally:
+                draft.unlink(missing_ok=True)
+        return path.read_text().strip()
+
+    def auth_headers(self, name: str) -> dict[str, str]:
+        """The header that lets a request through to peer `name` (its own token), or, for a client's name, to the
+        client's peer (the client's token)."""
+        return {"Authorization": f"Bearer {self.token(name)}"}
+
+    def grant(self, peer: str, name: str, scopes: tuple[str, ...] = tokens.SCOPES) -> str:
+        """Make token `name` (its file in the state dir) a token of `peer` of this network, in its database (created
+        and installed when it is not yet). Returns the token."""
+        spec = self.specs[peer]
+        if spec.mode != "peer":
+            raise NetworkError(f"{peer} is a client, not a peer: it has no API tokens")
+        self.install(peer)  # the table of tokens is part of the peer's SQL
+        token = self.token(name)
+        with psycopg.connect(self.admin_url(peer), autocommit=True, connect_timeout=10) as conn:
+            tokens.ensure(conn, name, scopes, token=token)
+        return token
+
+    def peer_at(self, url: str) -> str | None:
+        """The name of the peer of this network that serves its client API at `url` (gunicorn or the lean client
+        listener), None when none does."""
+        url = url.rstrip("/")
+        found = [n for n, s in self.specs.items() if s.mode == "peer" and url in (s.url, s.api_url)]
+        return found[0] if found else None
+
+    def _ensure_tokens(self, spec: PeerSpec) -> None:
+        """Before a peer or client starts: a peer's own token in its database; a client's token at its peer, given
+        to it as DEJIMA_PEER_TOKEN_FILE (unless its env names a token already: a client of a peer elsewhere)."""
+        if spec.mode == "peer":
+            self.grant(spec.name, spec.name)
+            return
+        if "DEJIMA_PEER_TOKEN" in spec.env or "DEJIMA_PEER_TOKEN_FILE" in spec.env:
+            return
+        peer = self.peer_at(spec.env.get("DEJIMA_PEER_URL", ""))
+        if peer is None:
+            raise NetworkError(
+                f"client {spec.name}: its peer {spec.env.get('DEJIMA_PEER_URL')!r} is not in this network; give it"
+                " DEJIMA_PEER_TOKEN_FILE (a token of that peer, e.g. from LocalNetwork.grant)"
+            )
+        self.grant(peer, spec.name)
+        spec.env["DEJIMA_PEER_TOKEN_FILE"] = str(self.token_path(spec.name))
+
     # ---- processes ------------------------------------------------------------------------------------------
     def env_for(self, spec: PeerSpec) -> dict[str, str]:
         seeds = ",".join(s.message_url for s in self.specs.values() if s.name != spec.name and s.mode == "peer")
@@ -238,8 +308,7 @@ class LocalNetwork:
 
     def start(self, name: str) -> None:
         spec = self.specs[name]
-        if spec.mode == "peer":
-            self.install(name)
+        self._ensure_tokens(spec)  # a peer's: installs its database and roles first
         log = self.log_path(name).open("ab")
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:peer.gunicorn_conf", "peer.wsgi"]
         repo = Path(__file__).resolve().parent.parent
@@ -283,7 +352,7 @@ class LocalNetwork:
 
     # ---- readiness ------------------------------------------------------------------------------------------
     def get(self, name: str, path: str, timeout: float = 5.0) -> Any:
-        resp = requests.get(self.specs[name].url + path, timeout=timeout)
+        resp = requests.get(self.specs[name].url + path, headers=self.auth_headers(name), timeout=timeout)
         resp.raise_for_status()
         return resp.json()
 
@@ -327,12 +396,22 @@ class LocalNetwork:
 
     def exec(self, name: str, statements: str | list[str], timeout: float = 30.0) -> tuple[int, Any]:
         """Run statements at a peer as one global transaction: (HTTP status, JSON answer)."""
-        resp = requests.post(self.specs[name].url + "/api/v1/exec", json={"sql": statements}, timeout=timeout)
+        resp = requests.post(
+            self.specs[name].url + "/api/v1/exec",
+            json={"sql": statements},
+            headers=self.auth_headers(name),
+            timeout=timeout,
+        )
         return resp.status_code, resp.json()
 
     def query(self, name: str, statement: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Rows of a read-only query at a peer, as dicts."""
-        resp = requests.post(self.specs[name].url + "/api/v1/query", json={"sql": statement}, timeout=timeout)
+        resp = requests.post(
+            self.specs[name].url + "/api/v1/query",
+            json={"sql": statement},
+            headers=self.auth_headers(name),
+            timeout=timeout,
+        )
         resp.raise_for_status()
         body = resp.json()
         return [dict(zip(body["columns"], row, strict=True)) for row in body["rows"]]

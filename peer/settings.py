@@ -26,7 +26,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "peer.dejima",
 ]
-REST_FRAMEWORK = {
+PEER_MODE = os.environ.get("PEER_MODE", "").strip() or "peer"
+REST_FRAMEWORK: dict[str, object] = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "UNAUTHENTICATED_USER": None,
@@ -35,6 +36,16 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_METADATA_CLASS": None,  # OPTIONS is 405 like any method an endpoint does not take
 }
+if PEER_MODE == "peer":
+    # Every endpoint of a peer needs an API token (peer/dejima/apiauth.py), a new one too, unless it opts out as
+    # /health and /peer/v1/message do; DRF's own 401 and 403 come out in the API's error shape.
+    REST_FRAMEWORK.update(
+        {
+            "DEFAULT_AUTHENTICATION_CLASSES": ["peer.dejima.apiauth.BearerTokenAuthentication"],
+            "DEFAULT_PERMISSION_CLASSES": ["peer.dejima.apiauth.TokenScope"],
+            "EXCEPTION_HANDLER": "peer.dejima.apiauth.exception_handler",
+        }
+    )
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -55,7 +66,6 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Client mode (PEER_MODE=client): the person-facing web app and REST API of one organization (peer/client/).
 # It talks only to its peer service (DEJIMA_PEER_URL) and keeps CSRF protection on for its HTML forms.
-PEER_MODE = os.environ.get("PEER_MODE", "").strip() or "peer"
 PEER_TYPE = os.environ.get("PEER_TYPE", "")
 TEMPLATES = [
     {
@@ -125,6 +135,15 @@ SPECTACULAR_SETTINGS = {
         "ErrorKindEnum": "peer.dejima.serializers.ERROR_KINDS",
         "MessageKindEnum": "peer.dejima.serializers.MESSAGE_KINDS",
     },
+    # a peer's schema needs a token like every endpoint (drf-spectacular's own default would be AllowAny)
+    "SERVE_PERMISSIONS": (
+        ["peer.dejima.apiauth.TokenScope"] if PEER_MODE == "peer" else ["rest_framework.permissions.AllowAny"]
+    ),
+    # a peer: every operation behind an API token documents its 401 and 403 (peer/dejima/schema.py)
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        *(["peer.dejima.schema.document_token_refusals"] if PEER_MODE == "peer" else []),
+    ],
 }
 
 # Peer type folders (manifest + generated SQL).

@@ -168,3 +168,13 @@ BEGIN
     DELETE FROM dejima.active AS a WHERE a.xid = pg_current_xact_id();
 END
 $dejima$;
+
+-- API tokens (peer/dejima/tokens.py): who may use this peer's client API; only the sha256 (hex) of a token is kept.
+CREATE TABLE IF NOT EXISTS dejima.api_tokens (
+    name text PRIMARY KEY,
+    scopes text[] NOT NULL,
+    token_sha256 text NOT NULL UNIQUE,
+    source text NOT NULL DEFAULT 'command',   -- 'command' (management command / kit) | 'file' (DEJIMA_API_TOKENS_FILE)
+    created_at timestamptz NOT NULL DEFAULT now(),
+    revoked_at timestamptz
+);

@@ -108,7 +108,7 @@ def reset_network(net: LocalNetwork) -> None:
     what they prepared (a COMMIT PREPARED landing afterwards would bring a row back)."""
     peers = [spec for spec in net.specs.values() if spec.mode == "peer"]
     for spec in peers:
-        settle(spec.url)
+        settle(spec.url, net.auth_headers(spec.name))
     for spec in peers:
         empty_base_tables(net.server.url(spec.database))
 

@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from peer.cli import check_network
 from peer.dejima.auth import sign_envelope
 from peer.dejima.delta import RowChange, begin_global, take_changes
 from peer.dejima.install import COMMON_SQL, SQL_ROOT
@@ -297,14 +298,22 @@ def start_peer_process(env: Mapping[str, str]) -> subprocess.CompletedProcess[st
 
 
 def start_client(net: LocalNetwork, state_dir: Path, name: str, peer_url: str) -> LocalNetwork:
-    """A one-process LocalNetwork running the government client (PEER_MODE=client) against `peer_url`."""
+    """A one-process LocalNetwork running the government client (PEER_MODE=client) against `peer_url`, with a token
+    of that peer of `net` named after the client (`net.grant`; a URL of no peer of `net`: no token)."""
+    env = {"DEJIMA_PEER_URL": peer_url, "DEJIMA_PEER_TIMEOUT": "20"}
+    peer = net.peer_at(peer_url)
+    if peer is not None:
+        net.grant(peer, name)
+        env["DEJIMA_PEER_TOKEN_FILE"] = str(net.token_path(name))
+    else:
+        env["DEJIMA_PEER_TOKEN"] = "dj_" + "x" * 43  # a well-formed token no peer knows
     spec = PeerSpec(
         name=name,
         peer_type="government",
         port=free_port(),
         database="",
         mode="client",
-        env={"DEJIMA_PEER_URL": peer_url, "DEJIMA_PEER_TIMEOUT": "20"},
+        env=env,
     )
     client = LocalNetwork(net.server, state_dir, [spec])
     client.start(name)
@@ -314,3 +323,9 @@ def start_client(net: LocalNetwork, state_dir: Path, name: str, peer_url: str) -
         client.stop_all()
         raise
     return client
+
+
+def check(net: LocalNetwork) -> dict[str, Any]:
+    """`dejima check` on the peers of a kit network, each asked with its API token."""
+    urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
+    return check_network(urls, {name: net.auth_headers(name) for name in urls})

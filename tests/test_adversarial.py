@@ -141,7 +141,9 @@ def test_it_refuses_session_state_and_leaves_later_requests_as_they_were(network
 @pytest.mark.cluster
 @pytest.mark.parametrize("name", INJECTIONS)
 def test_an_injected_view_name_is_an_unknown_view(network: LocalNetwork, name: str) -> None:
-    resp = requests.get(url(network, "bank", "/api/v1/views/" + quote(name, safe="")), timeout=10)
+    resp = requests.get(
+        url(network, "bank", "/api/v1/views/" + quote(name, safe="")), headers=network.auth_headers("bank"), timeout=10
+    )
     assert resp.status_code == 404, resp.text
     assert resp.json()["kind"] in ("bad_request", "not_found"), resp.text
     assert_nothing_applied(network)
@@ -150,7 +152,9 @@ def test_an_injected_view_name_is_an_unknown_view(network: LocalNetwork, name: s
 @pytest.mark.cluster
 @pytest.mark.parametrize("limit", ["1; DROP TABLE dejima.txlog", "1 OR 1=1", "-1", "1e3"])
 def test_an_injected_txlog_limit_is_refused(network: LocalNetwork, limit: str) -> None:
-    resp = requests.get(url(network, "bank", "/api/v1/txlog"), params={"limit": limit}, timeout=10)
+    resp = requests.get(
+        url(network, "bank", "/api/v1/txlog"), params={"limit": limit}, headers=network.auth_headers("bank"), timeout=10
+    )
     assert resp.status_code == 400, resp.text
     assert_nothing_applied(network)
 

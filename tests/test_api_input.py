@@ -18,11 +18,10 @@ import psycopg
 import pytest
 import requests
 
-from peer.cli import check_network
 from peer.dejima.config import load_config
 from peer.network import LocalNetwork
 from peer.testkit.proxy import settle
-from tests.helpers import claimed_sender, sign_as, wait_until
+from tests.helpers import check, claimed_sender, sign_as, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -47,6 +46,11 @@ def url(net: LocalNetwork, peer: str, path: str) -> str:
     return net.specs[peer].url + path
 
 
+def auth(net: LocalNetwork, peer: str) -> dict[str, str]:
+    """The headers of a JSON request to a peer's client API: its API token."""
+    return {**JSON, **net.auth_headers(peer)}
+
+
 def signed(net: LocalNetwork, message: Any) -> Any:
     """A peer message as the peer it claims to come from would send it (signed with that peer's key; a peer outside
     the network: signed by bank). Anything that is not an envelope with a body object is left as it is."""
@@ -62,12 +66,15 @@ FRONTS = ["gunicorn", "api"]  # where a client's exec and query may go: the REST
 def post(net: LocalNetwork, peer: str, path: str, body: Any, front: str = "gunicorn") -> tuple[int, Any]:
     """POST `body` (bytes as they are, anything else as JSON; peer messages signed); (HTTP status, JSON answer).
     `front="lean"`: to the peer's lean listener for peer messages (DEJIMA_MESSAGE_BIND) instead of gunicorn;
-    `front="api"`: to its lean client listener (DEJIMA_API_BIND)."""
+    `front="api"`: to its lean client listener (DEJIMA_API_BIND). A client API call carries the peer's API token."""
+    headers = JSON
     if path == "/peer/v1/message":
         body = signed(net, body)
+    else:
+        headers = {**JSON, **net.auth_headers(peer)}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     base = {"lean": net.specs[peer].message_url, "api": net.specs[peer].api_url}.get(front, net.specs[peer].url)
-    resp = requests.post(base + path, data=data, headers=JSON, timeout=30)
+    resp = requests.post(base + path, data=data, headers=headers, timeout=30)
     return resp.status_code, resp.json()
 
 
@@ -77,7 +84,7 @@ def base_rows(net: LocalNetwork) -> dict[str, list[tuple[Any, ...]]]:
     reached the participants."""
     out = {}
     for peer in PEERS:
-        settle(net.specs[peer].url)
+        settle(net.specs[peer].url, net.auth_headers(peer))
         with psycopg.connect(net.server.url(net.specs[peer].database)) as conn:
             out[peer] = conn.execute(f"SELECT * FROM {TABLES[peer]} ORDER BY id").fetchall()  # noqa: S608
     return out
@@ -97,7 +104,7 @@ def assert_nothing_applied(net: LocalNetwork, sent_before: int | None = None) ->
     assert base_rows(net) == {peer: [] for peer in PEERS}
     if sent_before is not None:
         assert sent_messages(net) == sent_before, "a propagate was sent for refused input"
-    report = check_network({name: spec.url for name, spec in net.specs.items()})
+    report = check(net)
     assert report["ok"], report
 
 
@@ -318,7 +325,7 @@ def _chunks(data: bytes) -> Iterator[bytes]:
 
 def test_it_reads_a_chunked_body(net: LocalNetwork) -> None:
     data = json.dumps({"sql": "SELECT 1 AS one"}).encode()
-    resp = requests.post(url(net, "bank", "/api/v1/query"), data=_chunks(data), headers=JSON, timeout=30)
+    resp = requests.post(url(net, "bank", "/api/v1/query"), data=_chunks(data), headers=auth(net, "bank"), timeout=30)
     # either it reads the body, or it says plainly that it needs a Content-Length (411)
     assert resp.status_code in (200, 411), resp.text
     if resp.status_code == 200:
@@ -328,7 +335,7 @@ def test_it_reads_a_chunked_body(net: LocalNetwork) -> None:
 def test_it_refuses_an_oversized_chunked_body_with_413(net: LocalNetwork) -> None:
     sent = sent_messages(net)
     data = json.dumps({"sql": "SELECT 1 -- " + "x" * (2 * MAX_BODY)}).encode()
-    resp = requests.post(url(net, "bank", "/api/v1/exec"), data=_chunks(data), headers=JSON, timeout=30)
+    resp = requests.post(url(net, "bank", "/api/v1/exec"), data=_chunks(data), headers=auth(net, "bank"), timeout=30)
     assert resp.status_code in (411, 413), resp.text
     assert_nothing_applied(net, sent)
 
@@ -340,7 +347,7 @@ def test_the_client_listener_refuses_a_body_over_the_limit_or_chunked(net: Local
     assert status == 413, answer
     assert str(MAX_BODY) in answer["error"], answer
     data = json.dumps({"sql": "SELECT 1"}).encode()
-    resp = requests.post(net.specs["bank"].api_url + path, data=_chunks(data), headers=JSON, timeout=30)
+    resp = requests.post(net.specs["bank"].api_url + path, data=_chunks(data), headers=auth(net, "bank"), timeout=30)
     assert resp.status_code == 411, resp.text
     assert "Content-Length" in resp.json()["error"]
     assert_nothing_applied(net, sent)
@@ -361,11 +368,11 @@ def test_the_client_listener_commits_like_the_rest_api_and_serves_nothing_else(n
     assert queried["api"] == queried["gunicorn"] and len(queried["api"]["rows"]) == 2
     api = net.specs["bank"].api_url
     for path in ("/api/v1/status", "/peer/v1/message", "/client/"):  # the rest of the API, and peer messages
-        resp = requests.post(api + path, data=b"{}", headers=JSON, timeout=30)
+        resp = requests.post(api + path, data=b"{}", headers=auth(net, "bank"), timeout=30)
         assert resp.status_code == 404, (path, resp.text)
-    resp = requests.get(api + "/api/v1/exec", timeout=30)
+    resp = requests.get(api + "/api/v1/exec", headers=net.auth_headers("bank"), timeout=30)
     assert (resp.status_code, resp.headers.get("Allow")) == (405, "POST")
-    assert check_network({name: spec.url for name, spec in net.specs.items()})["ok"]
+    assert check(net)["ok"]
 
 
 @pytest.mark.parametrize(
@@ -396,7 +403,7 @@ def test_it_answers_422_for_a_constraint_violated_at_the_origin(
 
 @pytest.mark.parametrize("view", ["nope", "dejima_insurance", "bank_users"])
 def test_it_answers_404_for_an_unknown_view(net: LocalNetwork, view: str) -> None:
-    resp = requests.get(url(net, "bank", f"/api/v1/views/{view}"), timeout=10)
+    resp = requests.get(url(net, "bank", f"/api/v1/views/{view}"), headers=net.auth_headers("bank"), timeout=10)
     assert resp.status_code == 404, resp.text
     assert repr(view) in resp.json()["error"], resp.text
 

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.cluster
 
 
 def run_check(network: LocalNetwork) -> tuple[int, dict[str, object]]:
-    args = [sys.executable, "-m", "peer.cli", "check", "--json"]
+    # the peers by URL: the CLI finds each one's API token in the network's folder
+    args = [sys.executable, "-m", "peer.cli", "--network", str(network.state_dir), "check", "--json"]
     for spec in network.specs.values():
         args += ["--peer", spec.url]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
@@ -39,7 +40,7 @@ def test_it_fails_on_a_database_tampered_with_directly(network: LocalNetwork) ->
     assert status == 200, body
     # The origin answers once it decided (DEJIMA_COMMIT_WAIT=decision): government may not have committed the row yet,
     # and an UPDATE behind its back would then find nothing to change.
-    settle(network.specs["government"].url)
+    settle(network.specs["government"].url, network.auth_headers("government"))
     # A direct write without a gxid bypasses Dejima: nothing is captured or propagated.
     with psycopg.connect(network.server.url(network.specs["government"].database), autocommit=True) as conn:
         conn.execute("UPDATE government_users SET address = 'tampered' WHERE first_name = 'Ann'")

@@ -549,6 +549,7 @@ def client_env(**extra: str) -> dict[str, str]:
             "PEER_MODE": "client",
             "DEJIMA_PEER_URL": "http://127.0.0.1:8001",
             "DEJIMA_SECRET_KEY": "a-test-secret-that-is-not-a-default",
+            "DEJIMA_PEER_TOKEN": "dj_" + "t" * 43,  # the API token it would send its peer (required outside debug)
             **extra,
         }
     )

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from peer.cli import check_network
 from peer.network import LocalNetwork
+from tests.helpers import check
 
 pytestmark = pytest.mark.cluster
 
@@ -27,7 +27,7 @@ def test_it_propagates_an_insert_at_government_to_bank_and_insurance(network: Lo
     ]
     insurance = network.query("insurance", "SELECT first_name, address, birthdate::text AS b FROM insurance_users")
     assert insurance == [{"first_name": "Jane", "address": "2 Elm St", "b": "1980-05-17"}]
-    report = check_network({n: s.url for n, s in network.specs.items()})
+    report = check(network)
     assert report["ok"], report
 
 
@@ -54,6 +54,7 @@ def _answer(sock: socket.socket) -> tuple[bytes, dict[str, str], bytes]:
 def test_its_answers_carry_their_length_on_a_kept_alive_connection(network: LocalNetwork) -> None:
     # a Content-Length instead of a chunked body: two writes to the socket per answer where three did
     spec = network.specs["bank"]
+    token = network.token("bank")
     with socket.create_connection(("127.0.0.1", spec.port), timeout=10) as sock:
         for body, path, expected in (
             (b'{"sql": "SELECT 1 AS one"}', "/api/v1/query", b"200"),
@@ -62,6 +63,7 @@ def test_its_answers_carry_their_length_on_a_kept_alive_connection(network: Loca
         ):
             sock.sendall(
                 f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {token}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )

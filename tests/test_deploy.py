@@ -59,10 +59,6 @@ THIRD_PARTY = {
 }
 # Settings of the trust-boundaries contract (notes/contract.md) that other branches add to the code: the files set
 # them already. Remove a name once `setting_names()` has it (and docs/settings.md documents it).
-PENDING = {
-    "DEJIMA_API_TOKENS_FILE": "the API tokens' hashes, imported at start (the tokens branch)",
-    "DEJIMA_PEER_TOKEN_FILE": "the client app's token for its peer (the tokens branch)",
-}
 IMAGE_ENV = {  # ENV of docker/Dockerfile that Python, pip or Django read
     "PATH",
     "PYTHONPATH",
@@ -375,7 +371,7 @@ def check_env_names(services: dict[str, Service], where: str) -> None:
     for svc in services.values():
         for key in svc.env:
             if key.startswith(("PEER_", "DEJIMA_")):
-                assert key in known or key in PENDING, (
+                assert key in known, (
                     f"{where}: {svc.name} sets {key}, which no setting reads (docs/settings.md)"
                 )
             else:

@@ -262,14 +262,21 @@ def test_the_middleware_answers_a_recursion_error_with_400_and_nothing_else() ->
 
 
 def send(
-    conn: http.client.HTTPConnection, method: str, path: str, body: bytes = b"", password: str | None = None
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    password: str | None = None,
+    token: str | None = None,
 ) -> tuple[int, Any, str | None]:
     """Every request of the cluster tests goes through here, so their headers are set in this one place: the body
-    as it is, as JSON; HTTP Basic as the client app's admin with `password`. (HTTP status, the decoded JSON answer,
-    the Connection header.)"""
+    as it is, as JSON; HTTP Basic as the client app's admin with `password`, or a peer's API token. (HTTP status,
+    the decoded JSON answer, the Connection header.)"""
     headers = {"Content-Type": "application/json"}
     if password is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     conn.request(method, path, body=body, headers=headers)
     resp = conn.getresponse()
     return resp.status, json.loads(resp.read()), resp.getheader("Connection")
@@ -309,7 +316,7 @@ def snapshot(net: LocalNetwork) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for peer in PEERS:
         url = net.specs[peer].url
-        settle(url)
+        settle(url, net.auth_headers(peer))
         with psycopg.connect(net.server.url(net.specs[peer].database)) as conn:
             rows = conn.execute(f"SELECT * FROM {TABLES[peer]} ORDER BY id").fetchall()  # noqa: S608
         status = net.get(peer, "/api/v1/status")
@@ -340,9 +347,9 @@ def good_request(net: LocalNetwork, path: str) -> tuple[bytes, int, dict[str, An
     return wire(sign_as(net, "bank", {**ask, "signature": None})), 200, {"kind": "decision_reply"}
 
 
-def served_on(net: LocalNetwork, conn: http.client.HTTPConnection, path: str) -> None:
+def served_on(net: LocalNetwork, conn: http.client.HTTPConnection, path: str, peer: str) -> None:
     body, status, holds = good_request(net, path)
-    got, answer, _ = send(conn, "POST", path, body)
+    got, answer, _ = send(conn, "POST", path, body, token=net.token(peer))
     assert got == status, answer
     assert {k: answer.get(k) for k in holds} == holds, answer
 
@@ -354,16 +361,16 @@ def bad_then_good(net: LocalNetwork, listener: str, path: str, body: bytes) -> t
     conn = connect(getattr(net.specs[peer], listener))
     try:
         local = conn.sock.getsockname()
-        status, answer, connection = send(conn, "POST", path, body)
+        status, answer, connection = send(conn, "POST", path, body, token=net.token(peer))
         if listener in LEAN:
             assert connection is None, "the lean listener closed the connection"
-            served_on(net, conn, path)
+            served_on(net, conn, path, peer)
             assert conn.sock is not None and conn.sock.getsockname() == local, "not the same connection"
     finally:
         conn.close()
     again = connect(getattr(net.specs[peer], listener))
     try:
-        served_on(net, again, path)
+        served_on(net, again, path, peer)
     finally:
         again.close()
     return status, answer

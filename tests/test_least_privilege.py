@@ -55,8 +55,8 @@ def net(trust_network: LocalNetwork, request: pytest.FixtureRequest) -> Iterator
         if not spec.pid:
             trust_network.start(name)
     trust_network.wait_ready(timeout=60)
-    for spec in trust_network.specs.values():
-        settle(spec.url)
+    for name, spec in trust_network.specs.items():
+        settle(spec.url, trust_network.auth_headers(name))
     for spec in trust_network.specs.values():
         empty_base_tables(trust_network.server.url(spec.database))
     yield trust_network
@@ -70,9 +70,8 @@ def net(trust_network: LocalNetwork, request: pytest.FixtureRequest) -> Iterator
 
 
 def headers(net: LocalNetwork, name: str) -> dict[str, str]:
-    """What a client of the kit sends with every request (its credential, when the peer asks for one)."""
-    auth = getattr(net, "auth_headers", None)
-    return dict(auth(name)) if callable(auth) else {}
+    """What a client of the kit sends with every request: its API token."""
+    return net.auth_headers(name)
 
 
 def call(net: LocalNetwork, name: str, path: str, statements: str | list[str]) -> tuple[int, dict[str, Any]]:
@@ -413,6 +412,7 @@ def test_the_pool_and_the_log_survive_every_attack(net: LocalNetwork) -> None:
     every view identical, every log intact and the machinery whole."""
     from peer.cli import check_network
 
+    everyone = {n: net.auth_headers(n) for n in net.specs}
     for _ in range(3):
         for statement in (
             "SELECT set_config('session_replication_role', 'replica', false)",
@@ -423,7 +423,7 @@ def test_the_pool_and_the_log_survive_every_attack(net: LocalNetwork) -> None:
             query(net, "bank", statement)
     still_serves(net)
     report = wait_until(
-        lambda: (r := check_network({n: s.url for n, s in net.specs.items()}))["ok"] and r,
+        lambda: (r := check_network({n: s.url for n, s in net.specs.items()}, everyone))["ok"] and r,
         timeout=20,
         what="a clean dejima check",
     )

@@ -222,11 +222,12 @@ def test_a_peer_repairs_its_machinery_at_start_and_dejima_check_reports_it_befor
     spec = network.specs[name]
     roles = db_roles(spec.database)
     damage(network.admin_url(name), roles)
-    headers = dict(getattr(network, "auth_headers", lambda n: {})(name))
+    headers = network.auth_headers(name)
     machinery = requests.get(spec.url + "/api/v1/machinery", headers=headers, timeout=10).json()
     assert machinery["ok"] is False
     assert "trigger dejima_capture_ins on public.bank_users is missing" in machinery["problems"], machinery
-    report = check_network({n: s.url for n, s in network.specs.items()})
+    everyone = {n: network.auth_headers(n) for n in network.specs}
+    report = check_network({n: s.url for n, s in network.specs.items()}, everyone)
     assert report["ok"] is False and report["damaged_machinery"] == ["bank"], report
     network.stop(name)
     network.start(name)
@@ -237,4 +238,4 @@ def test_a_peer_repairs_its_machinery_at_start_and_dejima_check_reports_it_befor
         name, "INSERT INTO bank_users (first_name, last_name, phone, address) VALUES ('Re', 'Paired', '1', 'x')"
     )
     assert status == 200 and sorted(body["participants"]) == ["government", "insurance"], body
-    wait_until(lambda: check_network({n: s.url for n, s in network.specs.items()})["ok"], 20, "a clean check")
+    wait_until(lambda: check_network({n: s.url for n, s in network.specs.items()}, everyone)["ok"], 20, "a clean check")

@@ -6,6 +6,8 @@ negative data) against a running peer of the example network and a running clien
 every answer conforms to the schema (status, content type, body), schema-invalid input is refused with a 4xx, and
 nothing is applied by any refused request: every peer's base table, dejima views, transaction log and prepared
 transactions read the same before and after it. Unsigned peer messages are refused (401, or 400 when malformed).
+The peer's API token is given to schemathesis as the schema's bearer scheme: its `ignored_auth` check also sends
+each protected operation without it and with a wrong one, and expects 401 or 403.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ class Watch:
         # First let each peer finish what it prepared: the poll below reads the tables before the prepared count, so a
         # COMMIT PREPARED landing between the two would pass a state that misses the write.
         for peer in self.conns:
-            settle(self.net.specs[peer].url)
+            settle(self.net.specs[peer].url, self.net.auth_headers(peer))
 
         def settled() -> dict[str, Any] | None:
             state = {p: peer_state(c, p) for p, c in self.conns.items()}
@@ -240,8 +242,10 @@ def watch(example_network: LocalNetwork) -> Iterator[Watch]:
 def test_the_peer_api_never_fails_and_changes_nothing_it_refuses(network: LocalNetwork, watch: Watch) -> None:
     schema = schemathesis.openapi.from_url(
         network.specs["government"].url + PEER_SCHEMA,
+        headers=network.auth_headers("government"),  # the schema itself needs a token with the read scope
         config=config(
             {
+                "auth": {"openapi": {"bearerToken": {"bearer": network.token("government")}}},
                 "dictionaries": {"views": {"values": ["dejima_bank", "dejima_insurance"]}, "sql": {"values": SQL}},
                 "parameters": {
                     "path.view": {"dictionary": "views", "probability": 0.5},
@@ -272,19 +276,37 @@ def test_the_peer_api_never_fails_and_changes_nothing_it_refuses(network: LocalN
 
 @pytest.mark.cluster
 def test_the_peer_serves_its_schema_at_a_stable_url(network: LocalNetwork) -> None:
-    resp = requests.get(network.specs["bank"].url + PEER_SCHEMA, timeout=TIMEOUT)
+    resp = requests.get(network.specs["bank"].url + PEER_SCHEMA, headers=network.auth_headers("bank"), timeout=TIMEOUT)
     assert resp.status_code == 200, resp.text
     assert resp.headers["Content-Type"] == "application/vnd.oai.openapi+json"
     schema = resp.json()
     assert schema["openapi"].startswith("3.")
     exec_op = schema["paths"]["/api/v1/exec"]["post"]
-    assert {"200", "400", "409", "413", "422"} <= set(exec_op["responses"])
+    assert {"200", "400", "401", "403", "409", "413", "422"} <= set(exec_op["responses"])
     assert "requestBody" in exec_op
+    # the API token: a bearer scheme on every operation but the two open ones, whose 401 and 403 are documented
+    assert schema["components"]["securitySchemes"]["bearerToken"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schema["components"]["securitySchemes"]["bearerToken"]["description"],
+    }
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path in ("/health", "/peer/v1/message"):
+                assert all(not requirement for requirement in operation.get("security", [])), (path, method)
+                continue
+            assert operation["security"] == [{"bearerToken": []}], (path, method)
+            assert {"401", "403"} <= set(operation["responses"]), (path, method)
+            assert "WWW-Authenticate" in operation["responses"]["401"]["headers"], (path, method)
+    assert "'write' scope" in exec_op["responses"]["403"]["description"]
+    assert "'read' scope" in schema["paths"]["/api/v1/query"]["post"]["responses"]["403"]["description"]
 
 
 @pytest.mark.cluster
 def test_an_unknown_path_is_a_json_404(network: LocalNetwork) -> None:
-    resp = requests.get(network.specs["bank"].url + "/api/v1/nope", timeout=TIMEOUT)
+    resp = requests.get(
+        network.specs["bank"].url + "/api/v1/nope", headers=network.auth_headers("bank"), timeout=TIMEOUT
+    )
     assert resp.status_code == 404
     assert resp.json()["kind"] == "not_found", resp.text
 

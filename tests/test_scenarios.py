@@ -19,13 +19,12 @@ import psycopg
 import pytest
 import requests
 
-from peer.cli import check_network
 from peer.dejima.config import load_config
 from peer.dejima.install import SQL_ROOT
 from peer.dejima.manifest import load_peer_types
 from peer.network import LocalNetwork
 from peer.pgserver import PgServer
-from tests.helpers import wait_until
+from tests.helpers import check, wait_until
 from tests.proxy import ProxiedCluster
 
 pytestmark = pytest.mark.cluster
@@ -104,7 +103,7 @@ def assert_network_ok(net: LocalNetwork) -> None:
     wait_until(
         lambda: all(status_of(net, p)["open_transactions"] == 0 for p in PEERS), 10, "open global transactions to end"
     )
-    report = check_network({name: spec.url for name, spec in net.specs.items()})
+    report = check(net)
     assert report["ok"], report
 
 
@@ -396,7 +395,12 @@ def concurrent_writes(net: LocalNetwork, writes: dict[str, list[str]]) -> dict[s
     def run(peer: str, statement: str) -> None:
         barrier.wait()
         began = time.monotonic()
-        resp = requests.post(net.specs[peer].url + "/api/v1/exec", json={"sql": statement}, timeout=TXN_TIMEOUT + 30)
+        resp = requests.post(
+            net.specs[peer].url + "/api/v1/exec",
+            json={"sql": statement},
+            headers=net.auth_headers(peer),
+            timeout=TXN_TIMEOUT + 30,
+        )
         answers[peer] = (resp.status_code, resp.json(), dict(resp.headers), time.monotonic() - began)
 
     threads = [threading.Thread(target=run, args=item) for item in writes.items()]

@@ -246,7 +246,10 @@ def test_concurrent_writes_keep_every_chain_valid(network: LocalNetwork) -> None
             statement = insert(peer, f"W{worker}n{i}", peer)
             for _ in range(60):
                 resp = requests.post(
-                    network.specs[peer].url + "/api/v1/exec", json={"sql": statement}, timeout=60
+                    network.specs[peer].url + "/api/v1/exec",
+                    json={"sql": statement},
+                    headers=network.auth_headers(peer),
+                    timeout=60,
                 ).json()
                 if resp.get("status") == "committed":
                     with lock:

@@ -222,11 +222,12 @@ class JsonClient:
     Cheaper per call than `requests` (≈ 1 ms of client CPU per call, see PERFORMANCE-NOTES), so the client costs the
     shared cores as little as possible. A connection the server closed while idle is reopened once."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> None:
         parts = urlsplit(base_url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.timeout = timeout
+        self.headers = {"Content-Type": "application/json", **(headers or {})}  # e.g. the API token
         self.conn: http.client.HTTPConnection | None = None
 
     def _connect(self) -> http.client.HTTPConnection:
@@ -244,7 +245,7 @@ class JsonClient:
             reused = self.conn is not None
             conn = self.conn or self._connect()
             try:
-                conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+                conn.request("POST", path, body=data, headers=self.headers)
                 resp = conn.getresponse()
                 raw = resp.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
@@ -274,7 +275,7 @@ def settle(net: LocalNetwork, clients: dict[str, JsonClient], peers: Iterable[st
     for peer in peers:
         client = clients.get(peer)
         if client is None:
-            client = clients[peer] = JsonClient(net.specs[peer].url)
+            client = clients[peer] = JsonClient(net.specs[peer].url, headers=net.auth_headers(peer))
         status, answer = client.post("/api/v1/query", {"sql": "SELECT 1"})
         if status != 200:
             raise BenchError(f"the settling query at {peer} failed: {status} {answer}")
@@ -402,11 +403,12 @@ def check_consistency(net: LocalNetwork, timeout: float = 60.0) -> dict[str, Any
     from peer.cli import check_network
 
     urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
+    auth = {name: net.auth_headers(name) for name in urls}
     deadline = time.monotonic() + timeout
-    report = check_network(urls)
+    report = check_network(urls, auth)
     while not report["ok"] and time.monotonic() < deadline:
         time.sleep(0.25)
-        report = check_network(urls)
+        report = check_network(urls, auth)
     if not report["ok"]:
         bad = {k: report[k] for k in ("divergent_views", "broken_chains", "prepared_transactions", "errors")}
         raise BenchError(f"after the run the peers disagree: {bad}")

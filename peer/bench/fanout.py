@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
             net.start_all()
             net.wait_ready(timeout=120 + 10 * total)
-            clients = {k: JsonClient(net.specs[star_peer(k, 0)].url) for k in sizes}
+            clients = {
+                k: JsonClient(net.specs[star_peer(k, 0)].url, headers=net.auth_headers(star_peer(k, 0))) for k in sizes
+            }
             members: dict[str, JsonClient] = {}  # the participants, for `settle`
             expected = {k: [star_peer(k, i) for i in range(1, k)] for k in sizes}
             # what the network costs when nobody writes (discovery's greetings, the sealer, the pools' checks)

@@ -1,12 +1,12 @@
 """Closed-loop clients for the throughput and ycsb benchmarks: every client in one thread, on one event loop.
 
-`closed_loop(targets, body, seconds, warmup_s, seed)`: client c keeps one keep-alive HTTP/1.1 connection to
-`targets[c]`, posts `body(c, rng, n)` (JSON) to /api/v1/exec, waits for the answer and posts the next at once, for
-warmup_s + seconds. The clients share the machine with the peers they load: with a thread per client and
-http.client, the bench process cost ≈ 0.5 ms of CPU per transaction (a tenth of the whole at 64 clients), much of
-it parsing headers and handing the GIL between 64 threads. Here one thread waits on every socket at once
-(`selectors`), writes each request as one prepared byte string, and reads an answer by its Content-Length (or
-chunked framing).
+`closed_loop(targets, body, seconds, warmup_s, seed, headers)`: client c keeps one keep-alive HTTP/1.1 connection to
+`targets[c]`, posts `body(c, rng, n)` (JSON) to /api/v1/exec with `headers[c]` (its API token), waits for the answer and
+posts the next at once, for warmup_s + seconds. The clients share the machine with the peers they load: with a thread
+per client and http.client, the bench process cost ≈ 0.5 ms of CPU per transaction (a tenth of the whole at 64 clients),
+much of it parsing headers and handing the GIL between 64 threads. Here one thread waits on every socket at once
+(`selectors`), writes each request as one prepared byte string, and reads an answer by its Content-Length (or chunked
+framing).
 
 A request is never sent twice, but for one case, as `common.JsonClient` does: the server closed a kept-alive
 connection before any byte of the answer (its keep-alive ran out) — the request goes once more on a new connection.
@@ -22,7 +22,7 @@ import selectors
 import socket
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -105,11 +105,12 @@ def parse_answer(buf: bytes | bytearray) -> tuple[int, bytes, bool, int] | None:
 class _Client:
     """One closed-loop client: its connection, its request in flight and what has come of it so far."""
 
-    def __init__(self, c: int, target: str, seed: int) -> None:
+    def __init__(self, c: int, target: str, seed: int, headers: Mapping[str, str] | None = None) -> None:
         parts = urlsplit(target)
         self.c = c
         self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self.head = f"POST /api/v1/exec HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        self.head = f"POST /api/v1/exec HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n{extra}"
         self.rng = random.Random(seed * 1000 + c)  # noqa: S311 - key choice, not security
         self.n = 0
         self.sock: socket.socket | None = None
@@ -162,11 +163,15 @@ def closed_loop(
     seconds: float,
     warmup_s: float,
     seed: int,
+    headers: Sequence[Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Closed-loop clients (module docstring). Counts what finished inside the measured window: committed (200
     committed), aborted (409 conflict, 503, 504; retryable); any other answer is a broken run (BenchError).
-    Returns the window's figures and `client_committed` (every commit the clients saw, window or not)."""
-    clients = [_Client(c, target, seed) for c, target in enumerate(targets)]
+    Returns the window's figures and `client_committed` (every commit the clients saw, window or not). `headers[c]`:
+    the extra headers of client c's requests (the API token of `targets[c]`)."""
+    if headers is not None and len(headers) != len(targets):
+        raise BenchError(f"{len(targets)} targets but {len(headers)} sets of headers")
+    clients = [_Client(c, target, seed, headers[c] if headers else None) for c, target in enumerate(targets)]
     errors: list[str] = []
     sel = selectors.DefaultSelector()
     try:

@@ -139,7 +139,7 @@ def run_propagation(runs: int, warmup: int, commit_wait: str = "decision") -> di
         specs = with_env(example_specs(base_port=0, prefix="benchprop_"), {"DEJIMA_COMMIT_WAIT": commit_wait})
         with running_network(server, specs) as net:
             load_people(net)
-            clients = {name: JsonClient(spec.url) for name, spec in net.specs.items()}
+            clients = {name: JsonClient(spec.url, headers=net.auth_headers(name)) for name, spec in net.specs.items()}
 
             def once(kind: str, i: int, record: bool) -> None:
                 person = rng.randrange(PEOPLE)

@@ -139,7 +139,10 @@ def run_point(
     global_before = total_stat(net, "global_committed")
     cpu_before, wall_before, machine_before = cpu_by_process(net), time.perf_counter(), machine_cpu()
     urls = {p: net.specs[p].api_url if front == "lean" else net.specs[p].url for p in PEERS}
-    point = closed_loop([urls[p] for p in peers], body, seconds, warmup_s, SEED + point_id)
+    auth = {p: net.auth_headers(p) for p in PEERS}
+    point = closed_loop(
+        [urls[p] for p in peers], body, seconds, warmup_s, SEED + point_id, headers=[auth[p] for p in peers]
+    )
     cpu_after, wall = cpu_by_process(net), time.perf_counter() - wall_before
     machine_split = cpu_split(machine_before, machine_cpu())
     committed_after = total_stat(net, "committed")

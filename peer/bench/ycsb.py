@@ -135,7 +135,8 @@ def run_topology(
 
         log(f"{n} peers (tree {edges}): {len(origin)} clients, {warmup_s} s warm-up + {seconds} s")
         before = total_stat(net, "committed")
-        point = closed_loop([specs[i].url for i in origin], body, seconds, warmup_s, SEED + n)
+        auth = [net.auth_headers(specs[i].name) for i in origin]
+        point = closed_loop([specs[i].url for i in origin], body, seconds, warmup_s, SEED + n, headers=auth)
         after = total_stat(net, "committed")
         if before is not None and after is not None and after - before < point["client_committed"]:
             raise BenchError(f"the peers counted {after - before} commits, the clients {point['client_committed']}")

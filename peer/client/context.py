@@ -91,7 +91,7 @@ class ClientContext:
     service: PeerService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.service = PeerService(self.config.peer_url_for_client, self.config.peer_timeout)
+        self.service = PeerService(self.config.peer_url_for_client, self.config.peer_timeout, self.config.peer_token)
 
     def snapshot(self) -> Snapshot:
         try:

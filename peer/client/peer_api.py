@@ -7,10 +7,13 @@
 | `PeerService.query(sql)` | POST /api/v1/query | `QueryResult(columns, rows)`; raises PeerUnavailable, QueryFailed |
 | `PeerService.exec(sqls)` | POST /api/v1/exec | an `Outcome` (never raises): committed, or the error in plain words |
 
+Every call carries the client's API token (`Authorization: Bearer …`, DEJIMA_PEER_TOKEN or DEJIMA_PEER_TOKEN_FILE).
+
 An `Outcome` mirrors the peer's HTTP status (200, 400, 403, 409 + Retry-After, 422, 503, 504; the peer's own
 500 `internal` becomes 502, so the client never answers 500). Failures of the call itself become: 503
 `unreachable` (the peer service does not answer: nothing was changed), 504 `no_answer` (no answer within the
-timeout: the outcome is unknown), 502 `bad_answer` (not a Dejima answer).
+timeout: the outcome is unknown), 502 `bad_answer` (not a Dejima answer), 502 `token_refused` (the peer refused
+this client's API token, 401 or 403: a setting of the client to fix; nothing was changed).
 """
 
 from __future__ import annotations
@@ -103,15 +106,17 @@ def committed_message(participants: tuple[str, ...] | list[str]) -> str:
 class PeerService:
     """HTTP client of one peer service. Thread-safe: one `requests.Session` per thread (keep-alive)."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, token: str = "") -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
+            session.headers.update(self._headers)
             self._local.session = session
         return session
 
@@ -137,6 +142,13 @@ class PeerService:
         if not isinstance(data, dict):
             raise PeerUnavailable(
                 "bad_answer", 502, f"the peer service at {self.url} gave an unexpected answer (HTTP {resp.status_code})"
+            )
+        if resp.status_code in (401, 403) and data.get("kind") in ("unauthorized", "forbidden"):
+            raise PeerUnavailable(
+                "token_refused",
+                502,
+                f"the peer service at {self.url} refused this client's API token ({data.get('error')}); check"
+                " DEJIMA_PEER_TOKEN / DEJIMA_PEER_TOKEN_FILE",
             )
         return resp, data
 
@@ -165,7 +177,7 @@ class PeerService:
             message = str(exc)
             if exc.kind == "no_answer":
                 message += "; the change may or may not have been applied — reload to see"
-            elif exc.kind == "unreachable":
+            elif exc.kind in ("unreachable", "token_refused"):
                 message += "; nothing was changed"
             return Outcome(False, exc.status, exc.kind, message)
         if resp.status_code == 200 and data.get("status") == "committed":

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from peer.dejima.auth import KeyFormatError, parse_private_key, parse_public_key, read_key_file
+from peer.dejima.tokens import FileEntry, TokenError, parse_tokens_file
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 ROLE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -76,6 +77,11 @@ class PeerConfig:
     db_owner_role: str = "dejima_owner"
     client_pool_size: int = 10
     debug: bool = False
+    # API tokens (peer.dejima.tokens): a peer's DEJIMA_API_TOKENS_FILE, read and checked here, upserted at start
+    api_tokens_file: Path | None = None
+    api_tokens: tuple[FileEntry, ...] = ()
+    # client mode: the token it sends its peer (DEJIMA_PEER_TOKEN[_FILE]); "" in debug without one
+    peer_token: str = field(default="", repr=False)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -290,6 +296,52 @@ def client_password(env: Mapping[str, str]) -> str:
     )
 
 
+def api_tokens_file(env: Mapping[str, str]) -> tuple[Path | None, tuple[FileEntry, ...]]:
+    """DEJIMA_API_TOKENS_FILE: its path and its tokens (lines `name scopes sha256hex`); a bad line is a ConfigError
+    naming the setting and the line."""
+    raw = env.get("DEJIMA_API_TOKENS_FILE", "").strip()
+    if not raw:
+        return None, ()
+    try:
+        entries = parse_tokens_file(_read_file("DEJIMA_API_TOKENS_FILE", raw))
+    except TokenError as exc:
+        raise ConfigError("DEJIMA_API_TOKENS_FILE", f"{raw}: {exc}") from None
+    return Path(raw), tuple(entries)
+
+
+BEARER_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")  # RFC 6750 b64token: what an Authorization header carries
+MIN_PEER_TOKEN = 16
+
+
+def peer_token(env: Mapping[str, str]) -> str:
+    """Client mode: the API token it sends its peer, from DEJIMA_PEER_TOKEN or the file DEJIMA_PEER_TOKEN_FILE.
+    Outside debug (DEJIMA_DEBUG != 1) it is required: ConfigError naming the setting."""
+    setting, value = "DEJIMA_PEER_TOKEN", env.get("DEJIMA_PEER_TOKEN", "").strip()
+    path = env.get("DEJIMA_PEER_TOKEN_FILE", "").strip()
+    if path:
+        if value:
+            raise ConfigError(setting + "_FILE", "give the token once: DEJIMA_PEER_TOKEN or DEJIMA_PEER_TOKEN_FILE")
+        setting = "DEJIMA_PEER_TOKEN_FILE"
+        value = _read_file(setting, path).strip()
+    if value:
+        if not BEARER_TOKEN_RE.match(value) or not MIN_PEER_TOKEN <= len(value) <= 1024:
+            raise ConfigError(
+                setting,
+                f"is not an API token: {MIN_PEER_TOKEN} to 1024 of letters, digits and -._~+/ (as `manage.py "
+                "dejima_token create` makes them at the peer)",
+            )
+        return value
+    if env.get("DEJIMA_DEBUG", "").strip() == "1":
+        return ""
+    what = "empty" if setting in env or path else "missing"
+    raise ConfigError(
+        setting,
+        f"is {what}; outside debug (DEJIMA_DEBUG=1) client mode needs the API token it sends its peer"
+        " (DEJIMA_PEER_URL): make one at the peer with"
+        " `python manage.py dejima_token create NAME --scope read --scope write`",
+    )
+
+
 def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     env = os.environ if env is None else env
     sql_root = Path(_get(env, "DEJIMA_SQL_ROOT", str(DEFAULT_SQL_ROOT)))
@@ -331,6 +383,8 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         raise ConfigError("DEJIMA_CLIENT_USER", f"{client_user!r}: use letters, digits and @ . + - _ (at most 150)")
     # Client mode: login is required (peer.client.auth); outside debug its initial user needs a real password.
     password = client_password(env) if mode == "client" else ""
+    token = peer_token(env) if mode == "client" else ""
+    tokens_file, api_tokens = api_tokens_file(env) if mode == "peer" else (None, ())
     pool_size = _int(env, "DEJIMA_POOL_SIZE", 20, 2, 500)
     client_pool_size = _int(env, "DEJIMA_CLIENT_POOL_SIZE", max(2, pool_size // 2), 2, 500)
     # each global transaction started here holds a connection at the origin and at each participant, which serve
@@ -374,6 +428,9 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         db_owner_role=db_owner_role,
         client_pool_size=client_pool_size,
         debug=env.get("DEJIMA_DEBUG", "").strip() == "1",
+        api_tokens_file=tokens_file,
+        api_tokens=api_tokens,
+        peer_token=token,
     )
 
 

@@ -16,11 +16,16 @@ must come whole within `read_timeout` once it started; an idle connection is clo
 `max_connections` connections are served at once (one more is answered 503 and closed); a body larger than the
 limit is answered 413 without being read, a chunked one 411; every answer is JSON.
 
+Who may ask. A listener may have a `guard`: it sees each request's method, path, remote address and headers once
+they are read, before the body is, and may refuse it. The client listener's guard checks the API token
+(`peer.dejima.tokens.authorize`, as the REST API does, with the same statuses and bodies: 401, 403): a request
+without a valid token is answered before its body is read or parsed, and its body is then skipped (or, beyond the
+limit, the connection closed). The message listener has none: every peer message is signed and checked.
+
 Started by the peer runtime when DEJIMA_MESSAGE_BIND / DEJIMA_API_BIND is set (docs/settings.md). DEJIMA_URL, the
 address a peer advertises to the others, then names the message listener, so their messages come here; the client
-listener is never advertised — like the REST API, whoever reaches its port may run SQL there, so bind it where
-only this organization's clients reach. gunicorn still serves every path (seeds may name either) and everything
-else.
+listener is never advertised (bind it where only this organization's clients reach; it needs a token like the REST
+API). gunicorn still serves every path (seeds may name either) and everything else.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ MAX_HEADERS = 100
 Handler = Callable[[Any, str], tuple[int, dict[str, Any]]]
 # (the decoded JSON body, the client's address) -> (HTTP status, the JSON answer's bytes, extra headers)
 Route = Callable[[Any, str], tuple[int, bytes, dict[str, str]]]
+# (method, path, the client's address, the request's headers by lower-case name) -> None to go on, or the refusal
+# (HTTP status, the JSON answer's bytes, extra headers), answered before the body is read
+Guard = Callable[[str, str, str, Mapping[str, str]], tuple[int, bytes, dict[str, str]] | None]
 
 
 def message_routes(handler: Handler) -> dict[str, Route]:
@@ -82,8 +90,10 @@ class PeerServer:
         idle_timeout: float = 30.0,
         max_connections: int = 256,
         name: str = "peer",
+        guard: Guard | None = None,
     ) -> None:
         self.routes = dict(routes)
+        self.guard = guard
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
@@ -189,6 +199,15 @@ class PeerServer:
         headers = self._headers(reader)
         conn_header = headers.get("connection", "").lower()
         close = conn_header == "close" or (version == "HTTP/1.0" and conn_header != "keep-alive")
+        path = target.split("?", 1)[0]
+        if self.guard is not None and path in self.routes:
+            try:
+                refusal = self.guard(method, path, remote, headers)
+            except Exception as exc:
+                log.exception("the check of the request to %s from %s failed", path, remote)
+                raise _Refused(500, f"{type(exc).__name__}: {exc}") from None
+            if refusal is not None:
+                return (*refusal, self._skip_body(headers, reader) or close)
         if "transfer-encoding" in headers:
             raise _Refused(411, "send the body with a Content-Length (chunked bodies are not taken here)")
         raw_length = headers.get("content-length", "0").strip()
@@ -205,7 +224,6 @@ class PeerServer:
         body = reader.read(length) if length else b""
         if len(body) != length:
             raise ValueError("body cut short")  # the connection is gone: nothing to answer
-        path = target.split("?", 1)[0]
         route = self.routes.get(path)
         if route is None:
             return 404, {"status": "error", "kind": "not_found", "error": f"no endpoint {path} here"}, {}, close
@@ -230,6 +248,16 @@ class PeerServer:
             answer = {"status": "error", "kind": "internal", "error": f"{type(exc).__name__}: {exc}"}
             return 500, answer, {}, close
         return status, encoded, headers, close
+
+    def _skip_body(self, headers: Mapping[str, str], reader: BinaryIO) -> bool:
+        """Read past the body of a refused request (unparsed); True when the connection must be closed instead: a
+        chunked body, a bad Content-Length, or one beyond the limit."""
+        raw_length = headers.get("content-length", "0").strip()
+        if "transfer-encoding" in headers or not raw_length.isdigit() or int(raw_length) > self.max_body_bytes:
+            return True
+        if len(reader.read(int(raw_length))) != int(raw_length):
+            raise ValueError("body cut short")
+        return False
 
     @staticmethod
     def _headers(reader: BinaryIO) -> dict[str, str]:

@@ -3,19 +3,22 @@ of every open global transaction lives in one process across several HTTP reques
 
 `get_runtime()` builds it once: settings; the database checked (UTF8, no superuser login outside debug, a client
 login that can do nothing but change base tables) and its machinery inspected and repaired (peer.dejima.machinery);
-two connection pools (the peer's own login, and the client login a client's statements run under); the directory
-(discovery loop), the coordinator (recovery and sealer loops) and, with DEJIMA_MESSAGE_BIND, the lean listener for
-peer messages (peer.dejima.peerserver).
+two connection pools (the peer's own login, and the client login a client's statements run under); the API tokens
+(DEJIMA_API_TOKENS_FILE imported; `tokens`: the store every request's token is checked against); the directory
+(discovery loop), the coordinator (recovery and sealer loops) and, with DEJIMA_MESSAGE_BIND and DEJIMA_API_BIND, the
+lean listeners for peer messages and for a client's exec and query (peer.dejima.peerserver; the latter checks the
+token first, as the REST API does).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import select
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -28,7 +31,8 @@ from peer.dejima.coordinator import Coordinator
 from peer.dejima.directory import Directory
 from peer.dejima.install import InstallError, Roles
 from peer.dejima.manifest import PeerType, load_peer_types
-from peer.dejima.peerserver import PeerServer, Route, message_routes
+from peer.dejima.peerserver import Guard, PeerServer, Route, message_routes
+from peer.dejima.tokens import Principal, TokenError, TokenStore, authorize, import_tokens, log_refusal
 from peer.dejima.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,9 @@ class PeerRuntime:
             open=True,
         )
         self.client_pool.wait(timeout=30)
+        if config.api_tokens_file is not None:
+            self._import_tokens(config)
+        self.tokens = TokenStore(self.pool)
         self.auth = make_authenticator(config)
         self.transport = Transport(config.name, self.auth)
         self.directory = Directory(config, self.ptype, self.pool, self.transport)
@@ -157,10 +164,30 @@ class PeerRuntime:
 
             routes = {API_EXEC: _drop_remote(api.run_exec), API_QUERY: _drop_remote(api.run_query)}
             self.listeners.append(
-                self._listen("DEJIMA_API_BIND", self.config.api_bind, routes, "client exec and query")
+                self._listen(
+                    "DEJIMA_API_BIND", self.config.api_bind, routes, "client exec and query", token_guard(self.tokens)
+                )
             )
 
-    def _listen(self, setting: str, bind: tuple[str, int], routes: dict[str, Route], what: str) -> PeerServer:
+    def _import_tokens(self, config: PeerConfig) -> None:
+        """DEJIMA_API_TOKENS_FILE (read and checked by load_config) into dejima.api_tokens, all or nothing."""
+        try:
+            with self.pool.connection(timeout=10) as conn:
+                changed = import_tokens(conn, config.api_tokens)
+        except TokenError as exc:
+            self.pool.close()
+            raise ConfigError("DEJIMA_API_TOKENS_FILE", f"{config.api_tokens_file}: {exc}") from None
+        log.info(
+            "peer %s: %d API tokens from %s (%d changed)",
+            config.name,
+            len(config.api_tokens),
+            config.api_tokens_file,
+            changed,
+        )
+
+    def _listen(
+        self, setting: str, bind: tuple[str, int], routes: dict[str, Route], what: str, guard: Guard | None = None
+    ) -> PeerServer:
         host, port = bind
         try:
             listener = PeerServer(
@@ -170,6 +197,7 @@ class PeerRuntime:
                 self.config.max_body_bytes,
                 read_timeout=self.config.peer_timeout,
                 name=self.config.name,
+                guard=guard,
             )
         except OSError as exc:
             for started in self.listeners:
@@ -192,7 +220,7 @@ class PeerRuntime:
 
 
 def _drop_remote(run: Callable[[Any], tuple[int, bytes, dict[str, str]]]) -> Route:
-    """A route for a client API function, which does not ask who calls (whoever reaches the port may)."""
+    """A route for a client API function, which does not ask who calls: the listener's guard did (`token_guard`)."""
     return lambda body, remote: run(body)
 
 
@@ -269,6 +297,22 @@ def _check_logins(config: PeerConfig, peer: tuple[Any, ...], client: tuple[Any, 
             raise ConfigError(setting, message + "; only debug (DEJIMA_DEBUG=1) starts like this")
         log.warning("peer %s: %s: %s (started anyway: DEJIMA_DEBUG=1)", config.name, setting, message)
     return not weak
+
+
+def token_guard(store: TokenStore) -> Guard:
+    """The lean client listener's check of each request's API token, before its body is read: what the REST API's
+    default authentication and permission do (peer/dejima/apiauth.py), with the same statuses and bodies."""
+
+    def guard(
+        method: str, path: str, remote: str, headers: Mapping[str, str]
+    ) -> tuple[int, bytes, dict[str, str]] | None:
+        verdict = authorize(store, method, path, headers.get("authorization"))
+        if isinstance(verdict, Principal):
+            return None
+        log_refusal(verdict, method, path, remote)
+        return verdict.status, json.dumps(verdict.body()).encode(), verdict.headers()
+
+    return guard
 
 
 def make_authenticator(config: PeerConfig) -> Authenticator:

@@ -19,6 +19,8 @@ ERROR_KINDS = (
     "bad_sql",
     "forbidden",
     "unauthenticated",
+    "unauthorized",
+    "forbidden",
     "refused",
     "conflict",
     "constraint",

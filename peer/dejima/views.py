@@ -1,27 +1,43 @@
 """HTTP endpoints of a peer. Views validate and hand over to the coordinator/directory; they change nothing
 themselves.
 
-| endpoint | method | statuses |
-|---|---|---|
-| /health | GET | 200 ok, 503 database down |
-| /peer/v1/message | POST | 200 typed answer (signed); 400 malformed; 401 unsigned, forged, untrusted, stale or |
-| | | replayed; 403 signed by another peer than it claims, or a propagate from outside the view's group; |
-| | | 413 too large |
-| /api/v1/status | GET | 200 |
-| /api/v1/groups | GET | 200 |
-| /api/v1/exec | POST {"sql": str or [str]} | 200 committed; 400 bad input, or bad SQL (kind bad_sql, with its |
-| | | sqlstate); 403 a privilege the client's database role lacks (kind forbidden), or a participant refused; |
-| | | 409 conflict (Retry-After); 422 constraint; 503 unreachable peer, or busy (Retry-After); 504 timeout |
-| /api/v1/query | POST {"sql": str} | 200 {columns, rows}; 400 bad input or bad SQL; 403 forbidden; 409 timeout |
-| | | (both: transaction control or session state, a plain SET, … is 400: `peer.dejima.sqlguard`) |
-| /api/v1/views/<view> | GET | 200 {view, columns, rows, digest}; 404 unknown view |
-| /api/v1/prepared | GET | 200 prepared transactions of this peer's database |
-| /api/v1/txlog | GET ?verify=1&limit=N | 200 {peer, length, head, entries, verify?}; 400 bad limit |
-| /api/v1/machinery | GET | 200 {peer, ok, problems}: the triggers, functions and privileges in the database |
-| /api/v1/openapi.json | GET | 200 the OpenAPI schema of these endpoints (bodies, parameters, statuses) |
+Every endpoint needs an API token (`Authorization: Bearer <token>`, peer/dejima/apiauth.py and tokens.py), a new
+one too, except the two open ones below (`authentication_classes([])`, `permission_classes([AllowAny])`):
 
-Every endpoint answers 405 (with Allow) to a method it does not take. The bodies are described by the serializers
-in peer/dejima/serializers.py (the schema); the views validate input themselves.
+| endpoint | method | token | statuses |
+|---|---|---|---|
+| /health | GET | none | 200 ok, 503 database down |
+| /peer/v1/message | POST | none (signed) | 200 typed answer (signed); 400 malformed; 401 unsigned, forged, |
+| | | | untrusted, stale or replayed; 403 signed by another peer than it claims, or a propagate from |
+| | | | outside the view's group; 413 too large |
+| /api/v1/status | GET | read | 200 |
+| /api/v1/groups | GET | read | 200 |
+| /api/v1/exec | POST {"sql": str or [str]} | write | 200 committed; 400 bad input, or bad SQL (kind bad_sql, with its |
+| | | | sqlstate); 403 a privilege the client's database role lacks (kind forbidden, with its sqlstate), or a |
+| | | | participant refused; 409 conflict (Retry-After); 422 constraint; 503 unreachable peer, or busy |
+| | | | (Retry-After); 504 timeout |
+| /api/v1/query | POST {"sql": str} | read | 200 {columns, rows}; 400 bad input or bad SQL; 403 forbidden; 409 timeout |
+| | | | (both: transaction control or session state, a plain SET, … is 400: `peer.dejima.sqlguard`) |
+| /api/v1/views/<view> | GET | read | 200 {view, columns, rows, digest}; 404 unknown view |
+| /api/v1/prepared | GET | read | 200 prepared transactions of this peer's database |
+| /api/v1/txlog | GET ?verify=1&limit=N | read | 200 {peer, length, head, entries, verify?}; 400 bad limit |
+| /api/v1/machinery | GET | read | 200 {peer, ok, problems}: the triggers, functions and privileges in the database |
+| /api/v1/openapi.json | GET | read | 200 the OpenAPI schema of these endpoints (bodies, parameters, statuses) |
+
+Every endpoint that needs a token answers, before anything else:
+
+| status | kind | when |
+|---|---|---|
+| 401 | unauthorized | no `Authorization` header, not `Bearer <token>`, or an unknown or revoked token |
+| | | (with `WWW-Authenticate: Bearer realm="dejima"`) |
+| 403 | forbidden | the token lacks the scope: `read` for every GET and for query, `write` for exec (and any |
+| | | other POST) |
+| 503 | unreachable | the peer cannot read its tokens from its database now |
+
+The lean client listener (DEJIMA_API_BIND: exec and query) answers the same. Each refusal is logged with the remote
+address and the path, never the token. Every endpoint answers 405 (with Allow) to a method it does not take (once
+the token is checked). The bodies are described by the serializers in peer/dejima/serializers.py (the schema); the
+views validate input themselves.
 """
 
 from __future__ import annotations
@@ -36,7 +52,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from psycopg import sql
-from rest_framework.decorators import api_view
+from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.permissions import AllowAny
 
 from peer.dejima import api, inbox, jsonvalues, machinery, txlog
 from peer.dejima.api import BadInput
@@ -130,6 +147,8 @@ def rejects_bad_input(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[
     },
 )
 @api_view(["GET"])
+@authentication_classes([])  # open: probes and orchestrators ask it
+@permission_classes([AllowAny])
 def health(request: HttpRequest) -> JsonResponse:
     rt = get_runtime()
     try:
@@ -155,6 +174,8 @@ def health(request: HttpRequest) -> JsonResponse:
     },
 )
 @api_view(["POST"])
+@authentication_classes([])  # open to other peers: every message is signed and checked (peer.dejima.auth)
+@permission_classes([AllowAny])
 @rejects_bad_input
 def message(request: HttpRequest) -> HttpResponse:
     """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello): `peer.dejima.inbox`."""

@@ -19,7 +19,7 @@ bytes are read (request by request here, to delay or cut by sender). It has no c
 `ProxiedCluster` builds a `LocalNetwork` of the shipped example where each peer advertises the URL of its own
 proxy (`DEJIMA_URL`) and is seeded with the other peers' proxy URLs (`DEJIMA_SEEDS`): other peers learn a peer's
 URL from its greetings (peer/dejima/directory.py), so every peer-to-peer message to peer X passes X's proxy, while
-the tests talk to each peer directly (`spec.url`).
+the tests talk to each peer directly (`spec.url`, with the peer's API token: `LocalNetwork.auth_headers`).
 """
 
 from __future__ import annotations
@@ -209,12 +209,12 @@ class Proxy(Relay):
         return self._send(link, link.server, request) if link.server is not None else False
 
 
-def settle(peer_url: str) -> None:
+def settle(peer_url: str, headers: dict[str, str]) -> None:
     """Let a peer finish the transactions prepared there (any client statement waits for them first:
-    `Coordinator.settle`), before the database is read or changed behind its back. Best effort: a peer that is down
-    or stopped is not waited for."""
+    `Coordinator.settle`), before the database is read or changed behind its back; `headers`: its API token (a kit
+    network's `auth_headers(name)`). Best effort: a peer that is down or stopped is not waited for."""
     with contextlib.suppress(requests.RequestException):
-        requests.post(peer_url + "/api/v1/query", json={"sql": "SELECT 1"}, timeout=2)
+        requests.post(peer_url + "/api/v1/query", json={"sql": "SELECT 1"}, headers=headers, timeout=2)
 
 
 def empty_base_tables(conninfo: str) -> None:
@@ -342,7 +342,7 @@ class ProxiedCluster:
         query = sql.SQL("SELECT * FROM {} ORDER BY {}").format(
             sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, order))
         )
-        settle(self.net.specs[peer].url)
+        settle(self.net.specs[peer].url, self.net.auth_headers(peer))
         with psycopg.connect(self.server.url(self.net.specs[peer].database), autocommit=True) as conn:
             cur = conn.execute(query)
             cols = [d.name for d in cur.description or []]
@@ -363,7 +363,7 @@ class ProxiedCluster:
         return {name: int(self.net.get(name, "/api/v1/status")["open_transactions"]) for name in self.net.specs}
 
     def check(self) -> dict[str, Any]:
-        return check_network(self.urls)
+        return check_network(self.urls, {name: self.net.auth_headers(name) for name in self.urls})
 
     def quiet(self) -> bool:
         """No open global transaction at any peer and no prepared transaction left."""
@@ -376,7 +376,7 @@ class ProxiedCluster:
         """Empty every base table directly (no gxid: nothing is captured or propagated), once the peers have
         finished what they prepared (a COMMIT PREPARED landing afterwards would bring a row back)."""
         for spec in self.net.specs.values():
-            settle(spec.url)
+            settle(spec.url, self.net.auth_headers(spec.name))
         for spec in self.net.specs.values():
             empty_base_tables(self.server.url(spec.database))
 
