@@ -371,9 +371,7 @@ def check_env_names(services: dict[str, Service], where: str) -> None:
     for svc in services.values():
         for key in svc.env:
             if key.startswith(("PEER_", "DEJIMA_")):
-                assert key in known, (
-                    f"{where}: {svc.name} sets {key}, which no setting reads (docs/settings.md)"
-                )
+                assert key in known, f"{where}: {svc.name} sets {key}, which no setting reads (docs/settings.md)"
             else:
                 assert key in THIRD_PARTY, f"{where}: {svc.name} sets {key}: neither a setting nor a known variable"
                 assert not key.startswith("POSTGRES_") or svc.is_postgres, f"{where}: {svc.name} sets {key}"

@@ -108,17 +108,11 @@ def state(net: LocalNetwork) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in PEERS:
         with admin(net, name) as conn:
-            tables = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT tablename FROM pg_tables WHERE schemaname IN ('public', 'dejima')"
-                    " AND tablename NOT IN ('peers', 'groups', 'state') ORDER BY 1"
-                ).fetchall()
-            ]
-            for table in tables:
-                schema = "dejima" if table in ("delta", "active", "decisions", "txlog", "txlog_pending") else "public"
-                if table in ("installed",):
-                    continue
+            tables = conn.execute(
+                "SELECT schemaname, tablename FROM pg_tables WHERE schemaname IN ('public', 'dejima')"
+                " AND tablename NOT IN ('peers', 'groups', 'state', 'installed') ORDER BY 1, 2"
+            ).fetchall()
+            for schema, table in tables:
                 rows = conn.execute(
                     sql.SQL("SELECT to_jsonb(t)::text FROM {} AS t ORDER BY 1").format(sql.Identifier(schema, table))
                 ).fetchall()

@@ -41,7 +41,12 @@ OPEN = {"/health", "/peer/v1/message"}
 GARBAGE = "dj_" + "garbage" * 6
 QUERY = {"sql": "SELECT 1 AS one"}
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-PEER_ENV = {"PEER_TYPE": "government", "DEJIMA_DATABASE_URL": "postgresql://localhost/x", "DEJIMA_DEBUG": "1"}
+PEER_ENV = {
+    "PEER_TYPE": "government",
+    "DEJIMA_DATABASE_URL": "postgresql://localhost/x",
+    "DEJIMA_CLIENT_DATABASE_URL": "postgresql://c@localhost/x",
+    "DEJIMA_DEBUG": "1",
+}
 
 
 def sha(token: str) -> str:
