@@ -21,10 +21,9 @@ from types import FrameType
 import pytest
 
 from peer.dejima.install import SQL_ROOT, install
-from peer.network import LocalNetwork, example_specs
+from peer.network import LocalNetwork
 from peer.pgserver import PgServer
-from peer.testkit.proxy import empty_base_tables, settle
-from tests.helpers import start_client
+from tests.helpers import fresh, running_example, start_client
 
 MakeDatabase = Callable[[str], str]
 
@@ -89,43 +88,16 @@ def peer_db(make_database: MakeDatabase) -> PeerDb:
 
 @pytest.fixture(scope="module")
 def example_network(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
-    """The shipped example (government, bank, insurance) as real peer processes on free loopback ports, one per
-    test module. Peer logs are printed when a test of the module fails (see `network`)."""
-    prefix = f"n{uuid.uuid4().hex[:6]}_"
-    net = LocalNetwork(pg_server, tmp_path_factory.mktemp("network"), example_specs(base_port=0, prefix=prefix))
-    try:
-        net.start_all()
-        net.wait_ready(timeout=60)
+    """The shipped example, one per test module. Peer logs are printed when a test of the module fails (see
+    `network`)."""
+    with running_example(pg_server, tmp_path_factory.mktemp("network")) as net:
         yield net
-    finally:
-        net.stop_all()
-        for spec in net.specs.values():
-            pg_server.drop_database(spec.database)
-
-
-def reset_network(net: LocalNetwork) -> None:
-    """Empty every base table directly (no gxid: nothing is captured or propagated), once the peers have finished
-    what they prepared (a COMMIT PREPARED landing afterwards would bring a row back)."""
-    peers = [spec for spec in net.specs.values() if spec.mode == "peer"]
-    for spec in peers:
-        settle(spec.url, net.auth_headers(spec.name))
-    for spec in peers:
-        empty_base_tables(net.server.url(spec.database))
 
 
 @pytest.fixture
 def network(example_network: LocalNetwork, request: pytest.FixtureRequest) -> Iterator[LocalNetwork]:
     """A running example network with empty base tables; restarts peers a previous test stopped."""
-    for name, spec in example_network.specs.items():
-        if not spec.pid:
-            example_network.start(name)
-    example_network.wait_ready(timeout=60)
-    reset_network(example_network)
-    yield example_network
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for name in example_network.specs:
-            print(f"\n----- log of peer {name} -----\n{example_network.tail(name, 80)}")
+    yield from fresh(example_network, request)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

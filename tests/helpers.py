@@ -6,16 +6,19 @@ SQL text.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
@@ -25,7 +28,9 @@ from peer.dejima.delta import RowChange, begin_global, take_changes
 from peer.dejima.install import COMMON_SQL, SQL_ROOT
 from peer.dejima.manifest import MANIFEST_NAME, PeerType, View, load_peer_types
 from peer.dejima.sqlgen import write_all
-from peer.network import LocalNetwork, PeerSpec, free_port
+from peer.network import LocalNetwork, PeerSpec, example_specs, free_port
+from peer.pgserver import PgServer
+from peer.testkit.proxy import empty_base_tables, settle
 
 Row = dict[str, Any]
 Conn = psycopg.Connection[Any]
@@ -329,3 +334,48 @@ def check(net: LocalNetwork) -> dict[str, Any]:
     """`dejima check` on the peers of a kit network, each asked with its API token."""
     urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
     return check_network(urls, {name: net.auth_headers(name) for name in urls})
+
+
+@contextlib.contextmanager
+def running_example(
+    pg_server: PgServer, state_dir: Path, env: dict[str, str] | None = None, prefix: str = "n"
+) -> Iterator[LocalNetwork]:
+    """The shipped example (government, bank, insurance) as real peer processes on free loopback ports, each peer
+    with the settings `env`; stopped and its databases dropped at the end."""
+    specs = example_specs(base_port=0, prefix=f"{prefix}{uuid.uuid4().hex[:6]}_")
+    for spec in specs:
+        spec.env.update(env or {})
+    net = LocalNetwork(pg_server, state_dir, specs)
+    try:
+        net.start_all()
+        net.wait_ready(timeout=60)
+        yield net
+    finally:
+        net.stop_all()
+        for spec in net.specs.values():
+            pg_server.drop_database(spec.database)
+
+
+def reset_network(net: LocalNetwork) -> None:
+    """Empty every base table directly (no gxid: nothing is captured or propagated), once the peers have finished
+    what they prepared (a COMMIT PREPARED landing afterwards would bring a row back)."""
+    peers = [spec for spec in net.specs.values() if spec.mode == "peer"]
+    for spec in peers:
+        settle(spec.url, net.auth_headers(spec.name))
+    for spec in peers:
+        empty_base_tables(net.server.url(spec.database))
+
+
+def fresh(net: LocalNetwork, request: pytest.FixtureRequest) -> Iterator[LocalNetwork]:
+    """For a function-scoped fixture over a module's network: the peers a previous test stopped started again, the
+    base tables empty; the peers' logs printed when the test failed."""
+    for name, spec in net.specs.items():
+        if not spec.pid:
+            net.start(name)
+    net.wait_ready(timeout=60)
+    reset_network(net)
+    yield net
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for name in net.specs:
+            print(f"\n----- log of peer {name} -----\n{net.tail(name, 80)}")

@@ -23,8 +23,7 @@ from psycopg import sql
 from peer.dejima.install import InstallError, install
 from peer.network import LocalNetwork, db_roles, example_specs
 from peer.pgserver import PgServer
-from peer.testkit.proxy import empty_base_tables, settle
-from tests.helpers import start_peer_process, wait_until
+from tests.helpers import fresh, running_example, start_peer_process, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -34,36 +33,14 @@ PEERS = ("government", "bank", "insurance")
 
 @pytest.fixture(scope="module")
 def trust_network(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
-    prefix = f"t{uuid.uuid4().hex[:6]}_"
-    specs = example_specs(base_port=0, prefix=prefix)
-    for spec in specs:
-        spec.env.update({"DEJIMA_TXN_TIMEOUT": str(TXN_TIMEOUT_S), "DEJIMA_STATEMENT_TIMEOUT_MS": "3000"})
-    net = LocalNetwork(pg_server, tmp_path_factory.mktemp("trust"), specs)
-    try:
-        net.start_all()
-        net.wait_ready(timeout=60)
+    env = {"DEJIMA_TXN_TIMEOUT": str(TXN_TIMEOUT_S), "DEJIMA_STATEMENT_TIMEOUT_MS": "3000"}
+    with running_example(pg_server, tmp_path_factory.mktemp("trust"), env, prefix="t") as net:
         yield net
-    finally:
-        net.stop_all()
-        for spec in net.specs.values():
-            pg_server.drop_database(spec.database)
 
 
 @pytest.fixture
 def net(trust_network: LocalNetwork, request: pytest.FixtureRequest) -> Iterator[LocalNetwork]:
-    for name, spec in trust_network.specs.items():
-        if not spec.pid:
-            trust_network.start(name)
-    trust_network.wait_ready(timeout=60)
-    for name, spec in trust_network.specs.items():
-        settle(spec.url, trust_network.auth_headers(name))
-    for spec in trust_network.specs.values():
-        empty_base_tables(trust_network.server.url(spec.database))
-    yield trust_network
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for name in trust_network.specs:
-            print(f"\n----- log of peer {name} -----\n{trust_network.tail(name, 60)}")
+    yield from fresh(trust_network, request)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------

@@ -82,6 +82,32 @@ def _check(conn: psycopg.Connection[Any]) -> None:
 CLIENT_RESET_SQL = b"RESET ALL; SELECT pg_advisory_unlock_all(); CLOSE ALL"
 
 
+def _pool(
+    config: PeerConfig,
+    url: str,
+    min_size: int,
+    max_size: int,
+    reset: Callable[[psycopg.Connection[Any]], None],
+    what: str,
+) -> ConnectionPool[Any]:
+    """A pool of autocommit connections to `url`, open and filled to `min_size`; one closed by a database restart is
+    replaced (`_check`)."""
+    pool: ConnectionPool[Any] = ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        configure=_configure,
+        reset=reset,
+        check=_check,
+        kwargs={"connect_timeout": 5},
+        timeout=config.txn_timeout,
+        name=f"{config.name}-{what}",
+        open=True,
+    )
+    pool.wait(timeout=30)
+    return pool
+
+
 def _client_returned(conn: psycopg.Connection[Any]) -> None:
     """The client pool's reset callback: clear the session state a client's statements may have left (a connection
     whose reset fails is discarded by the pool), and remember when it came back."""
@@ -97,32 +123,12 @@ class PeerRuntime:
         self.ptype: PeerType = types[config.peer_type]
         self.expected = machinery.expected(self.ptype, config.sql_root)
         self.roles, self.least_privilege = check_database(config, self.ptype)
-        self.pool: ConnectionPool[Any] = ConnectionPool(
-            config.database_url,
-            min_size=2,
-            max_size=config.pool_size,
-            configure=_configure,
-            reset=_returned,
-            check=_check,  # a connection closed by a database restart is replaced
-            kwargs={"connect_timeout": 5},
-            timeout=config.txn_timeout,
-            name=f"{config.name}-db",
-            open=True,
+        # the peer's own login (participants, recovery, the log, discovery), and the client login a client's
+        # statements run under (peer.dejima.install): cleared of what they may leave on it when it comes back
+        self.pool = _pool(config, config.database_url, 2, config.pool_size, _returned, "db")
+        self.client_pool = _pool(
+            config, config.client_database_url, 1, config.client_pool_size, _client_returned, "client-db"
         )
-        self.pool.wait(timeout=30)
-        self.client_pool: ConnectionPool[Any] = ConnectionPool(
-            config.client_database_url,
-            min_size=1,
-            max_size=config.client_pool_size,
-            configure=_configure,
-            reset=_client_returned,
-            check=_check,
-            kwargs={"connect_timeout": 5},
-            timeout=config.txn_timeout,
-            name=f"{config.name}-client-db",
-            open=True,
-        )
-        self.client_pool.wait(timeout=30)
         if config.api_tokens_file is not None:
             self._import_tokens(config)
         self.tokens = TokenStore(self.pool)
