@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.types.json import set_json_loads
 from psycopg_pool import PoolTimeout
 
+from peer.dejima import clientconn
 from peer.dejima.coordinator import GlobalTxnError, client_error
 from peer.dejima.runtime import get_runtime
 from peer.dejima.sqlguard import session_state, transaction_control
@@ -109,8 +110,8 @@ def run_query(body: Any) -> Answer:
                 columns = [d.name for d in cur.description or []]
                 rows = [list(r) for r in cur.fetchall()] if cur.description else []
             finally:
-                if not conn.broken:
-                    conn.execute(b"ROLLBACK")  # nothing it did is kept, even had it made its transaction writable
+                if not conn.broken:  # nothing it did is kept (even had it made its transaction writable), nor set
+                    clientconn.rollback_and_clear(conn)
     except PoolTimeout:
         return error(503, f"{rt.config.name}: no database connection free for the query; try again", "busy")
     except psycopg.Error as exc:

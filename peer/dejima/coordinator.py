@@ -52,7 +52,7 @@ from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from peer.dejima import jsonvalues, txlog
+from peer.dejima import clientconn, jsonvalues, txlog
 from peer.dejima.apply import (
     SAVEPOINT,
     ApplyConflict,
@@ -819,11 +819,13 @@ class Coordinator:
                 with gx.lock:
                     assert gx.conn is not None
                     try:
-                        with gx.conn.pipeline():  # one round trip
+                        with gx.conn.pipeline():  # one round trip, the session cleared of the client's settings too
                             end_global(gx.conn, gx.token)
                             gx.conn.execute("COMMIT")
+                            clientconn.clear_in_pipeline(gx.conn)
                     except psycopg.Error as exc:  # the client's statements may have made it fail (deferred checks)
                         raise client_error(self.name, exc) from None
+                    clientconn.cleared(gx.conn)
                     self._release(gx, None)
                     gx.phase = "committed"
                 self._count_committed(len(ran))
@@ -846,14 +848,18 @@ class Coordinator:
                 assert conn is not None
                 views = txlog.summary(gx.changes.values())
                 try:
-                    with conn.pipeline():  # one round trip: the decision row, the txlog entry and the commit point
+                    # one round trip: the decision row, the txlog entry and the commit point; then the session
+                    # cleared of what the client's statements set for it (peer.dejima.clientconn)
+                    with conn.pipeline():
                         conn.execute(
                             COMMIT_POINT_SQL,
                             (gx.token, sorted(participants), self.name, Jsonb(views) if views else None),
                         )
                         conn.execute("COMMIT")  # the commit point
+                        clientconn.clear_in_pipeline(conn)
                 except psycopg.Error as exc:  # a deferred constraint of the client's, a serialization failure, …
                     raise client_error(self.name, exc) from None
+                clientconn.cleared(conn)
                 self._release(gx, None)
                 gx.phase = "committed"
             self.seal_wanted.set()

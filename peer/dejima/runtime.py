@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from peer.dejima import machinery
+from peer.dejima import clientconn, machinery
 from peer.dejima.auth import Authenticator, KeyFormatError, load_or_create_key, parse_private_key, trusted_keys
 from peer.dejima.config import ConfigError, PeerConfig, load_config
 from peer.dejima.coordinator import Coordinator
@@ -76,12 +76,6 @@ def _check(conn: psycopg.Connection[Any]) -> None:
         ConnectionPool.check_connection(conn)
 
 
-# What a client's statements may have left on a connection of the client login that outlives their transaction:
-# settings made with set_config(…, false), session advisory locks, open WITH HOLD cursors (the client login cannot
-# create temporary objects or prepared statements). Cleared whenever such a connection goes back to the pool.
-CLIENT_RESET_SQL = b"RESET ALL; SELECT pg_advisory_unlock_all(); CLOSE ALL"
-
-
 def _pool(
     config: PeerConfig,
     url: str,
@@ -108,14 +102,6 @@ def _pool(
     return pool
 
 
-def _client_returned(conn: psycopg.Connection[Any]) -> None:
-    """The client pool's reset callback: clear the session state a client's statements may have left (a connection
-    whose reset fails is discarded by the pool), and remember when it came back."""
-    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-        conn.execute(CLIENT_RESET_SQL)
-    _returned(conn)
-
-
 class PeerRuntime:
     def __init__(self, config: PeerConfig, background: bool = True) -> None:
         self.config = config
@@ -127,7 +113,7 @@ class PeerRuntime:
         # statements run under (peer.dejima.install): cleared of what they may leave on it when it comes back
         self.pool = _pool(config, config.database_url, 2, config.pool_size, _returned, "db")
         self.client_pool = _pool(
-            config, config.client_database_url, 1, config.client_pool_size, _client_returned, "client-db"
+            config, config.client_database_url, 1, config.client_pool_size, clientconn.returned(_returned), "client-db"
         )
         if config.api_tokens_file is not None:
             self._import_tokens(config)
