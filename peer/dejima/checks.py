@@ -6,15 +6,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.apps import AppConfig
-from django.core.checks import CheckMessage, Error, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
-from peer.dejima.config import ConfigError, load_config
+from peer.dejima.config import ConfigError, check_transport, load_config
 
 
 @register("dejima")
 def check_settings(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
     try:
-        load_config()
+        warnings = check_transport(load_config())
     except ConfigError as exc:
         return [Error(str(exc), hint="see docs/settings.md", id="dejima.E001", obj=exc.setting)]
-    return []
+    return [Warning(text, hint="see docs/settings.md", id="dejima.W001") for text in warnings]

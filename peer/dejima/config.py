@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from peer.dejima import tls
 from peer.dejima.auth import KeyFormatError, parse_private_key, parse_public_key, read_key_file
+from peer.dejima.tls import TlsSettings
 from peer.dejima.tokens import FileEntry, TokenError, parse_tokens_file
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
@@ -82,6 +84,11 @@ class PeerConfig:
     api_tokens: tuple[FileEntry, ...] = ()
     # client mode: the token it sends its peer (DEJIMA_PEER_TOKEN[_FILE]); "" in debug without one
     peer_token: str = field(default="", repr=False)
+    # TLS (peer.dejima.tls): the certificate, its key and the CA of every listener and every call to another peer (or,
+    # in client mode, to its peer); None: plain HTTP, which a peer serves only with `allow_plain`
+    # (DEJIMA_ALLOW_PLAIN_HTTP=1) or in debug (`check_transport`)
+    tls: TlsSettings | None = None
+    allow_plain: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -342,6 +349,80 @@ def peer_token(env: Mapping[str, str]) -> str:
     )
 
 
+def tls_settings(env: Mapping[str, str]) -> TlsSettings | None:
+    """DEJIMA_TLS_CERT_FILE, DEJIMA_TLS_KEY_FILE, DEJIMA_TLS_CA_FILE (all three, or none: plain HTTP) and
+    DEJIMA_TLS_CLIENT_CERTS (`none` or `require`), the files checked (peer.dejima.tls.check_files): a ConfigError
+    names the setting at fault."""
+    given = {setting: env.get(setting, "").strip() for setting in tls.FILE_SETTINGS}
+    client_certs = env.get(tls.CLIENT_CERTS_SETTING, "").strip().lower() or "none"
+    if client_certs not in tls.CLIENT_CERTS:
+        raise ConfigError(tls.CLIENT_CERTS_SETTING, f"{client_certs!r} must be 'none' or 'require'")
+    if not any(given.values()):
+        if client_certs != "none":
+            raise ConfigError(
+                tls.CLIENT_CERTS_SETTING,
+                f"needs TLS: give {', '.join(tls.FILE_SETTINGS)} (client certificates are checked against the CA)",
+            )
+        return None
+    for setting, value in given.items():
+        if not value:
+            others = ", ".join(s for s in tls.FILE_SETTINGS if s != setting)
+            raise ConfigError(setting, f"is required with {others}: TLS needs the certificate, its key and the CA")
+    settings = TlsSettings(
+        cert_file=Path(given[tls.CERT_SETTING]).expanduser(),
+        key_file=Path(given[tls.KEY_SETTING]).expanduser(),
+        ca_file=Path(given[tls.CA_SETTING]).expanduser(),
+        client_certs=client_certs,
+    )
+    try:
+        tls.check_files(settings)
+    except tls.TlsSettingError as exc:
+        raise ConfigError(exc.setting, str(exc)) from None
+    return settings
+
+
+def _allow_plain(env: Mapping[str, str], settings: TlsSettings | None) -> bool:
+    raw = env.get(tls.PLAIN_SETTING, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ConfigError(tls.PLAIN_SETTING, f"{raw!r} must be 1 (allowed) or 0 (not allowed)")
+    if raw == "1" and settings is not None:
+        raise ConfigError(
+            tls.PLAIN_SETTING, f"TLS is on ({tls.CERT_SETTING} is given): plain HTTP cannot be allowed as well"
+        )
+    return raw == "1"
+
+
+def _https_only(name: str, urls: tuple[str, ...] | list[str]) -> None:
+    """With TLS on, every URL this peer calls or advertises must be https: a peer never speaks clear text then."""
+    for url in urls:
+        if urlsplit(url).scheme != "https":
+            raise ConfigError(name, f"{url!r} is plain http, but TLS is on ({tls.CERT_SETTING}): give its https:// URL")
+
+
+def check_transport(config: PeerConfig) -> list[str]:
+    """The policy on clear text, checked when a peer or client starts (gunicorn's on_starting, `manage.py check`):
+    TLS, or plain HTTP explicitly allowed (DEJIMA_ALLOW_PLAIN_HTTP=1), or debug (DEJIMA_DEBUG=1). Returns the
+    warnings to log (plain HTTP, allowed); raises ConfigError naming the settings when neither is given."""
+    if config.tls is not None:
+        return []
+    what = "peer messages and the rows they carry" if config.mode == "peer" else "the client's calls to its peer"
+    if config.allow_plain:
+        return [
+            f"plain HTTP (DEJIMA_ALLOW_PLAIN_HTTP=1): {what} cross the network in clear text; give"
+            f" {', '.join(tls.FILE_SETTINGS)} to encrypt them"
+        ]
+    if config.debug:
+        return [
+            f"plain HTTP in debug (DEJIMA_DEBUG=1): {what} cross the network in clear text; outside debug give"
+            f" {', '.join(tls.FILE_SETTINGS)} or DEJIMA_ALLOW_PLAIN_HTTP=1"
+        ]
+    raise ConfigError(
+        tls.CERT_SETTING,
+        f"no TLS: give {', '.join(tls.FILE_SETTINGS)} (HTTPS with certificate verification), or allow clear text"
+        f" explicitly with {tls.PLAIN_SETTING}=1 ({what} would cross the network unencrypted)",
+    )
+
+
 def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     env = os.environ if env is None else env
     sql_root = Path(_get(env, "DEJIMA_SQL_ROOT", str(DEFAULT_SQL_ROOT)))
@@ -390,14 +471,31 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     # each global transaction started here holds a connection at the origin and at each participant, which serve
     # the others' too: a quarter of the pool leaves room for three peers' transactions in every pool
     max_active = _int(env, "DEJIMA_MAX_ACTIVE", max(1, pool_size // 4), 0, 10_000)
+    tls_on = tls_settings(env)
+    allow_plain = _allow_plain(env, tls_on)
+    url = _http_url("DEJIMA_URL", _get(env, "DEJIMA_URL", "http://127.0.0.1:8000"))
+    seeds = parse_seeds("DEJIMA_SEEDS", env.get("DEJIMA_SEEDS", ""))
+    peer_url = _http_url("DEJIMA_PEER_URL", env["DEJIMA_PEER_URL"]) if env.get("DEJIMA_PEER_URL", "").strip() else ""
+    if tls_on is not None:
+        if mode == "peer":
+            _https_only("DEJIMA_URL", [url])
+            _https_only("DEJIMA_SEEDS", [u for urls in seeds.values() for u in urls])
+        else:
+            _https_only("DEJIMA_PEER_URL", [peer_url])
+        if tls_on.require_client_certs and mode == "peer" and not env.get("DEJIMA_MESSAGE_BIND", "").strip():
+            raise ConfigError(
+                tls.CLIENT_CERTS_SETTING,
+                "require needs the message listener (DEJIMA_MESSAGE_BIND): it is the one that checks a partner's"
+                " certificate",
+            )
     return PeerConfig(
         peer_type=peer_type,
         mode=mode,
         name=name,
-        url=_http_url("DEJIMA_URL", _get(env, "DEJIMA_URL", "http://127.0.0.1:8000")),
+        url=url,
         database_url=database_url,
         sql_root=sql_root,
-        seeds=parse_seeds("DEJIMA_SEEDS", env.get("DEJIMA_SEEDS", "")),
+        seeds=seeds,
         peer_timeout=peer_timeout,
         txn_timeout=_float(env, "DEJIMA_TXN_TIMEOUT", 10.0, 0.1, 600.0),
         lock_timeout_ms=_int(env, "DEJIMA_LOCK_TIMEOUT_MS", 2000, 1, 600_000),
@@ -413,9 +511,7 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         max_active=max_active,
         batch_max=_int(env, "DEJIMA_BATCH_MAX", 16, 1, 64),
         batch_running=_int(env, "DEJIMA_BATCH_RUNNING", 1, 1, 10_000),
-        peer_url_for_client=(
-            _http_url("DEJIMA_PEER_URL", env["DEJIMA_PEER_URL"]) if env.get("DEJIMA_PEER_URL", "").strip() else ""
-        ),
+        peer_url_for_client=peer_url,
         fault_point=env.get("DEJIMA_FAULT_POINT", "").strip(),
         private_key=private_key,
         key_file=_key_file(env, name, check=mode == "peer" and not private_key),
@@ -431,17 +527,24 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         api_tokens_file=tokens_file,
         api_tokens=api_tokens,
         peer_token=token,
+        tls=tls_on,
+        allow_plain=allow_plain,
     )
 
 
 def setting_names() -> frozenset[str]:
     """The name of every setting a peer or client reads at start: each `PEER_*`/`DEJIMA_*` name written in this
-    module, in peer/settings.py, in peer/gunicorn_conf.py and in the image's entrypoint (docker/entrypoint.py, when
-    it is there: its install step's own settings), read from their source, so it follows the code. Deployment files
-    are checked against it (tests/test_deploy.py); the development kit's own settings (`DEJIMA_PG`, … in
-    peer/pgserver.py) are not among them."""
+    module, in peer/dejima/tls.py, in peer/settings.py, in peer/gunicorn_conf.py and in the image's entrypoint
+    (docker/entrypoint.py, when it is there: its install step's own settings), read from their source, so it follows
+    the code. Deployment files are checked against it (tests/test_deploy.py); the development kit's own settings
+    (`DEJIMA_PG`, … in peer/pgserver.py) are not among them."""
     package = Path(__file__).resolve().parents[1]
-    sources = [Path(__file__), package / "settings.py", package / "gunicorn_conf.py"]
+    sources = [
+        Path(__file__),
+        Path(__file__).with_name("tls.py"),
+        package / "settings.py",
+        package / "gunicorn_conf.py",
+    ]
     entrypoint = package.parent / "docker" / "entrypoint.py"
     names: set[str] = set()
     for source in [*sources, *([entrypoint] if entrypoint.is_file() else [])]:
