@@ -91,7 +91,13 @@ class ClientContext:
     service: PeerService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.service = PeerService(self.config.peer_url_for_client, self.config.peer_timeout, self.config.peer_token)
+        tls = self.config.tls
+        self.service = PeerService(
+            self.config.peer_url_for_client,
+            self.config.peer_timeout,
+            self.config.peer_token,
+            ca_file=tls.ca_file if tls is not None else None,
+        )
 
     def snapshot(self) -> Snapshot:
         try:

@@ -8,6 +8,8 @@
 | `PeerService.exec(sqls)` | POST /api/v1/exec | an `Outcome` (never raises): committed, or the error in plain words |
 
 Every call carries the client's API token (`Authorization: Bearer …`, DEJIMA_PEER_TOKEN or DEJIMA_PEER_TOKEN_FILE).
+With the client's TLS settings (DEJIMA_TLS_CA_FILE, peer.dejima.tls) the peer's https URL is verified against that CA
+only (not the system's, nor REQUESTS_CA_BUNDLE); a peer whose certificate does not verify is `unreachable`.
 
 An `Outcome` mirrors the peer's HTTP status (200, 400, 403, 409 + Retry-After, 422, 503, 504; the peer's own
 500 `internal` becomes 502, so the client never answers 500). Failures of the call itself become: 503
@@ -21,6 +23,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -106,10 +109,12 @@ def committed_message(participants: tuple[str, ...] | list[str]) -> str:
 class PeerService:
     """HTTP client of one peer service. Thread-safe: one `requests.Session` per thread (keep-alive)."""
 
-    def __init__(self, url: str, timeout: float, token: str = "") -> None:
+    def __init__(self, url: str, timeout: float, token: str = "", ca_file: Path | None = None) -> None:
+        """`ca_file`: the CA the peer's certificate is verified against (DEJIMA_TLS_CA_FILE; None: the system's)."""
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._verify: str | bool = str(ca_file) if ca_file is not None else True
         self._local = threading.local()
 
     def _session(self) -> requests.Session:
@@ -117,6 +122,7 @@ class PeerService:
         if session is None:
             session = requests.Session()
             session.headers.update(self._headers)
+            session.verify = self._verify
             self._local.session = session
         return session
 
@@ -130,6 +136,10 @@ class PeerService:
         except requests.Timeout:
             raise PeerUnavailable(
                 "no_answer", 504, f"the peer service at {self.url} did not answer within {timeout:g} s"
+            ) from None
+        except requests.exceptions.SSLError as exc:
+            raise PeerUnavailable(
+                "unreachable", 503, f"the peer service at {self.url} is unreachable (TLS: {_tls_reason(exc)})"
             ) from None
         except requests.RequestException as exc:
             raise PeerUnavailable(
@@ -197,6 +207,20 @@ class PeerService:
         if duplicate:
             message = f"a row with {duplicate['cols']} = {duplicate['vals']} already exists; nothing was changed"
         return Outcome(False, status, kind, message, detail, retry_after=resp.headers.get("Retry-After"))
+
+
+def _tls_reason(exc: Exception) -> str:
+    """The reason OpenSSL gave (certificate verify failed: …), from the exceptions requests wraps it in."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        reason = getattr(current, "verify_message", "") or getattr(current, "reason", "")
+        if isinstance(reason, str) and reason:
+            return reason
+        inner = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        current = inner or current.__cause__ or current.__context__
+    return type(exc).__name__
 
 
 def _unreachable_peers(detail: str, peer_names: dict[str, str], self_name: str) -> str:

@@ -14,13 +14,23 @@ client API `peer.dejima.api.run_exec` / `run_query` — the same functions the D
 statuses and answers. Only those paths exist on a listener (anything else: 404; another method: 405). A request
 must come whole within `read_timeout` once it started; an idle connection is closed after `idle_timeout`; at most
 `max_connections` connections are served at once (one more is answered 503 and closed); a body larger than the
-limit is answered 413 without being read, a chunked one 411; every answer is JSON.
+limit is answered 413 without being read, a chunked one 411; every answer is JSON. A request refused before its body
+was read (413, 411, a guard's refusal of a body beyond the limit) is answered, then what the client still sends is
+read and dropped (at most `LINGER_BYTES`, within `read_timeout`) before the connection is closed: a client writes its
+whole body before it reads, and over TLS a connection closed under its writes is an error to it, not the answer.
 
 Who may ask. A listener may have a `guard`: it sees each request's method, path, remote address and headers once
 they are read, before the body is, and may refuse it. The client listener's guard checks the API token
 (`peer.dejima.tokens.authorize`, as the REST API does, with the same statuses and bodies: 401, 403): a request
 without a valid token is answered before its body is read or parsed, and its body is then skipped (or, beyond the
 limit, the connection closed). The message listener has none: every peer message is signed and checked.
+
+TLS. With a `tls` context (the peer's TLS settings, peer.dejima.tls) a listener speaks HTTPS only: each connection's
+thread runs the handshake, bounded by `read_timeout`, before it reads a request (the accepting thread never does: a
+caller that stalls its handshake holds only its own thread); a handshake that fails (a caller with no certificate of
+the CA when the message listener requires one, a plain-text caller, a stall) closes the connection and is counted.
+The context is the listener's for its whole life, so that a caller coming back with a session ticket is resumed
+without a new certificate exchange (`stats()`: connections, handshakes full, resumed and failed).
 
 Started by the peer runtime when DEJIMA_MESSAGE_BIND / DEJIMA_API_BIND is set (docs/settings.md). DEJIMA_URL, the
 address a peer advertises to the others, then names the message listener, so their messages come here; the client
@@ -33,7 +43,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, BinaryIO
@@ -41,12 +53,14 @@ from typing import Any, BinaryIO
 from peer.dejima import jsonvalues
 from peer.dejima.auth import read_envelope, wire
 from peer.dejima.jsonvalues import TOO_DEEP_TO_HANDLE, TooDeep
+from peer.dejima.tls import HandshakeStats
 
 log = logging.getLogger(__name__)
 
 MESSAGE_PATH = "/peer/v1/message"
 MAX_LINE = 8192  # bytes of a request line or of one header line
 MAX_HEADERS = 100
+LINGER_BYTES = 64 * 1024 * 1024  # at most this much of a refused body is read and dropped before the close
 
 # (the decoded JSON body, the client's address) -> (HTTP status, JSON answer): a peer message's handler
 Handler = Callable[[Any, str], tuple[int, dict[str, Any]]]
@@ -68,10 +82,12 @@ def message_routes(handler: Handler) -> dict[str, Route]:
 
 
 class _Refused(Exception):
-    """A request this server answers with an error and then closes the connection."""
+    """A request this server answers with an error and then closes the connection; `unread`: bytes of its body the
+    client may still be sending (dropped before the close)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, unread: int = 0) -> None:
         self.status = status
+        self.unread = unread
         super().__init__(message)
 
 
@@ -91,9 +107,13 @@ class PeerServer:
         max_connections: int = 256,
         name: str = "peer",
         guard: Guard | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.routes = dict(routes)
         self.guard = guard
+        self.tls = tls
+        self.handshakes = HandshakeStats()
+        self.accepted = 0  # connections accepted
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
@@ -147,19 +167,58 @@ class PeerServer:
                 continue
             with self.lock:
                 self.conns.add(conn)
+                self.accepted += 1
             remote = str(addr[0])
             threading.Thread(
                 target=self._serve, args=(conn, remote), name=f"{self.name}-message-{remote}", daemon=True
             ).start()
 
     def _refuse_busy(self, conn: socket.socket) -> None:
+        if self.tls is not None:  # an answer would need a handshake, which the accepting thread never runs
+            conn.close()
+            return
         with contextlib.suppress(OSError):
             conn.settimeout(1.0)
             conn.sendall(self._response(503, _error_body("too many connections to this peer; try again"), close=True))
         conn.close()
 
+    def _handshake(self, conn: socket.socket, remote: str) -> socket.socket | None:
+        """The TLS handshake of a new connection, in its own thread, within `read_timeout`: the TLS socket (in
+        `conns` in place of the plain one), or None when it failed (the connection is closed then)."""
+        assert self.tls is not None
+        conn.settimeout(self.read_timeout)
+        try:
+            secure = self.tls.wrap_socket(conn, server_side=True)
+        except (OSError, ValueError) as exc:
+            self.handshakes.refused()
+            reason = getattr(exc, "verify_message", "") or getattr(exc, "reason", "") or type(exc).__name__
+            log.info("%s: refused a TLS handshake from %s: %s", self.name, remote, reason)
+            with self.lock:
+                self.conns.discard(conn)
+            conn.close()
+            return None
+        self.handshakes.done(secure)
+        with self.lock:
+            self.conns.discard(conn)
+            self.conns.add(secure)
+        if self.stopped.is_set():  # closed while shaking hands: `close` saw only the plain socket
+            with contextlib.suppress(OSError):
+                secure.shutdown(socket.SHUT_RDWR)
+        return secure
+
+    def stats(self) -> dict[str, Any]:
+        """Connections accepted and TLS handshakes (full, resumed, failed) since start."""
+        with self.lock:
+            accepted = self.accepted
+        return {"connections": accepted, "handshakes": self.handshakes.snapshot()}
+
     def _serve(self, conn: socket.socket, remote: str) -> None:
         try:
+            if self.tls is not None:
+                secure = self._handshake(conn, remote)
+                if secure is None:
+                    return
+                conn = secure
             reader = conn.makefile("rb")
             while not self.stopped.is_set():
                 conn.settimeout(self.idle_timeout)
@@ -171,11 +230,12 @@ class PeerServer:
                     return  # the peer closed it
                 conn.settimeout(self.read_timeout)
                 try:
-                    status, answer, headers, close = self._one(first, reader, remote)
+                    status, answer, headers, close, unread = self._one(first, reader, remote)
                 except _Refused as exc:
-                    status, answer, headers, close = exc.status, _error_body(str(exc)), {}, True
+                    status, answer, headers, close, unread = exc.status, _error_body(str(exc)), {}, True, exc.unread
                 conn.sendall(self._response(status, answer, close, headers))
                 if close:
+                    self._linger(conn, reader, unread)
                     return
         except (OSError, ValueError):
             return  # reset, timed out mid-request, or closed by `close`
@@ -186,10 +246,24 @@ class PeerServer:
             self.slots.release()
 
     # ---- one request ----------------------------------------------------------------------------------------
+    def _linger(self, conn: socket.socket, reader: BinaryIO, unread: int) -> None:
+        """Read and drop at most `unread` (and LINGER_BYTES) bytes the client still sends, within `read_timeout`."""
+        left = min(unread, LINGER_BYTES)
+        read = getattr(reader, "read1", reader.read)  # a BufferedReader: what has come, without waiting for more
+        deadline = time.monotonic() + self.read_timeout
+        with contextlib.suppress(OSError, ValueError):
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                conn.settimeout(remaining)
+                chunk = read(min(left, 65536))
+                if not chunk:
+                    return
+                left -= len(chunk)
+
     def _one(
         self, first: bytes, reader: BinaryIO, remote: str
-    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str], bool]:
-        """(status, answer, extra headers, close after it) for the request whose first line is `first`."""
+    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str], bool, int]:
+        """(status, answer, extra headers, close after it, bytes of the body left unread) for the request whose first
+        line is `first`."""
         if len(first) > MAX_LINE or not first.endswith(b"\n"):
             raise _Refused(414 if len(first) > MAX_LINE else 400, "request line too long or cut")
         parts = first.decode("latin-1").split()
@@ -207,57 +281,70 @@ class PeerServer:
                 log.exception("the check of the request to %s from %s failed", path, remote)
                 raise _Refused(500, f"{type(exc).__name__}: {exc}") from None
             if refusal is not None:
-                return (*refusal, self._skip_body(headers, reader) or close)
+                unread = self._skip_body(headers, reader)
+                return (*refusal, unread > 0 or close, unread)
         if "transfer-encoding" in headers:
-            raise _Refused(411, "send the body with a Content-Length (chunked bodies are not taken here)")
+            raise _Refused(
+                411, "send the body with a Content-Length (chunked bodies are not taken here)", unread=LINGER_BYTES
+            )
         raw_length = headers.get("content-length", "0").strip()
         if not (raw_length.isascii() and raw_length.isdigit()):  # str.isdigit() takes "²" too, int() does not
             raise _Refused(400, f"bad Content-Length {raw_length!r}")
         digits = raw_length.lstrip("0")
         if len(digits) > 18:  # no body is that long; int() would refuse 4,300 digits
             raise _Refused(
-                413, f"Content-Length of {len(digits)} digits is over the limit of {self.max_body_bytes} bytes"
+                413,
+                f"Content-Length of {len(digits)} digits is over the limit of {self.max_body_bytes} bytes",
+                unread=LINGER_BYTES,
             )
         length = int(digits or "0")
         if length > self.max_body_bytes:
-            raise _Refused(413, f"body of {length} bytes is larger than the limit of {self.max_body_bytes} bytes")
+            raise _Refused(
+                413, f"body of {length} bytes is larger than the limit of {self.max_body_bytes} bytes", unread=length
+            )
         body = reader.read(length) if length else b""
         if len(body) != length:
             raise ValueError("body cut short")  # the connection is gone: nothing to answer
         route = self.routes.get(path)
         if route is None:
-            return 404, {"status": "error", "kind": "not_found", "error": f"no endpoint {path} here"}, {}, close
+            return 404, {"status": "error", "kind": "not_found", "error": f"no endpoint {path} here"}, {}, close, 0
         if method != "POST":
             answer = {"status": "error", "kind": "method_not_allowed", "error": f"{method} not allowed"}
-            return 405, answer, {}, close
+            return 405, answer, {}, close, 0
         try:
             envelope = read_envelope(body)  # `jsonvalues.loads_request`, keeping a signed body's text as it came
         except TooDeep as exc:
-            return 400, _error_body(str(exc)), {}, close
+            return 400, _error_body(str(exc)), {}, close, 0
         except ValueError as exc:  # UnicodeDecodeError among them
-            return 400, _error_body(f"malformed JSON: {exc}"), {}, close
+            return 400, _error_body(f"malformed JSON: {exc}"), {}, close, 0
         except RecursionError:  # not past the depth check; were it to, the request fails, not the thread
-            return 400, _error_body(TOO_DEEP_TO_HANDLE), {}, close
+            return 400, _error_body(TOO_DEEP_TO_HANDLE), {}, close, 0
         try:
             status, encoded, headers = route(envelope, remote)
         except RecursionError:  # e.g. a query's deeply nested jsonb result: a 400 like a body too deep
             log.warning("the request to %s from %s nests too deeply to handle", path, remote)
-            return 400, _error_body(TOO_DEEP_TO_HANDLE), {}, close
+            return 400, _error_body(TOO_DEEP_TO_HANDLE), {}, close, 0
         except Exception as exc:
             log.exception("the request to %s from %s failed", path, remote)
             answer = {"status": "error", "kind": "internal", "error": f"{type(exc).__name__}: {exc}"}
-            return 500, answer, {}, close
-        return status, encoded, headers, close
+            return 500, answer, {}, close, 0
+        return status, encoded, headers, close, 0
 
-    def _skip_body(self, headers: Mapping[str, str], reader: BinaryIO) -> bool:
-        """Read past the body of a refused request (unparsed); True when the connection must be closed instead: a
-        chunked body, a bad Content-Length, or one beyond the limit."""
+    def _skip_body(self, headers: Mapping[str, str], reader: BinaryIO) -> int:
+        """Read past the body of a refused request (unparsed); or, when the connection must be closed instead (a
+        chunked body, a bad Content-Length, or one beyond the limit), the bytes the client may still send (> 0)."""
         raw_length = headers.get("content-length", "0").strip()
-        if "transfer-encoding" in headers or not raw_length.isdigit() or int(raw_length) > self.max_body_bytes:
-            return True
-        if len(reader.read(int(raw_length))) != int(raw_length):
+        if "transfer-encoding" in headers or not (raw_length.isascii() and raw_length.isdigit()):
+            return LINGER_BYTES
+        digits = raw_length.lstrip("0")
+        if len(digits) > 18:
+            return LINGER_BYTES
+        length = int(digits or "0")
+        if length > self.max_body_bytes:
+            return min(length, LINGER_BYTES)
+        if len(reader.read(length)) != length:
             raise ValueError("body cut short")
-        return False
+        return 0
 
     @staticmethod
     def _headers(reader: BinaryIO) -> dict[str, str]:

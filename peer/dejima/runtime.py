@@ -7,7 +7,8 @@ two connection pools (the peer's own login, and the client login a client's stat
 (DEJIMA_API_TOKENS_FILE imported; `tokens`: the store every request's token is checked against); the directory
 (discovery loop), the coordinator (recovery and sealer loops) and, with DEJIMA_MESSAGE_BIND and DEJIMA_API_BIND, the
 lean listeners for peer messages and for a client's exec and query (peer.dejima.peerserver; the latter checks the
-token first, as the REST API does).
+token first, as the REST API does), both over TLS with the peer's TLS settings (peer.dejima.tls; the message
+listener asks for a client certificate with DEJIMA_TLS_CLIENT_CERTS=require).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import select
+import ssl
 import threading
 import time
 import weakref
@@ -32,6 +34,7 @@ from peer.dejima.directory import Directory
 from peer.dejima.install import InstallError, Roles
 from peer.dejima.manifest import PeerType, load_peer_types
 from peer.dejima.peerserver import Guard, PeerServer, Route, message_routes
+from peer.dejima.tls import server_context
 from peer.dejima.tokens import Principal, TokenError, TokenStore, authorize, import_tokens, log_refusal
 from peer.dejima.transport import Transport
 
@@ -119,7 +122,7 @@ class PeerRuntime:
             self._import_tokens(config)
         self.tokens = TokenStore(self.pool)
         self.auth = make_authenticator(config)
-        self.transport = Transport(config.name, self.auth)
+        self.transport = Transport(config.name, self.auth, tls=config.tls)
         self.directory = Directory(config, self.ptype, self.pool, self.transport)
         self.coordinator = Coordinator(
             config, self.ptype, self.pool, self.directory, self.transport, client_pool=self.client_pool
@@ -129,6 +132,7 @@ class PeerRuntime:
         self.stopped = threading.Event()
         self.threads: list[threading.Thread] = []
         self.listeners: list[PeerServer] = []  # the lean listeners (DEJIMA_MESSAGE_BIND, DEJIMA_API_BIND)
+        self.listener_names: dict[str, PeerServer] = {}  # "message", "api" -> its listener
         if background:
             self.start_background()
         log.info("peer %s (%s) ready at %s", config.name, config.peer_type, config.url)
@@ -146,19 +150,26 @@ class PeerRuntime:
         if self.config.message_bind is not None:
             from peer.dejima.inbox import handle_message  # it reaches this runtime through get_runtime()
 
-            self.listeners.append(
-                self._listen(
-                    "DEJIMA_MESSAGE_BIND", self.config.message_bind, message_routes(handle_message), "peer messages"
-                )
+            tls = self.config.tls
+            context = server_context(tls, client_certs=tls.require_client_certs) if tls is not None else None
+            self.listener_names["message"] = self._listen(
+                "DEJIMA_MESSAGE_BIND",
+                self.config.message_bind,
+                message_routes(handle_message),
+                "peer messages",
+                tls=context,
             )
         if self.config.api_bind is not None:
             from peer.dejima import api  # likewise
 
             routes = {API_EXEC: _drop_remote(api.run_exec), API_QUERY: _drop_remote(api.run_query)}
-            self.listeners.append(
-                self._listen(
-                    "DEJIMA_API_BIND", self.config.api_bind, routes, "client exec and query", token_guard(self.tokens)
-                )
+            self.listener_names["api"] = self._listen(
+                "DEJIMA_API_BIND",
+                self.config.api_bind,
+                routes,
+                "client exec and query",
+                token_guard(self.tokens),
+                tls=server_context(self.config.tls) if self.config.tls is not None else None,
             )
 
     def _import_tokens(self, config: PeerConfig) -> None:
@@ -178,7 +189,13 @@ class PeerRuntime:
         )
 
     def _listen(
-        self, setting: str, bind: tuple[str, int], routes: dict[str, Route], what: str, guard: Guard | None = None
+        self,
+        setting: str,
+        bind: tuple[str, int],
+        routes: dict[str, Route],
+        what: str,
+        guard: Guard | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> PeerServer:
         host, port = bind
         try:
@@ -190,14 +207,33 @@ class PeerRuntime:
                 read_timeout=self.config.peer_timeout,
                 name=self.config.name,
                 guard=guard,
+                tls=tls,
             )
         except OSError as exc:
             for started in self.listeners:
                 started.close()
             raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc}") from None
         listener.start()
-        log.info("peer %s: %s also at %s:%d (%s)", self.config.name, what, host, port, setting)
+        self.listeners.append(listener)
+        if tls is None:
+            how = "plain HTTP"
+        elif tls.verify_mode == ssl.CERT_REQUIRED:
+            how = "TLS, client certificates required"
+        else:
+            how = "TLS"
+        log.info("peer %s: %s also at %s:%d (%s, %s)", self.config.name, what, host, port, setting, how)
         return listener
+
+    def tls_status(self) -> dict[str, Any]:
+        """TLS in /api/v1/status: on or off, whether the message listener requires client certificates, the
+        transport's connections and handshakes (full, resumed, failed) and each lean listener's."""
+        tls = self.config.tls
+        return {
+            "enabled": tls is not None,
+            "client_certs": tls.client_certs if tls is not None else "none",
+            "transport": self.transport.connections.snapshot(),
+            "listeners": {name: listener.stats() for name, listener in self.listener_names.items()},
+        }
 
     def close(self) -> None:
         self.stopped.set()

@@ -133,6 +133,34 @@ class GroupsSerializer(serializers.Serializer[Any]):
     peer_groups = PeerGroupSerializer(many=True)
 
 
+class HandshakesSerializer(serializers.Serializer[Any]):
+    full = serializers.IntegerField(min_value=0, help_text="TLS handshakes that made a new session")
+    resumed = serializers.IntegerField(min_value=0, help_text="TLS handshakes that resumed an earlier session")
+    failed = serializers.IntegerField(min_value=0, help_text="TLS handshakes refused or failed")
+
+
+class ListenerStatsSerializer(serializers.Serializer[Any]):
+    connections = serializers.IntegerField(min_value=0, help_text="connections accepted since start")
+    handshakes = HandshakesSerializer()
+
+
+class TransportStatsSerializer(serializers.Serializer[Any]):
+    connections = serializers.IntegerField(min_value=0, help_text="connections made to other peers since start")
+    requests = serializers.IntegerField(min_value=0, help_text="answers read from other peers since start")
+    handshakes = HandshakesSerializer()
+
+
+class TlsStatusSerializer(serializers.Serializer[Any]):
+    enabled = serializers.BooleanField(help_text="whether this peer speaks TLS (DEJIMA_TLS_CERT_FILE, …)")
+    client_certs = serializers.ChoiceField(
+        choices=["none", "require"], help_text="DEJIMA_TLS_CLIENT_CERTS: the message listener asks for a certificate"
+    )
+    transport = TransportStatsSerializer(help_text="this peer's calls to other peers")
+    listeners = serializers.DictField(
+        child=ListenerStatsSerializer(), help_text="the lean listeners (message, api) and what they accepted"
+    )
+
+
 class StatusSerializer(GroupsSerializer):
     peer = serializers.CharField()
     peer_type = serializers.CharField()
@@ -150,6 +178,7 @@ class StatusSerializer(GroupsSerializer):
     commit_wait = serializers.ChoiceField(
         choices=["decision", "all"], help_text="DEJIMA_COMMIT_WAIT: when this peer answers its clients 'committed'"
     )
+    tls = TlsStatusSerializer(help_text="TLS between peers: its connections and handshakes")
 
 
 class ViewRowsSerializer(serializers.Serializer[Any]):

@@ -9,6 +9,13 @@ restarted) is dropped before reuse, as urllib3 does; a request is never sent twi
 
 Authenticated peers (`peer.dejima.auth`): every request is signed by this peer (`sign`), and an answer counts only
 when it is signed by a trusted peer and bound to the request (`verify_answer`); otherwise the call fails (refused).
+
+TLS (`peer.dejima.tls`, docs/decisions.md "TLS between peers"): with the peer's TLS settings every call is HTTPS, the
+peer's certificate verified against the CA and the host of its URL, and a plain `http://` URL is refused (a peer
+with TLS never speaks clear text). The handshake is paid once per connection, and connections are kept alive; when a
+new one is needed to a peer (its keep-alive ran out, it restarted, several calls at once), it resumes the TLS session
+of the previous one (the session ticket it got, kept per peer address): no certificate exchange then. Counters of
+connections, answered requests and handshakes (full, resumed, failed): `Connections.snapshot()`, in /api/v1/status.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from urllib.parse import urlsplit
 
 from peer.dejima.auth import Authenticator, AuthError, authorize, read_envelope, signature_id, wire
 from peer.dejima.messages import Message, MessageError, parse
+from peer.dejima.tls import HandshakeStats, TlsSettings, client_context
 
 log = logging.getLogger(__name__)
 MESSAGE_PATH = "/peer/v1/message"
@@ -42,6 +50,10 @@ class CallTimeout(Exception):
     """The peer did not answer in time."""
 
 
+class PlainRefused(ValueError):
+    """A plain http:// URL, while this peer speaks TLS only."""
+
+
 class BadAnswer(ConnectionError):
     """The peer's answer is not HTTP/1.x as this client reads it (cut short, malformed, too large); the connection
     is closed. An OSError, like every other way a call can fail on the wire."""
@@ -53,6 +65,7 @@ class _Conn:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = sock.makefile("rb")
+        self.answered = 0  # answers read on it (its TLS session is kept after the first one)
 
     def dropped(self) -> bool:
         """Whether the idle connection is unusable: a readable socket means the peer's EOF, or bytes nobody asked
@@ -145,23 +158,37 @@ class _Conn:
 class Connections:
     """Keep-alive HTTP/1.1 connections to other peers, pooled per (scheme, host, port), TCP_NODELAY on each.
 
-    `post` answers (status, body) or raises CallTimeout / OSError (BadAnswer among them). Thread-safe: a connection
-    is used by one call at a time (taken from the idle list, given back after a complete answer). The timeout
-    bounds each wait on the peer (connecting, sending, every read), as a socket timeout does."""
+    `post` answers (status, body) or raises CallTimeout / OSError (BadAnswer among them) / PlainRefused. Thread-safe:
+    a connection is used by one call at a time (taken from the idle list, given back after a complete answer). The
+    timeout bounds each wait on the peer (connecting, the TLS handshake, sending, every read), as a socket timeout
+    does. `tls`: the context of https calls (the peer's CA and certificate; None: the system's CAs); `plain`: whether
+    http:// URLs may be called at all."""
 
-    def __init__(self, headers: dict[str, str], max_idle: int = MAX_IDLE_PER_PEER) -> None:
+    def __init__(
+        self,
+        headers: dict[str, str],
+        max_idle: int = MAX_IDLE_PER_PEER,
+        tls: ssl.SSLContext | None = None,
+        plain: bool = True,
+    ) -> None:
         self.head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         self.max_idle = max_idle
         self.idle: dict[Address, list[_Conn]] = {}
         self.lock = threading.Lock()
         self.closed = False
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls
+        self.plain = plain
+        self.sessions: dict[Address, ssl.SSLSession] = {}  # the last resumable TLS session per peer address
+        self.handshakes = HandshakeStats()
+        self.opened = 0  # connections made
+        self.answered = 0  # answers read
 
-    @staticmethod
-    def _address(url: str) -> Address:
+    def _address(self, url: str) -> Address:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
+        if parts.scheme == "http" and not self.plain:
+            raise PlainRefused(f"{url} is plain http: this peer speaks TLS only (DEJIMA_TLS_CERT_FILE)")
         return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
     def _new(self, address: Address, timeout: float) -> _Conn:
@@ -172,10 +199,20 @@ class Connections:
             if scheme == "https":
                 if self._tls is None:
                     self._tls = ssl.create_default_context()
-                sock = self._tls.wrap_socket(sock, server_hostname=host)
+                with self.lock:
+                    session = self.sessions.get(address)
+                try:  # the handshake, bounded by the connect timeout; the certificate and the host checked
+                    sock = self._tls.wrap_socket(sock, server_hostname=host, session=session)
+                except (OSError, ValueError):
+                    self.handshakes.refused()
+                    raise
+                assert isinstance(sock, ssl.SSLSocket)
+                self.handshakes.done(sock)
         except BaseException:
             sock.close()
             raise
+        with self.lock:
+            self.opened += 1
         return _Conn(sock)
 
     def _take(self, address: Address) -> _Conn | None:
@@ -188,10 +225,20 @@ class Connections:
                 return conn
             conn.close()
 
-    def _give_back(self, address: Address, conn: _Conn) -> None:
+    def _give_back(self, address: Address, conn: _Conn, close: bool) -> None:
+        """After a complete answer: keep the connection (unless `close`) and, after its first answer (a TLS 1.3
+        server sends its session tickets before it), its TLS session for the next new connection to `address`."""
+        session = None
+        if conn.answered == 0 and isinstance(conn.sock, ssl.SSLSocket):
+            session = conn.sock.session
+            if session is not None and not session.has_ticket and conn.sock.version() != "TLSv1.2":
+                session = None  # TLS 1.3 without a ticket yet: not resumable
+        conn.answered += 1
         with self.lock:
-            idle = self.idle.setdefault(address, [])
-            if not self.closed and len(idle) < self.max_idle:
+            self.answered += 1
+            if session is not None:
+                self.sessions[address] = session
+            if not close and not self.closed and len(idle := self.idle.setdefault(address, [])) < self.max_idle:
                 idle.append(conn)
                 return
         conn.close()
@@ -217,11 +264,14 @@ class Connections:
             if isinstance(exc, TimeoutError):
                 raise CallTimeout(f"no answer within {timeout:.1f}s") from None
             raise
-        if close:
-            conn.close()
-        else:
-            self._give_back(address, conn)
+        self._give_back(address, conn, close)
         return status, data
+
+    def snapshot(self) -> dict[str, Any]:
+        """Connections made, answers read and TLS handshakes (full, resumed, failed) since start."""
+        with self.lock:
+            counts = {"connections": self.opened, "requests": self.answered}
+        return {**counts, "handshakes": self.handshakes.snapshot()}
 
     def close(self) -> None:
         with self.lock:
@@ -275,10 +325,18 @@ class _Signed:
 
 
 class Transport:
-    def __init__(self, peer_name: str, auth: Authenticator, max_parallel: int = 64) -> None:
+    def __init__(
+        self, peer_name: str, auth: Authenticator, max_parallel: int = 64, tls: TlsSettings | None = None
+    ) -> None:
+        """`tls`: the peer's TLS settings; with them every call is HTTPS, verified against their CA, presenting the
+        peer's certificate, and a plain http:// URL is refused."""
         self.peer_name = peer_name
         self.auth = auth
-        self.connections = Connections({"Content-Type": "application/json", "X-Dejima-Peer": peer_name})
+        self.connections = Connections(
+            {"Content-Type": "application/json", "X-Dejima-Peer": peer_name},
+            tls=client_context(tls) if tls is not None else None,
+            plain=tls is None,
+        )
         self.pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix=f"{peer_name}-call")
 
     def call(self, url: str, message: Message, timeout: float, signed: _Signed | None = None) -> CallResult:
@@ -289,6 +347,11 @@ class Transport:
             status, data = self.connections.post(url, MESSAGE_PATH, body, timeout)
         except CallTimeout:
             return CallResult(url, None, error=f"{url} did not answer within {timeout:.1f}s", error_kind="timeout")
+        except PlainRefused as exc:
+            return CallResult(url, None, error=str(exc), error_kind="unreachable")
+        except ssl.SSLError as exc:  # a handshake refused: the peer's certificate (or ours) not of the CA, …
+            reason = getattr(exc, "verify_message", "") or exc.reason or str(exc)
+            return CallResult(url, None, error=f"{url} is unreachable (TLS: {reason})", error_kind="unreachable")
         except (OSError, ValueError) as exc:
             return CallResult(url, None, error=f"{url} is unreachable ({type(exc).__name__})", error_kind="unreachable")
         try:

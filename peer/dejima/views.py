@@ -57,6 +57,7 @@ from rest_framework.permissions import AllowAny
 
 from peer.dejima import api, inbox, jsonvalues, machinery, txlog
 from peer.dejima.api import BadInput
+from peer.dejima.peerserver import LINGER_BYTES
 from peer.dejima.runtime import get_runtime
 from peer.dejima.serializers import (
     AnswerSerializer,
@@ -104,11 +105,24 @@ def exact_json(data: Any, status: int = 200) -> HttpResponse:
     return HttpResponse(jsonvalues.dumps(data), content_type="application/json", status=status)
 
 
+def _drop_body(request: HttpRequest, length: int) -> None:
+    """Read and drop a body refused unread (at most peerserver.LINGER_BYTES of it): a client writes its whole body
+    before it reads the answer, and over TLS a connection closed under its writes is an error to it, not the 413."""
+    stream = request.META.get("wsgi.input")
+    left = min(length, LINGER_BYTES)
+    while stream is not None and left > 0:
+        chunk = stream.read(min(left, 65536))
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
 def _json_body(request: HttpRequest) -> Any:
     """The request body as JSON, within the size limit. Raises BadInput with a clear message."""
     limit = get_runtime().config.max_body_bytes
     length = int(request.headers.get("Content-Length") or 0)
     if length > limit:
+        _drop_body(request, length)
         raise BadInput(413, f"body of {length} bytes is larger than the limit of {limit} bytes")
     if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
         body = request.META["wsgi.input"].read(limit + 1)  # Django reads Content-Length bodies only
@@ -168,7 +182,8 @@ def health(request: HttpRequest) -> JsonResponse:
         401: _err("unsigned, forged, untrusted, stale or replayed"),
         403: _err(
             "signed by another peer than it claims, or a propagate from outside the view's group or with a "
-            "column outside the view"
+            "column outside the view; or sent here while the peer requires client certificates "
+            "(DEJIMA_TLS_CLIENT_CERTS=require: messages go to its message listener, which checks them)"
         ),
         **BAD_BODY,
     },
@@ -178,7 +193,17 @@ def health(request: HttpRequest) -> JsonResponse:
 @permission_classes([AllowAny])
 @rejects_bad_input
 def message(request: HttpRequest) -> HttpResponse:
-    """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello): `peer.dejima.inbox`."""
+    """Peer-to-peer messages (propagate, prepare, finish, decision_query, hello): `peer.dejima.inbox`. With
+    DEJIMA_TLS_CLIENT_CERTS=require they are taken only at the message listener, which checks the caller's
+    certificate (gunicorn asks for none: its callers are the organization's own)."""
+    tls = get_runtime().config.tls
+    if tls is not None and tls.require_client_certs:
+        return _error(
+            403,
+            "this peer takes peer messages only at its message listener (DEJIMA_MESSAGE_BIND, its DEJIMA_URL), which"
+            " checks the caller's certificate (DEJIMA_TLS_CLIENT_CERTS=require)",
+            kind="refused",
+        )
     status, answer = inbox.handle_message(_json_body(request), request.META.get("REMOTE_ADDR", ""))
     return exact_json(answer, status=status)
 
@@ -205,6 +230,7 @@ def status(request: HttpRequest) -> JsonResponse:
             "open_transactions": len(rt.coordinator.gxs),
             "queued_transactions": len(rt.coordinator.waiting),
             "commit_wait": rt.config.commit_wait,
+            "tls": rt.tls_status(),
         }
     )
 
