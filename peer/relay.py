@@ -10,12 +10,15 @@ passed both ways unchanged (a half-close is passed on). That is a peer's gateway
 reaches the peer's message listener (DEJIMA_MESSAGE_BIND) and nothing else, so a partner never reaches the REST
 API, the client API or the database of the organization.
 
-With `--route HOST:PORT=TO_HOST:TO_PORT` (repeated), the first request's `Host` header picks where a connection
-goes: the organization's own peer reaches the other peers' gateways through it, since the peer itself sits only
-on its organization's network. A Host without a route is answered `421 Misdirected Request` and closed. After the
-first request head, the bytes pass unchanged (the peer's transport keeps one connection per address, so every
-request on it names the same host; a later one naming another host still goes to the first one's destination, an
-allowed one).
+With `--route HOST:PORT=TO_HOST:TO_PORT` (repeated), the host the connection was opened for picks where it goes: the
+organization's own peer reaches the other peers' gateways through it, since the peer itself sits only on its
+organization's network. Over TLS (the peers' default) that host is the server name (SNI) of the client's first
+message, the ClientHello, which TLS sends in clear so that a server can pick its certificate; the relay reads it
+without decrypting anything (it holds no key: the peers verify each other end to end) and takes the port the
+client connected to, its own listening port. Over plain HTTP it is the first request's `Host` header. A host
+without a route is closed (plain HTTP: answered `421 Misdirected Request` first); so is a ClientHello without a
+server name (a URL naming an IP address). After that first message the bytes pass unchanged (the peer's transport
+keeps one connection per address, so every request on it is for the same host).
 
 Limits: at most `--max-connections` at once (the next one is closed at once, logged once until there is room
 again); `--connect-timeout` seconds to reach the destination (else the connection is closed); a connection silent
@@ -50,8 +53,11 @@ Address = tuple[str, int]
 
 LOOPBACK = "127.0.0.1"
 CHUNK = 65536
-MAX_HEAD = 16 * 1024  # bytes of the first request head a routing relay reads before it picks a destination
+MAX_HEAD = 16 * 1024  # bytes of the first request head (or ClientHello) a routing relay reads to pick a destination
 HEAD_TIMEOUT = 10.0  # seconds for that head to come whole (the message listener's own read timeout)
+TLS_HANDSHAKE = 0x16  # the content type of a TLS handshake record: a TLS client's first byte
+CLIENT_HELLO = 0x01
+SERVER_NAME_EXTENSION = 0x0000
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_IDLE_TIMEOUT = 120.0
@@ -101,6 +107,63 @@ def request_head_host(head: bytes) -> str | None:
     return None
 
 
+class NeedMore(Exception):
+    """The bytes read so far end inside the ClientHello."""
+
+
+def client_hello_server_name(data: bytes) -> str | None:
+    """The server name (SNI, RFC 6066) of the TLS ClientHello at the start of `data`, None when it names none.
+    Raises NeedMore while the ClientHello is not whole (it may span several records), ValueError when `data` is
+    not a ClientHello."""
+    handshake = b""
+    pos = 0
+    while len(handshake) < 4 or len(handshake) < 4 + int.from_bytes(handshake[1:4], "big"):
+        if len(data) < pos + 5:
+            raise NeedMore
+        if data[pos] != TLS_HANDSHAKE or data[pos + 1] != 3:
+            raise ValueError("not a TLS handshake record")
+        size = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        if len(data) < pos + 5 + size:
+            raise NeedMore
+        handshake += data[pos + 5 : pos + 5 + size]
+        pos += 5 + size
+    if handshake[0] != CLIENT_HELLO:
+        raise ValueError("the first handshake message is not a ClientHello")
+    try:
+        return _server_name(handshake[4 : 4 + int.from_bytes(handshake[1:4], "big")])
+    except IndexError:
+        raise ValueError("a ClientHello cut short") from None
+
+
+def _server_name(hello: bytes) -> str | None:
+    """The host_name of the server_name extension of a ClientHello's body (IndexError when it is cut short)."""
+    at = 2 + 32  # client version, random
+    at += 1 + hello[at]  # session id
+    at += 2 + int.from_bytes(hello[at : at + 2], "big")  # cipher suites
+    at += 1 + hello[at]  # compression methods
+    if at + 2 > len(hello):
+        return None  # no extensions
+    end = at + 2 + int.from_bytes(hello[at : at + 2], "big")
+    at += 2
+    if end > len(hello):
+        raise ValueError("the ClientHello's extensions run past its end")
+    while at + 4 <= end:
+        kind, size = int.from_bytes(hello[at : at + 2], "big"), int.from_bytes(hello[at + 2 : at + 4], "big")
+        body = hello[at + 4 : at + 4 + size]
+        at += 4 + size
+        if kind != SERVER_NAME_EXTENSION:
+            continue
+        item = 2  # the list's length, then entries (type, length, name)
+        while item + 3 <= len(body):
+            name_type, length = body[item], int.from_bytes(body[item + 1 : item + 3], "big")
+            name = body[item + 3 : item + 3 + length]
+            item += 3 + length
+            if name_type == 0:  # host_name
+                return name.decode("ascii", errors="replace")
+        return None
+    return None
+
+
 class Link:
     """One relayed connection: the accepted socket, the socket to the destination, and the two threads' state."""
 
@@ -111,6 +174,7 @@ class Link:
         self.closed = threading.Event()
         self.pending = b""  # bytes read from the client before the destination was known
         self.label = ""  # what a relay reading requests learned: the Host (routes), the sending peer (test kit)
+        self.down_bytes = 0  # bytes passed from the destination to the client so far
         self.last_activity = time.monotonic()
         self._lock = threading.Lock()
         self._owners = 2  # the two threads; the last one out closes the sockets
@@ -389,6 +453,8 @@ class Relay:
                 return
             if not self._send(link, dst, data):
                 return
+            if dst is link.client:
+                link.down_bytes += len(data)
 
     def _recv(self, link: Link, sock: socket.socket) -> bytes:
         """The next bytes from `sock`: b"" at its end, on an error, once the link closed, or when the link has been
@@ -424,7 +490,8 @@ class Relay:
 
 
 class RoutingRelay(Relay):
-    """A relay whose destination is picked by the first request's Host header (`routes`: host key -> address)."""
+    """A relay whose destination is picked by the host a connection is for (`routes`: host key -> address): the
+    server name of a TLS ClientHello with the port it came to, or the first HTTP request's Host header."""
 
     def __init__(
         self,
@@ -449,7 +516,12 @@ class RoutingRelay(Relay):
         self.routes = {host_key(host): address for host, address in routes.items()}
 
     def _upstream(self, link: Link) -> Address | None:
-        head = self._read_head(link)
+        first = self._read_some(link, b"", time.monotonic() + HEAD_TIMEOUT)
+        if first is None:
+            return None
+        if first[0] == TLS_HANDSHAKE:
+            return self._tls_upstream(link, first)
+        head = self._read_head(link, first)
         if head is None:
             return None
         host = request_head_host(head)
@@ -467,23 +539,57 @@ class RoutingRelay(Relay):
                 link.client.sendall(answer)
         return target
 
-    def _read_head(self, link: Link) -> bytes | None:
+    def _tls_upstream(self, link: Link, buf: bytes) -> Address | None:
+        """The destination of a TLS connection: its ClientHello's server name at the port it came to."""
+        deadline = time.monotonic() + HEAD_TIMEOUT
+        while True:
+            try:
+                name = client_hello_server_name(buf)
+                break
+            except NeedMore:
+                more = self._read_some(link, buf, deadline)
+                if more is None:
+                    return None
+                buf = more
+            except ValueError as exc:
+                log.warning("%s: not a TLS ClientHello from %s (%s): closed", self.name, link.remote, exc)
+                return None
+        link.pending = buf
+        link.label = name or ""
+        port = link.client.getsockname()[1]
+        target = self.routes.get(host_key(f"{name}:{port}")) if name else None
+        if target is None:
+            log.warning(
+                "%s: no route for TLS server name %r (from %s, port %d): closed",
+                self.name,
+                (name or "")[:100],
+                link.remote,
+                port,
+            )
+        return target
+
+    def _read_some(self, link: Link, buf: bytes, deadline: float) -> bytes | None:
+        """`buf` and the next bytes from the client, or None: the client ended, sent more than MAX_HEAD bytes, or
+        the deadline passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or len(buf) > MAX_HEAD:
+            return None
+        link.client.settimeout(remaining)
+        try:
+            data = link.client.recv(CHUNK)
+        except OSError:
+            return None
+        return buf + data if data else None
+
+    def _read_head(self, link: Link, buf: bytes) -> bytes | None:
         """Read from the client until a whole request head is in `link.pending` (the head returned), or None: the
         client ended, sent more than MAX_HEAD bytes without one, or took more than HEAD_TIMEOUT."""
         deadline = time.monotonic() + HEAD_TIMEOUT
-        buf = b""
         while b"\r\n\r\n" not in buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or len(buf) > MAX_HEAD:
+            more = self._read_some(link, buf, deadline)
+            if more is None:
                 return None
-            link.client.settimeout(remaining)
-            try:
-                data = link.client.recv(CHUNK)
-            except OSError:
-                return None
-            if not data:
-                return None
-            buf += data
+            buf = more
         link.pending = buf
         return buf[: buf.index(b"\r\n\r\n")]
 
@@ -532,7 +638,11 @@ def argument_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--to", help="host:port every connection is relayed to")
     where.add_argument(
-        "--route", action="append", default=[], metavar="HOST:PORT=TO_HOST:TO_PORT", help="relay by Host header"
+        "--route",
+        action="append",
+        default=[],
+        metavar="HOST:PORT=TO_HOST:TO_PORT",
+        help="relay by the host a connection is for: the TLS server name (SNI) or the HTTP Host header",
     )
     where.add_argument("--check", metavar="HOST:PORT", help="exit 0 when something accepts connections there")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)

@@ -1,5 +1,6 @@
 """peer/relay.py on loopback, with real sockets: an echo server and an HTTP server behind the relay, a connection cut
-at either end, the connection limit, the idle timeout, routing by Host, and the command line (SIGTERM, --check).
+at either end, the connection limit, the idle timeout, routing by Host and by the TLS server name (HTTPS servers with
+certificates of a test CA, verified end to end through the relay), and the command line (SIGTERM, --check).
 Every wait has a deadline; nothing depends on how fast the machine is."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from peer import relay
-from peer.relay import Relay, RelayError, RoutingRelay
+from peer import relay, tlscerts
+from peer.network import free_port
+from peer.relay import NeedMore, Relay, RelayError, RoutingRelay, client_hello_server_name
 
 pytestmark = pytest.mark.unit
 
@@ -150,8 +153,11 @@ class NamedHTTPServer(ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def http_server(name: str) -> Iterator[NamedHTTPServer]:
+def http_server(name: str, tls: ssl.SSLContext | None = None) -> Iterator[NamedHTTPServer]:
+    """A named HTTP server on loopback; with `tls`, HTTPS (the handshake at accept)."""
     server = NamedHTTPServer(name)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -293,8 +299,8 @@ def test_routing_by_host_reaches_only_the_named_destinations() -> None:
             assert status == 421
             assert "c-gateway:9000" in text
             assert get(r.port, "a-gateway")[0] == 421  # port 80 is not the route's port
-            with connect(r.port) as client:  # not HTTP: no route, closed
-                client.sendall(b"\x16\x03\x01 hello\r\n\r\n")
+            with connect(r.port) as client:  # not HTTP (nor TLS): no route, closed
+                client.sendall(b"hello\r\n\r\n")
                 data = client.recv(4096)
                 assert data.startswith(b"HTTP/1.1 421")
                 assert ended(client)
@@ -306,6 +312,95 @@ def test_a_request_head_must_come_whole_and_bounded() -> None:
     with http_server("A") as a, RoutingRelay({"a:1": ("127.0.0.1", a.server_address[1])}) as r:
         with connect(r.port) as client:
             client.sendall(b"GET / HTTP/1.1\r\nX: " + b"y" * (relay.MAX_HEAD + 10))
+            assert ended(client)
+        assert a.connections == 0
+
+
+# ---- routing by TLS server name (SNI) -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, ssl.SSLContext]]:
+    """A CA file and the server contexts of a-gateway and b-gateway (certificates of that CA for those names)."""
+    folder = tmp_path_factory.mktemp("relay-ca")
+    ca_cert, ca_key = tlscerts.make_ca("relay test CA")
+    (folder / "ca.pem").write_bytes(ca_cert)
+    contexts: dict[str, ssl.SSLContext] = {}
+    for name in ("a-gateway", "b-gateway"):
+        cert, key = tlscerts.issue(ca_cert, ca_key, name, [name])
+        (folder / f"{name}.pem").write_bytes(cert + key)
+        contexts[name] = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        contexts[name].load_cert_chain(folder / f"{name}.pem")
+    return folder / "ca.pem", contexts
+
+
+def tls_get(port: int, server_name: str | None, ca: Path, path: str = "/") -> tuple[int, str]:
+    """GET over TLS through the relay at `port`, for `server_name` (SNI, and the name the certificate is checked
+    against; None: an IP address, no server name sent)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with context.wrap_socket(connect(port), server_hostname=server_name or "127.0.0.1") as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def client_hello(server_name: str) -> bytes:
+    """The bytes of a real ClientHello (this Python's OpenSSL) for `server_name`."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_the_server_name_is_read_from_a_client_hello_whole_or_across_records() -> None:
+    hello = client_hello("bank-gateway")
+    assert client_hello_server_name(hello) == "bank-gateway"
+    for cut in (0, 1, 5, 40, len(hello) - 1):
+        with pytest.raises(NeedMore):
+            client_hello_server_name(hello[:cut])
+    # the same handshake message in two records (a large ClientHello spans several)
+    message = hello[5:]
+    split = b"".join(bytes([0x16, 3, 1]) + len(part).to_bytes(2, "big") + part for part in (message[:50], message[50:]))
+    assert client_hello_server_name(split) == "bank-gateway"
+    assert client_hello_server_name(client_hello("127.0.0.1")) is None  # an IP address: no server name
+    with pytest.raises(ValueError, match="not a TLS handshake record"):
+        client_hello_server_name(b"GET / HTTP/1.1\r\n\r\n")
+
+
+def test_routing_by_tls_server_name_reaches_only_the_named_destinations(
+    test_ca: tuple[Path, dict[str, ssl.SSLContext]],
+) -> None:
+    ca, contexts = test_ca
+    port = free_port()
+    with http_server("A", contexts["a-gateway"]) as a, http_server("B", contexts["b-gateway"]) as b:
+        routes = {
+            f"a-gateway:{port}": ("127.0.0.1", a.server_address[1]),
+            f"B-Gateway:{port}": ("127.0.0.1", b.server_address[1]),
+        }
+        with RoutingRelay(routes, ("127.0.0.1", port)) as r:
+            # TLS end to end: the certificate each server presents is checked for the name the client asked for
+            assert tls_get(r.port, "a-gateway", ca, "/m") == (200, "A /m a-gateway")
+            assert tls_get(r.port, "b-gateway", ca, "/n") == (200, "B /n b-gateway")  # case does not matter
+            for refused in ("c-gateway", None):  # no route; an IP address (no server name): closed at once
+                with pytest.raises((ssl.SSLError, ConnectionError)):
+                    tls_get(r.port, refused, ca)
+            with connect(r.port) as client:  # a TLS record that is no ClientHello: closed
+                client.sendall(bytes([0x16, 3, 1, 0, 4]) + b"\x02abc")
+                assert ended(client)
+            wait_until(lambda: r.connections == 0, "the relay to forget every connection")
+        assert (a.connections, b.connections) == (1, 1)
+
+
+def test_a_client_hello_must_come_whole_and_bounded(test_ca: tuple[Path, dict[str, ssl.SSLContext]]) -> None:
+    _, contexts = test_ca
+    port = free_port()
+    with http_server("A", contexts["a-gateway"]) as a:
+        routes = {f"a-gateway:{port}": ("127.0.0.1", a.server_address[1])}
+        with RoutingRelay(routes, ("127.0.0.1", port)) as r, connect(r.port) as client:
+            # a record header announcing more than MAX_HEAD, then a stream of it
+            client.sendall(bytes([0x16, 3, 1, 0xFF, 0xFF]) + b"\x01" * (relay.MAX_HEAD + 10))
             assert ended(client)
         assert a.connections == 0
 
