@@ -203,8 +203,11 @@ class Client(threading.Thread):
         rng: random.Random,
         gate: Gate,
         auth: dict[str, dict[str, str]],
+        verify: str | bool = True,
     ) -> None:
+        """`verify`: what the peers' certificates are verified against (the kit's CA: LocalNetwork.verify)."""
         super().__init__(name=f"chaos-{name}", daemon=True)
+        self.verify = verify
         self.client = name
         self.urls = urls
         self.auth = auth  # peer -> the headers with its API token
@@ -214,7 +217,12 @@ class Client(threading.Thread):
         self.stopped = threading.Event()
         self.keys: list[tuple[str, str]] = []  # keys this client created (may exist or not)
         self.serial = 0
-        self.session = requests.Session()
+        self.session = self._session()
+
+    def _session(self) -> requests.Session:
+        session = requests.Session()
+        session.verify = self.verify
+        return session
 
     def new_key(self) -> tuple[str, str]:
         self.serial += 1
@@ -269,7 +277,7 @@ class Client(threading.Thread):
         except requests.RequestException as exc:
             req.error = f"{type(exc).__name__}: {exc}"[:300]
             self.session.close()
-            self.session = requests.Session()
+            self.session = self._session()
         self.history.add(req)
         return req
 
@@ -367,10 +375,12 @@ class Chaos:
         self.cluster.start(timeout=60)
         urls = self.cluster.urls
         auth = {name: self.cluster.net.auth_headers(name) for name in urls}
+        ca = self.cluster.net.verify
         for n in range(CLIENTS):
-            client = Client(str(n), urls, self.history, random.Random(self.rng.random()), self.gate, auth)  # noqa: S311
-            self.clients.append(client)
-        self.controller = Client("c", urls, self.history, random.Random(self.rng.random()), self.gate, auth)  # noqa: S311
+            rng = random.Random(self.rng.random())  # noqa: S311
+            self.clients.append(Client(str(n), urls, self.history, rng, self.gate, auth, ca))
+        rng = random.Random(self.rng.random())  # noqa: S311
+        self.controller = Client("c", urls, self.history, rng, self.gate, auth, ca)
         for client in self.clients:
             client.start()
 

@@ -7,6 +7,9 @@
 Every call to a peer's API carries the peer's API token (`Authorization: Bearer …`): the one the kit made in
 `<network dir>/<peer>.token` (`.dejima/network/` unless `--network DIR`), for a peer given by name or by a URL of a
 peer of that network; for another URL, DEJIMA_PEER_TOKEN or DEJIMA_PEER_TOKEN_FILE when set.
+
+Every call verifies the peer's certificate (TLS, peer.dejima.tls): against the kit's CA for a peer of the network
+(peer.tlscerts.kit_ca, `.dejima/ca/ca.pem`), against DEJIMA_TLS_CA_FILE (else the system's CAs) for another URL.
 """
 
 from __future__ import annotations
@@ -67,24 +70,39 @@ def url_headers(net: LocalNetwork, url: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _target(net: LocalNetwork, peer: str) -> tuple[str, dict[str, str]]:
-    """(URL, headers) of a peer given by name or URL."""
+Verify = str | bool  # what `requests` verifies a certificate against: a CA file, or True (the system's CAs)
+
+
+def url_verify(net: LocalNetwork, url: str) -> Verify:
+    """What a peer's certificate is verified against: the kit's CA for a peer of the network, else the CA of
+    DEJIMA_TLS_CA_FILE when set, else the system's CAs."""
+    if net.peer_at(url) is not None:
+        return net.verify
+    return os.environ.get("DEJIMA_TLS_CA_FILE", "").strip() or True
+
+
+def _target(net: LocalNetwork, peer: str) -> tuple[str, dict[str, str], Verify]:
+    """(URL, headers, what its certificate is verified against) of a peer given by name or URL."""
     if peer.startswith(("http://", "https://")):
-        return peer.rstrip("/"), url_headers(net, peer)
+        return peer.rstrip("/"), url_headers(net, peer), url_verify(net, peer)
     if peer not in net.specs or net.specs[peer].mode != "peer":
         known = ", ".join(n for n, s in net.specs.items() if s.mode == "peer") or "none (run `dejima up`)"
         raise CliError(f"unknown peer {peer!r}; known peers: {known}")
-    return net.specs[peer].url, _headers(net, peer)
+    return net.specs[peer].url, _headers(net, peer), net.verify
 
 
 def _api(
-    url: str, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    url: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    verify: Verify = True,
 ) -> tuple[int, Any]:
     try:
         if body is None:
-            resp = requests.get(url + path, headers=headers, timeout=HTTP_TIMEOUT)
+            resp = requests.get(url + path, headers=headers, timeout=HTTP_TIMEOUT, verify=verify)
         else:
-            resp = requests.post(url + path, json=body, headers=headers, timeout=HTTP_TIMEOUT)
+            resp = requests.post(url + path, json=body, headers=headers, timeout=HTTP_TIMEOUT, verify=verify)
     except requests.RequestException as exc:
         raise CliError(f"{url} is unreachable: {exc}") from None
     try:
@@ -123,7 +141,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("  dejima check")
     first = next((s for s in net.specs.values() if s.mode == "peer"), None)
     if first is not None:
-        print(f'  curl -H "Authorization: Bearer $(cat {net.token_path(first.name)})" {first.url}/api/v1/status')
+        cacert = f"--cacert {net.verify} " if first.tls else ""
+        print(
+            f'  curl {cacert}-H "Authorization: Bearer $(cat {net.token_path(first.name)})" {first.url}/api/v1/status'
+        )
+    if any(s.tls for s in net.specs.values()):
+        print(f"TLS: every URL above is https, certificates of the kit's CA {net.verify} (trust it to browse).")
     print("Logs: .dejima/network/<peer>.log. Stop everything with `dejima down` (or `make down`).")
     return 0
 
@@ -144,10 +167,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     healthy = True
     for name, spec in net.specs.items():
         try:
-            _, health = _api(spec.url, "/health")
+            _, health = _api(spec.url, "/health", verify=net.verify)
             status: dict[str, Any] = {}
             if spec.mode == "peer":  # (a client's pages need a login, not a token: its health says enough)
-                code, status = _api(spec.url, "/api/v1/status", headers=_headers(net, name))
+                code, status = _api(spec.url, "/api/v1/status", headers=_headers(net, name), verify=net.verify)
                 if code != 200:
                     raise CliError(f"status: {code} {status.get('error', status)}")
             out[name] = {
@@ -172,8 +195,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    url, headers = _target(_network(args.network), args.peer)
-    status, body = _api(url, "/api/v1/exec", {"sql": args.sql}, headers)
+    url, headers, verify = _target(_network(args.network), args.peer)
+    status, body = _api(url, "/api/v1/exec", {"sql": args.sql}, headers, verify)
     if status == 200 and body.get("status") == "committed":
         reached = ", ".join(body.get("participants") or []) or "no other peer"
         print(f"committed {body.get('gxid')} (reached {reached})")
@@ -183,8 +206,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    url, headers = _target(_network(args.network), args.peer)
-    status, body = _api(url, "/api/v1/query", {"sql": args.sql}, headers)
+    url, headers, verify = _target(_network(args.network), args.peer)
+    status, body = _api(url, "/api/v1/query", {"sql": args.sql}, headers, verify)
     if status != 200:
         print(f"error ({status}): {body.get('error', body)}", file=sys.stderr)
         return 1
@@ -197,11 +220,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_network(urls: dict[str, str], auth: Mapping[str, dict[str, str]] | None = None) -> dict[str, Any]:
+def check_network(
+    urls: dict[str, str], auth: Mapping[str, dict[str, str]] | None = None, verify: Mapping[str, Verify] | Verify = True
+) -> dict[str, Any]:
     """Compare every dejima view across its group; verify every peer's transaction log (hash chain); list leftover
     prepared transactions; report every peer whose machinery in the database (capture and putback triggers, their
     functions, privileges) is not what its manifest generates (GET /api/v1/machinery). `auth` gives the headers (the
-    API token) for each key of `urls`.
+    API token) for each key of `urls`; `verify` what their certificates are verified against (one for all, or by key).
 
     A view's digest (GET /api/v1/views/<view>) is order-independent: the sha256 of the sorted canonical JSON lines of
     its rows, so peers agree whatever their physical row order. A chain is verified by its peer (GET
@@ -214,14 +239,15 @@ def check_network(urls: dict[str, str], auth: Mapping[str, dict[str, str]] | Non
     errors: list[str] = []
     for name, url in urls.items():
         headers = (auth or {}).get(name)
+        ca = verify.get(name, True) if isinstance(verify, Mapping) else verify
         try:
-            code, status = _api(url, "/api/v1/status", headers=headers)
+            code, status = _api(url, "/api/v1/status", headers=headers, verify=ca)
             if code != 200:
                 raise CliError(f"status unavailable ({code}): {status.get('error', status)}")
             for view in status.get("views", []):
-                _, snap = _api(url, f"/api/v1/views/{view}", headers=headers)
+                _, snap = _api(url, f"/api/v1/views/{view}", headers=headers, verify=ca)
                 views.setdefault(view, {})[name] = snap["digest"]
-            code, log = _api(url, "/api/v1/txlog?verify=1&limit=0", headers=headers)
+            code, log = _api(url, "/api/v1/txlog?verify=1&limit=0", headers=headers, verify=ca)
             if code != 200 or "verify" not in log:
                 raise CliError(f"transaction log unavailable ({code}): {log.get('error', log)}")
             verdict = log["verify"]
@@ -231,9 +257,9 @@ def check_network(urls: dict[str, str], auth: Mapping[str, dict[str, str]] | Non
                 "broken_at": verdict["broken_at"],
                 "reason": verdict.get("reason", ""),
             }
-            _, prep = _api(url, "/api/v1/prepared", headers=headers)
+            _, prep = _api(url, "/api/v1/prepared", headers=headers, verify=ca)
             prepared[name] = prep.get("prepared", [])
-            code, inspected = _api(url, "/api/v1/machinery", headers=headers)
+            code, inspected = _api(url, "/api/v1/machinery", headers=headers, verify=ca)
             if code != 200 or "problems" not in inspected:
                 raise CliError(f"machinery unavailable ({code}): {inspected.get('error', inspected)}")
             machinery[str(status.get("peer") or name)] = list(inspected["problems"])
@@ -262,12 +288,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.peer:
         urls = {url: url.rstrip("/") for url in args.peer}
         auth = {url: url_headers(net, url) for url in args.peer}
+        verify = {url: url_verify(net, url) for url in args.peer}
     else:
         urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
         auth = {name: _headers(net, name) for name in urls}
+        verify = dict.fromkeys(urls, net.verify)
     if not urls:
         raise CliError("no peers known; run `dejima up`")
-    report = check_network(urls, auth)
+    report = check_network(urls, auth, verify)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -23,6 +23,15 @@ server's superuser with three roles of its own (`db_roles`: `<database>_owner`, 
 `<database>_peer` (DEJIMA_DATABASE_URL) and runs its clients' statements as `<database>_client`
 (DEJIMA_CLIENT_DATABASE_URL). The superuser's URL stays with the kit (`LocalNetwork.admin_url`), for the tests'
 direct looks into a database.
+
+TLS, as in production (peer.dejima.tls): a peer or client whose spec has `tls` (the default) gets a certificate of
+the kit's CA (peer.tlscerts.kit_ca: one CA per process, `.dejima/ca` of the checkout unless DEJIMA_KIT_CA_DIR names
+another folder) for 127.0.0.1, localhost and its name, in `<state dir>/tls/<name>.pem` (key `<name>-key.pem`, mode
+0600, issued again when missing, expiring or for other names), and DEJIMA_TLS_CERT_FILE, DEJIMA_TLS_KEY_FILE and
+DEJIMA_TLS_CA_FILE: every URL of the network is https, and every listener of it speaks TLS. A spec with `tls` False
+runs plain HTTP, allowed explicitly (DEJIMA_ALLOW_PLAIN_HTTP=1). The kit's own calls (`get`, `exec`, `query`,
+`wait_healthy`) verify against the CA (`LocalNetwork.verify`, a path for `requests`; `client_context()` for other
+clients).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import random
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -46,6 +56,7 @@ import psycopg
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from peer import tlscerts
 from peer.dejima import tokens
 from peer.dejima.auth import load_or_create_key, public_b64
 from peer.dejima.install import SQL_ROOT, Roles, install
@@ -106,21 +117,27 @@ class PeerSpec:
     message_port: int = field(default_factory=free_port)
     # the peer's lean client listener for /api/v1/exec and /api/v1/query (DEJIMA_API_BIND); 0: none
     api_port: int = field(default_factory=free_port)
+    # TLS on every listener, a certificate of the kit's CA (DEJIMA_TLS_*); False: plain HTTP (DEJIMA_ALLOW_PLAIN_HTTP)
+    tls: bool = True
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def url(self) -> str:
         """gunicorn: the REST API (and peer messages too)."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def api_url(self) -> str:
         """Where a client's exec and query may go: the lean client listener, or gunicorn without one."""
-        return f"http://127.0.0.1:{self.api_port}" if self.api_port else self.url
+        return f"{self.scheme}://127.0.0.1:{self.api_port}" if self.api_port else self.url
 
     @property
     def message_url(self) -> str:
         """Where other peers send their messages (advertised as DEJIMA_URL)."""
-        return f"http://127.0.0.1:{self.message_port}" if self.message_port else self.url
+        return f"{self.scheme}://127.0.0.1:{self.message_port}" if self.message_port else self.url
 
 
 class NetworkError(Exception):
@@ -140,13 +157,49 @@ def db_roles(database: str, password: str | None = None) -> Roles:
 
 
 class LocalNetwork:
-    def __init__(self, server: PgServer, state_dir: Path, specs: list[PeerSpec], sql_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        server: PgServer,
+        state_dir: Path,
+        specs: list[PeerSpec],
+        sql_root: Path | None = None,
+        ca: tlscerts.KitCa | None = None,
+    ) -> None:
+        """`ca`: the CA of the network's certificates (default: the process's kit CA, `tlscerts.kit_ca`)."""
         self.server = server
         self.state_dir = state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.specs = {s.name: s for s in specs}
         self.sql_root = sql_root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ca = ca or tlscerts.kit_ca()
+
+    # ---- TLS ------------------------------------------------------------------------------------------------
+    @property
+    def verify(self) -> str:
+        """What `requests` verifies the network's peers against (`verify=`): the kit's CA file."""
+        return str(self.ca.cert_file)
+
+    def client_context(self) -> ssl.SSLContext:
+        """An SSL context that verifies the network's peers (the kit's CA), for clients other than `requests`."""
+        return self.ca.client_context()
+
+    def cert_path(self, name: str) -> Path:
+        """The certificate of a peer or client of this network (its key: `tls_key_path`)."""
+        return self.state_dir / "tls" / f"{name}.pem"
+
+    def tls_key_path(self, name: str) -> Path:
+        return self.state_dir / "tls" / f"{name}-key.pem"
+
+    def tls_env(self, name: str) -> dict[str, str]:
+        """The TLS settings of a peer or client of this network: its certificate (issued by the kit's CA for
+        127.0.0.1, localhost and its name, when it has none yet or another), its key and the CA."""
+        self.ca.issue_files(self.cert_path(name), self.tls_key_path(name), name, [*tlscerts.LOCAL_NAMES, name])
+        return {
+            "DEJIMA_TLS_CERT_FILE": str(self.cert_path(name)),
+            "DEJIMA_TLS_KEY_FILE": str(self.tls_key_path(name)),
+            "DEJIMA_TLS_CA_FILE": str(self.ca.cert_file),
+        }
 
     # ---- keys -----------------------------------------------------------------------------------------------
     def key_path(self, name: str) -> Path:
@@ -262,7 +315,12 @@ class LocalNetwork:
     def env_for(self, spec: PeerSpec) -> dict[str, str]:
         seeds = ",".join(s.message_url for s in self.specs.values() if s.name != spec.name and s.mode == "peer")
         roles = db_roles(spec.database or spec.name.replace("-", "_"), self.db_password())
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DEJIMA_", "PEER_"))}
+        # a peer trusts what its settings say, never a CA bundle of the environment (REQUESTS_CA_BUNDLE, …)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("DEJIMA_", "PEER_")) and k not in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+        }
         env.update(
             {
                 "PEER_TYPE": spec.peer_type,
@@ -295,6 +353,12 @@ class LocalNetwork:
             env["DEJIMA_CLIENT_DB"] = str(self.state_dir / f"{spec.name}.sqlite3")
             env["DEJIMA_CLIENT_USER"] = CLIENT_USER
             env["DEJIMA_CLIENT_PASSWORD_FILE"] = str(self.password_path(spec.name))
+            if spec.tls:
+                env["DEJIMA_CLIENT_SECURE_COOKIES"] = "1"  # served over HTTPS
+        if spec.tls:
+            env.update(self.tls_env(spec.name))
+        else:
+            env["DEJIMA_ALLOW_PLAIN_HTTP"] = "1"
         secret = self.state_dir / "secret_key"  # a generated secret (outside debug a peer refuses the default)
         if not secret.exists():
             secret.touch(mode=0o600)
@@ -352,7 +416,9 @@ class LocalNetwork:
 
     # ---- readiness ------------------------------------------------------------------------------------------
     def get(self, name: str, path: str, timeout: float = 5.0) -> Any:
-        resp = requests.get(self.specs[name].url + path, headers=self.auth_headers(name), timeout=timeout)
+        resp = requests.get(
+            self.specs[name].url + path, headers=self.auth_headers(name), timeout=timeout, verify=self.verify
+        )
         resp.raise_for_status()
         return resp.json()
 
@@ -364,7 +430,7 @@ class LocalNetwork:
             if proc is not None and proc.poll() is not None:
                 raise NetworkError(f"peer {name} exited with {proc.returncode}:\n{self.tail(name)}")
             try:
-                if requests.get(self.specs[name].url + "/health", timeout=1).status_code == 200:
+                if requests.get(self.specs[name].url + "/health", timeout=1, verify=self.verify).status_code == 200:
                     return
             except requests.RequestException as exc:
                 last = str(exc)
@@ -401,6 +467,7 @@ class LocalNetwork:
             json={"sql": statements},
             headers=self.auth_headers(name),
             timeout=timeout,
+            verify=self.verify,
         )
         return resp.status_code, resp.json()
 
@@ -411,6 +478,7 @@ class LocalNetwork:
             json={"sql": statement},
             headers=self.auth_headers(name),
             timeout=timeout,
+            verify=self.verify,
         )
         resp.raise_for_status()
         body = resp.json()
@@ -424,16 +492,17 @@ class LocalNetwork:
 
     # ---- state file -----------------------------------------------------------------------------------------
     def save(self) -> None:
-        data = {"peers": [asdict(s) for s in self.specs.values()]}
+        data = {"peers": [asdict(s) for s in self.specs.values()], "ca": str(self.ca.directory)}
         (self.state_dir / "network.json").write_text(json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, server: PgServer, state_dir: Path) -> LocalNetwork:
         path = state_dir / "network.json"
-        specs = []
-        if path.exists():
-            specs = [PeerSpec(**s) for s in json.loads(path.read_text())["peers"]]
-        return cls(server, state_dir, specs)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        # a network saved before TLS ran plain HTTP
+        specs = [PeerSpec(**{"tls": False, **s}) for s in data.get("peers", [])]
+        ca = tlscerts.KitCa(Path(data["ca"])) if data.get("ca") else None  # the CA its certificates came from
+        return cls(server, state_dir, specs, ca=ca)
 
 
 def _alive(pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
@@ -450,9 +519,12 @@ def _alive(pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
         return False
 
 
-def example_specs(base_port: int | None = None, prefix: str = "", clients: bool = False) -> list[PeerSpec]:
+def example_specs(
+    base_port: int | None = None, prefix: str = "", clients: bool = False, tls: bool = True
+) -> list[PeerSpec]:
     """The shipped example: government, bank, insurance (fixed ports 8001-8003 by default, their peer-message
-    listeners 9001-9003; free ports for tests), and with `clients` their client apps (ports 8101-8103)."""
+    listeners 9001-9003; free ports for tests), and with `clients` their client apps (ports 8101-8103); TLS on every
+    one unless `tls` is False (plain HTTP, allowed explicitly)."""
     specs = []
     for name, port in EXAMPLE:
         specs.append(
@@ -463,6 +535,7 @@ def example_specs(base_port: int | None = None, prefix: str = "", clients: bool 
                 database=f"{prefix}{name}",
                 message_port=port + 1000 if base_port is None else free_port(),
                 api_port=port + 2000 if base_port is None else free_port(),
+                tls=tls,
             )
         )
     if clients:
@@ -477,6 +550,7 @@ def example_specs(base_port: int | None = None, prefix: str = "", clients: bool 
                     env={"DEJIMA_PEER_URL": peer.url},
                     message_port=0,
                     api_port=0,
+                    tls=tls,
                 )
             )
     return specs

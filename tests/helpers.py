@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import requests
 from psycopg import sql
 from psycopg.rows import dict_row
 
@@ -287,6 +288,14 @@ def claimed_sender(envelope: Mapping[str, Any]) -> str | None:
 def sign_as(net: LocalNetwork, peer: str, envelope: Mapping[str, Any]) -> dict[str, Any]:
     """A raw peer message signed with the key of `peer` of a LocalNetwork (the key file the network made)."""
     return sign_envelope(envelope, peer, net.key(peer))
+
+
+def browser_session(url: str) -> requests.Session:
+    """A requests.Session that says where its requests come from, as a browser does on a POST (`Origin`): over HTTPS
+    (the kit's clients) Django's CSRF check refuses a POST that names neither its Origin nor a Referer."""
+    session = requests.Session()
+    session.headers["Origin"] = url.rstrip("/")
+    return session
 
 
 def start_peer_process(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:

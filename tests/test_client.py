@@ -18,7 +18,7 @@ import requests
 
 from peer.dejima.config import ConfigError, client_password, load_config
 from peer.network import CLIENT_USER, LocalNetwork, free_port
-from tests.helpers import start_client, start_peer_process
+from tests.helpers import browser_session, start_client, start_peer_process
 
 pytestmark = pytest.mark.cluster
 
@@ -43,7 +43,7 @@ class ClientApp:
 def login(app: ClientApp, password: str | None = None, csrf_header: bool = True) -> requests.Session:
     """A requests.Session logged in to the client through its login form. With `csrf_header` it sends the CSRF
     token (of its cookie) as X-CSRFToken on every request, as a script using the session with the REST API must."""
-    session = requests.Session()
+    session = browser_session(app.url)
     token = csrf_form(session, f"{app.url}/login")
     resp = session.post(
         f"{app.url}/login",
@@ -388,7 +388,7 @@ def test_an_unreachable_peer_is_said_plainly_and_nothing_changes(
 def test_a_client_whose_peer_service_is_down_explains_it_and_never_fails_with_500(
     network: LocalNetwork, tmp_path: Path
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"https://127.0.0.1:{free_port()}"
     lonely, app = start_app(network, tmp_path, "lonely-client", dead)
     url = app.url
     try:
@@ -447,7 +447,7 @@ def test_the_anonymous_rest_api_answers_401_with_a_clear_message(client: str, ne
 
 
 def test_a_wrong_password_is_refused_and_opens_no_session(client: str, client_app: ClientApp) -> None:
-    with requests.Session() as browser:
+    with browser_session(client) as browser:
         token = csrf_form(browser, f"{client}/login")
         resp = browser.post(
             f"{client}/login",
@@ -472,7 +472,7 @@ def test_a_wrong_password_is_refused_and_opens_no_session(client: str, client_ap
 
 
 def test_login_cookies_are_httponly_and_samesite_lax(client: str, client_app: ClientApp) -> None:
-    with requests.Session() as browser:
+    with browser_session(client) as browser:
         token = csrf_form(browser, f"{client}/login")
         resp = browser.post(
             f"{client}/login",

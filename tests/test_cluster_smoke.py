@@ -55,7 +55,8 @@ def test_its_answers_carry_their_length_on_a_kept_alive_connection(network: Loca
     # a Content-Length instead of a chunked body: two writes to the socket per answer where three did
     spec = network.specs["bank"]
     token = network.token("bank")
-    with socket.create_connection(("127.0.0.1", spec.port), timeout=10) as sock:
+    raw = socket.create_connection(("127.0.0.1", spec.port), timeout=10)
+    with network.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
         for body, path, expected in (
             (b'{"sql": "SELECT 1 AS one"}', "/api/v1/query", b"200"),
             (b"{not json", "/api/v1/exec", b"400"),

@@ -38,6 +38,7 @@ from peer.dejima.jsonvalues import MAX_DEPTH, TOO_DEEP_TO_HANDLE, TooDeep
 from peer.middleware import RecursionIsBadRequest
 from peer.network import LocalNetwork
 from peer.testkit.proxy import settle
+from peer.tlscerts import kit_ca
 from tests.helpers import peer_type, sign_as
 
 TOO_DEEP = {"status": "error", "kind": "bad_request", "error": f"JSON nested deeper than {MAX_DEPTH} levels"}
@@ -284,7 +285,12 @@ def send(
 
 def connect(url: str) -> http.client.HTTPConnection:
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    host = parts.hostname or "127.0.0.1"
+    conn = (
+        http.client.HTTPSConnection(host, parts.port, timeout=30, context=kit_ca().client_context())
+        if parts.scheme == "https"
+        else http.client.HTTPConnection(host, parts.port, timeout=30)
+    )
     conn.connect()
     return conn
 

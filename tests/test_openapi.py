@@ -35,7 +35,7 @@ from schemathesis.pytest._test_builder import build_operation_test
 
 from peer.network import LocalNetwork
 from peer.testkit.proxy import settle
-from tests.helpers import wait_until
+from tests.helpers import browser_session, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCHEMA = "/api/v1/openapi.json"
@@ -321,7 +321,7 @@ def basic(password: str) -> str:
 def login(url: str, password: str) -> requests.Session:
     """A session logged in through the client's login form, sending its CSRF token as X-CSRFToken (as a script using
     the REST API with a session must). Cheaper per request than HTTP Basic, which hashes the password every time."""
-    session = requests.Session()
+    session = browser_session(url)
     form = session.get(f"{url}/login", timeout=TIMEOUT)
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)
     assert token, form.text

@@ -18,6 +18,7 @@ import platform
 import random
 import shutil
 import socket
+import ssl
 import statistics
 import sys
 import tempfile
@@ -220,18 +221,33 @@ class JsonClient:
     """A lean keep-alive JSON client (http.client, TCP_NODELAY): one connection, one thread.
 
     Cheaper per call than `requests` (≈ 1 ms of client CPU per call, see PERFORMANCE-NOTES), so the client costs the
-    shared cores as little as possible. A connection the server closed while idle is reopened once."""
+    shared cores as little as possible. A connection the server closed while idle is reopened once. An https URL is
+    verified with `context` (the kit's CA: `LocalNetwork.client_context()`; None: the system's CAs)."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 30.0,
+        headers: dict[str, str] | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
+        self.https = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+        self.port = parts.port or (443 if self.https else 80)
         self.timeout = timeout
         self.headers = {"Content-Type": "application/json", **(headers or {})}  # e.g. the API token
+        self.context = context
         self.conn: http.client.HTTPConnection | None = None
 
     def _connect(self) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn = (
+            http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=self.context or ssl.create_default_context()
+            )
+            if self.https
+            else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        )
         conn.connect()
         if conn.sock is not None:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -275,7 +291,9 @@ def settle(net: LocalNetwork, clients: dict[str, JsonClient], peers: Iterable[st
     for peer in peers:
         client = clients.get(peer)
         if client is None:
-            client = clients[peer] = JsonClient(net.specs[peer].url, headers=net.auth_headers(peer))
+            client = clients[peer] = JsonClient(
+                net.specs[peer].url, headers=net.auth_headers(peer), context=net.client_context()
+            )
         status, answer = client.post("/api/v1/query", {"sql": "SELECT 1"})
         if status != 200:
             raise BenchError(f"the settling query at {peer} failed: {status} {answer}")
@@ -405,10 +423,10 @@ def check_consistency(net: LocalNetwork, timeout: float = 60.0) -> dict[str, Any
     urls = {name: spec.url for name, spec in net.specs.items() if spec.mode == "peer"}
     auth = {name: net.auth_headers(name) for name in urls}
     deadline = time.monotonic() + timeout
-    report = check_network(urls, auth)
+    report = check_network(urls, auth, net.verify)
     while not report["ok"] and time.monotonic() < deadline:
         time.sleep(0.25)
-        report = check_network(urls, auth)
+        report = check_network(urls, auth, net.verify)
     if not report["ok"]:
         bad = {k: report[k] for k in ("divergent_views", "broken_chains", "prepared_transactions", "errors")}
         raise BenchError(f"after the run the peers disagree: {bad}")

@@ -58,14 +58,14 @@ TARGET = "20-peer discovery <= 3 s and <= 400 messages"
 MESSAGE_PATH = '"POST /peer/v1/message '
 
 
-def network_specs(n: int, log_dir: Path) -> list[PeerSpec]:
+def network_specs(n: int, log_dir: Path, tls: bool = True) -> list[PeerSpec]:
     """n peers of the three shipped types (round-robin), each seeded with one neighbour per view: a peer of the
     view's other type, drawn at random (seeded) until the seed graph is connected (else no discovery can succeed)."""
     by_type: dict[str, list[PeerSpec]] = {t: [] for t in TYPES}
     for i in range(n):
         t = TYPES[i % len(TYPES)]
         name = f"{SHORT[t]}{len(by_type[t])}"
-        spec = PeerSpec(name=name, peer_type=t, port=free_port(), database=f"bench_disc_{name}")
+        spec = PeerSpec(name=name, peer_type=t, port=free_port(), database=f"bench_disc_{name}", tls=tls)
         spec.env = {
             "DEJIMA_POOL_SIZE": "4",
             "GUNICORN_CMD_ARGS": f"--access-logfile {log_dir / (name + '.access.log')}",
@@ -137,6 +137,7 @@ def _wait_ready_times(net: LocalNetwork, timeout: float) -> dict[str, float]:
 
     def poll(name: str) -> None:
         session = requests.Session()
+        session.verify = net.verify
         deadline = time.perf_counter() + timeout
         url = net.specs[name].url + "/health"
         while time.perf_counter() < deadline:
@@ -163,10 +164,10 @@ def _wait_ready_times(net: LocalNetwork, timeout: float) -> dict[str, float]:
     return ready
 
 
-def run_size(server: PgServer, n: int, observe_s: float, tmp: Path) -> dict[str, Any]:
+def run_size(server: PgServer, n: int, observe_s: float, tmp: Path, tls: bool = True) -> dict[str, Any]:
     log_dir = tmp / f"logs{n}"
     log_dir.mkdir()
-    specs = network_specs(n, log_dir)
+    specs = network_specs(n, log_dir, tls)
     with running_network(server, specs, wait=False) as net:
         t0 = time.perf_counter()
         net.start_all()
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         described = machine(server)
         for n in sizes:
             log(f"{n} peers: starting")
-            results.append(run_size(server, n, observe_s, Path(tmp)))
+            results.append(run_size(server, n, observe_s, Path(tmp), tls=not args.plain))
             r = results[-1]
             log(f"  stable {r['detect_s']} s after the last peer was ready; {r['messages']} messages")
     big = next((r for r in results if r["peers"] == 20), None)

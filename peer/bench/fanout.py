@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     port=free_port(),
                     database=f"bench_fan_{star_peer(k, i)}",
                     env={"DEJIMA_COMMIT_WAIT": args.commit_wait, "DEJIMA_POOL_SIZE": "6" if total > 8 else "20"},
+                    tls=not args.plain,
                 )
                 for i in range(k)
             ]
@@ -111,7 +112,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             net.start_all()
             net.wait_ready(timeout=120 + 10 * total)
             clients = {
-                k: JsonClient(net.specs[star_peer(k, 0)].url, headers=net.auth_headers(star_peer(k, 0))) for k in sizes
+                k: JsonClient(
+                    net.specs[star_peer(k, 0)].url,
+                    headers=net.auth_headers(star_peer(k, 0)),
+                    context=net.client_context(),
+                )
+                for k in sizes
             }
             members: dict[str, JsonClient] = {}  # the participants, for `settle`
             expected = {k: [star_peer(k, i) for i in range(1, k)] for k in sizes}

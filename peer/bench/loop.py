@@ -8,6 +8,10 @@ much of it parsing headers and handing the GIL between 64 threads. Here one thre
 (`selectors`), writes each request as one prepared byte string, and reads an answer by its Content-Length (or chunked
 framing).
 
+https targets speak TLS (verified with the `context` given: the kit's CA, `LocalNetwork.client_context()`): the
+handshake runs once per connection, blocking, when it connects; afterwards a readable socket may carry only TLS
+records with no answer byte yet (a session ticket), so a TLS socket is read without blocking (`_Client.read`).
+
 A request is never sent twice, but for one case, as `common.JsonClient` does: the server closed a kept-alive
 connection before any byte of the answer (its keep-alive ran out) — the request goes once more on a new connection.
 Every request has a deadline (`REQUEST_TIMEOUT_S`); one that passes it stops the run (`BenchError`).
@@ -20,6 +24,7 @@ import json
 import random
 import selectors
 import socket
+import ssl
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -105,10 +110,19 @@ def parse_answer(buf: bytes | bytearray) -> tuple[int, bytes, bool, int] | None:
 class _Client:
     """One closed-loop client: its connection, its request in flight and what has come of it so far."""
 
-    def __init__(self, c: int, target: str, seed: int, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        c: int,
+        target: str,
+        seed: int,
+        headers: Mapping[str, str] | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(target)
         self.c = c
-        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        https = parts.scheme == "https"
+        self.address = (parts.hostname or "127.0.0.1", parts.port or (443 if https else 80))
+        self.tls = (context or ssl.create_default_context()) if https else None
         extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.head = f"POST /api/v1/exec HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n{extra}"
         self.rng = random.Random(seed * 1000 + c)  # noqa: S311 - key choice, not security
@@ -126,6 +140,8 @@ class _Client:
         self.close(sel)
         sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:  # the handshake, within the connect timeout
+            sock = self.tls.wrap_socket(sock, server_hostname=self.address[0])
         sock.settimeout(REQUEST_TIMEOUT_S)  # for sendall; answers are read only when the selector says readable
         sel.register(sock, selectors.EVENT_READ, self)
         self.sock, self.reused = sock, False
@@ -150,6 +166,29 @@ class _Client:
         self.deadline = self.sent_at + REQUEST_TIMEOUT_S
         self.sock.sendall(self.request)
 
+    def read(self) -> bytes | None:
+        """What the readable socket has: bytes, b"" at its end, None when a TLS socket had records but no answer byte
+        yet (read without blocking, every decrypted byte taken: the selector sees only the socket)."""
+        assert self.sock is not None
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return self.sock.recv(65536)
+        self.sock.setblocking(False)
+        chunks: list[bytes] = []
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(65536)
+                except ssl.SSLWantReadError:
+                    break
+                if not data:
+                    if not chunks:
+                        return b""
+                    break
+                chunks.append(data)
+        finally:
+            self.sock.settimeout(REQUEST_TIMEOUT_S)  # blocking again (with the deadline) for sendall
+        return b"".join(chunks) if chunks else None
+
     def close(self, sel: selectors.BaseSelector) -> None:
         if self.sock is not None:
             sel.unregister(self.sock)
@@ -164,14 +203,16 @@ def closed_loop(
     warmup_s: float,
     seed: int,
     headers: Sequence[Mapping[str, str]] | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
     """Closed-loop clients (module docstring). Counts what finished inside the measured window: committed (200
     committed), aborted (409 conflict, 503, 504; retryable); any other answer is a broken run (BenchError).
     Returns the window's figures and `client_committed` (every commit the clients saw, window or not). `headers[c]`:
-    the extra headers of client c's requests (the API token of `targets[c]`)."""
+    the extra headers of client c's requests (the API token of `targets[c]`); `context`: what https targets are
+    verified with (None: the system's CAs)."""
     if headers is not None and len(headers) != len(targets):
         raise BenchError(f"{len(targets)} targets but {len(headers)} sets of headers")
-    clients = [_Client(c, target, seed, headers[c] if headers else None) for c, target in enumerate(targets)]
+    clients = [_Client(c, target, seed, headers[c] if headers else None, context) for c, target in enumerate(targets)]
     errors: list[str] = []
     sel = selectors.DefaultSelector()
     try:
@@ -193,7 +234,7 @@ def closed_loop(
                 client = key.data
                 assert isinstance(client, _Client) and client.sock is not None
                 try:
-                    chunk = client.sock.recv(65536)
+                    chunk = client.read()
                 except ConnectionResetError:
                     chunk = b""  # as an EOF: the server dropped the connection
                 except OSError as exc:
@@ -201,6 +242,8 @@ def closed_loop(
                     client.close(sel)
                     running.pop(client.c)
                     continue
+                if chunk is None:
+                    continue  # TLS records without an answer byte yet
                 if not chunk:
                     if not client.buf and client.reused and not client.resent:
                         client.resend(sel)

@@ -124,10 +124,10 @@ def load_people(net: LocalNetwork, origin: str = "bank", people: int = PEOPLE, c
 def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: int = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
     warmup: int = args.warmup if args.warmup is not None else (5 if args.quick else 30)
-    return run_propagation(runs, warmup, args.commit_wait)
+    return run_propagation(runs, warmup, args.commit_wait, tls=not args.plain)
 
 
-def run_propagation(runs: int, warmup: int, commit_wait: str = "decision") -> dict[str, Any]:
+def run_propagation(runs: int, warmup: int, commit_wait: str = "decision", tls: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     rng = random.Random(SEED)  # noqa: S311 - row choice for a benchmark, not security
     latencies: dict[str, list[float]] = {k: [] for k in SERIES}
@@ -136,10 +136,13 @@ def run_propagation(runs: int, warmup: int, commit_wait: str = "decision") -> di
     last: dict[str, tuple[int, int]] = {}
     with pg_server() as server:
         described = machine(server)
-        specs = with_env(example_specs(base_port=0, prefix="benchprop_"), {"DEJIMA_COMMIT_WAIT": commit_wait})
+        specs = with_env(example_specs(base_port=0, prefix="benchprop_", tls=tls), {"DEJIMA_COMMIT_WAIT": commit_wait})
         with running_network(server, specs) as net:
             load_people(net)
-            clients = {name: JsonClient(spec.url, headers=net.auth_headers(name)) for name, spec in net.specs.items()}
+            clients = {
+                name: JsonClient(spec.url, headers=net.auth_headers(name), context=net.client_context())
+                for name, spec in net.specs.items()
+            }
 
             def once(kind: str, i: int, record: bool) -> None:
                 person = rng.randrange(PEOPLE)

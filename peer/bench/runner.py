@@ -102,6 +102,11 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON (else the Markdown report)")
     p.add_argument("--quick", action="store_true", help="a short run (make bench): fewer sizes, samples, seconds")
     p.add_argument("--out", type=Path, help=f"results folder (default {out})")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="peers on plain HTTP (DEJIMA_ALLOW_PLAIN_HTTP=1) instead of TLS, the kit's default: for A/B runs",
+    )
 
 
 def run_one(module: ModuleType, args: argparse.Namespace, out_dir: Path, argv: Sequence[str]) -> dict[str, Any]:

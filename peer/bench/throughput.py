@@ -141,7 +141,13 @@ def run_point(
     urls = {p: net.specs[p].api_url if front == "lean" else net.specs[p].url for p in PEERS}
     auth = {p: net.auth_headers(p) for p in PEERS}
     point = closed_loop(
-        [urls[p] for p in peers], body, seconds, warmup_s, SEED + point_id, headers=[auth[p] for p in peers]
+        [urls[p] for p in peers],
+        body,
+        seconds,
+        warmup_s,
+        SEED + point_id,
+        headers=[auth[p] for p in peers],
+        context=net.client_context(),
     )
     cpu_after, wall = cpu_by_process(net), time.perf_counter() - wall_before
     machine_split = cpu_split(machine_before, machine_cpu())
@@ -197,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with pg_server() as server:
         described = machine(server)
         peer_env = {"DEJIMA_COMMIT_WAIT": args.commit_wait, **dict(args.peer_env)}
-        specs = with_env(example_specs(base_port=0, prefix="benchtp_"), peer_env)
+        specs = with_env(example_specs(base_port=0, prefix="benchtp_", tls=not args.plain), peer_env)
         with running_network(server, specs) as net:
             load_people(net, people=args.people)
             sampler = MemorySampler({name: spec.pid for name, spec in net.specs.items()})

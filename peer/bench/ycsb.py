@@ -101,7 +101,15 @@ def transaction(keys: list[tuple[int, int]], rng: random.Random, tag: str) -> li
 
 
 def run_topology(
-    server: PgServer, n: int, seconds: float, warmup_s: float, records: int, per_peer: int, commit_wait: str, tmp: Path
+    server: PgServer,
+    n: int,
+    seconds: float,
+    warmup_s: float,
+    records: int,
+    per_peer: int,
+    commit_wait: str,
+    tmp: Path,
+    tls: bool = True,
 ) -> dict[str, Any]:
     rng = random.Random(SEED + n)  # noqa: S311 - topology for a benchmark, not security
     edges = random_tree(n, rng)
@@ -110,7 +118,12 @@ def run_topology(
     env = {"DEJIMA_COMMIT_WAIT": commit_wait, "DEJIMA_POOL_SIZE": "6" if n > 5 else "20"}
     specs = [
         PeerSpec(
-            name=tree_peer(i), peer_type=tree_peer(i), port=free_port(), database=f"bench_ycsb_p{i}", env=dict(env)
+            name=tree_peer(i),
+            peer_type=tree_peer(i),
+            port=free_port(),
+            database=f"bench_ycsb_p{i}",
+            env=dict(env),
+            tls=tls,
         )
         for i in range(n)
     ]
@@ -136,7 +149,15 @@ def run_topology(
         log(f"{n} peers (tree {edges}): {len(origin)} clients, {warmup_s} s warm-up + {seconds} s")
         before = total_stat(net, "committed")
         auth = [net.auth_headers(specs[i].name) for i in origin]
-        point = closed_loop([specs[i].url for i in origin], body, seconds, warmup_s, SEED + n, headers=auth)
+        point = closed_loop(
+            [specs[i].url for i in origin],
+            body,
+            seconds,
+            warmup_s,
+            SEED + n,
+            headers=auth,
+            context=net.client_context(),
+        )
         after = total_stat(net, "committed")
         if before is not None and after is not None and after - before < point["client_committed"]:
             raise BenchError(f"the peers counted {after - before} commits, the clients {point['client_committed']}")
@@ -169,7 +190,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         described = machine(server)
         for n in sizes:
             results.append(
-                run_topology(server, n, seconds, warmup_s, records, args.clients_per_peer, args.commit_wait, Path(tmp))
+                run_topology(
+                    server,
+                    n,
+                    seconds,
+                    warmup_s,
+                    records,
+                    args.clients_per_peer,
+                    args.commit_wait,
+                    Path(tmp),
+                    tls=not args.plain,
+                )
             )
             log(f"  {results[-1]['txn_per_s']} txn/s, {results[-1]['txn_per_s_per_participant']} per participant")
     ours = next((r for r in results if r["peers"] == PAPER["participants"]), None)

@@ -5,31 +5,41 @@ peer-to-peer traffic goes through proxies.
 
 - `cut()` closes every connection and refuses new ones (the listening socket is closed: connect is refused);
   `restore()` listens again on the same port and forgets every cut;
-- `cut_from(sender)` closes any connection as soon as it carries a request from `sender` (the request's
-  `X-Dejima-Peer` header): the link between two peers is down, the others are not;
+- `cut_from(sender)` closes any connection as soon as it carries a request from `sender`: the link between two
+  peers is down, the others are not;
 - `hold()` stops forwarding new data in both directions (it is kept, in order) until `release()`;
-- `delay_from(sender, seconds)` holds each HTTP request whose headers carry `X-Dejima-Peer: <sender>` back for
-  `seconds` before forwarding it (every peer-to-peer request carries that header, see peer/dejima/transport.py);
-  `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut and hold.
+- `delay_from(sender, seconds)` holds each request from peer `sender` back for `seconds` before forwarding it;
+  `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut and hold;
+- `record()` keeps a copy of every byte it forwards, both ways (`recorded()`): what a network observer sees.
+
+Who sends. Plain HTTP: every peer-to-peer request carries `X-Dejima-Peer: <sender>` (peer/dejima/transport.py), read
+request by request. TLS passes through the proxy untouched (the peers verify each other end to end; the proxy holds
+no key), so it reads no header: a connection is labelled at accept with the peer whose process opened it (`who`, a
+function of the connecting address: `ProxiedCluster` looks the socket up in /proc among its peers' processes), and
+a "request" is a flight of TLS records, each run of the sender's bytes after the other side spoke (the handshake's
+flights count too, so a delayed sender's new connection waits once per flight).
 
 The proxy is the deployment's relay (peer/relay.py: its listener, connections, threads and their sockets) with
-these faults added through the relay's hooks: whether the listener is open, how bytes are sent, and how the client's
-bytes are read (request by request here, to delay or cut by sender). It has no connection limit and no idle timeout.
+these faults added through the relay's hooks: whether the listener is open, where a connection goes (labelled on
+the way), how bytes are sent, and how the client's bytes are read (request by request here, to delay or cut by
+sender). It has no connection limit and no idle timeout.
 
-`ProxiedCluster` builds a `LocalNetwork` of the shipped example where each peer advertises the URL of its own
-proxy (`DEJIMA_URL`) and is seeded with the other peers' proxy URLs (`DEJIMA_SEEDS`): other peers learn a peer's
-URL from its greetings (peer/dejima/directory.py), so every peer-to-peer message to peer X passes X's proxy, while
-the tests talk to each peer directly (`spec.url`, with the peer's API token: `LocalNetwork.auth_headers`).
+`ProxiedCluster` builds a `LocalNetwork` of the shipped example (TLS unless `tls=False`) where each peer advertises
+the URL of its own proxy (`DEJIMA_URL`) and is seeded with the other peers' proxy URLs (`DEJIMA_SEEDS`): other peers
+learn a peer's URL from its greetings (peer/dejima/directory.py), so every peer-to-peer message to peer X passes X's
+proxy, while the tests talk to each peer directly (`spec.url`, with the peer's API token: `LocalNetwork.auth_headers`,
+verifying its certificate against the kit's CA: `LocalNetwork.verify`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +50,60 @@ from psycopg import sql
 from peer.cli import check_network
 from peer.network import LocalNetwork, NetworkError, example_specs
 from peer.pgserver import PgServer
-from peer.relay import LOOPBACK, Link, Relay
+from peer.relay import LOOPBACK, Address, Link, Relay
 
 SENDER_HEADER = b"x-dejima-peer"
 MAX_HEAD = 64 * 1024
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS connection (a handshake record: the ClientHello)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc/<pid>/task/*/children)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                todo += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def _hex_address(address: Address) -> str:
+    """An IPv4 address as /proc/net/tcp writes it (`0100007F:1F90`)."""
+    packed = socket.inet_aton(address[0])
+    return f"{int.from_bytes(packed, 'little'):08X}:{address[1]:04X}"
+
+
+def socket_owner(local: Address, remote: Address, pids: Iterable[int]) -> int | None:
+    """Which of `pids` holds the TCP socket from `local` to `remote` (both IPv4), from /proc; None when none does
+    (or /proc does not tell)."""
+    wanted = (_hex_address(local), _hex_address(remote))
+    inode = ""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            # an earlier connection of the same addresses may linger in TIME_WAIT: it belongs to nobody (inode 0)
+            if len(fields) > 9 and (fields[1], fields[2]) == wanted and fields[9] != "0":
+                inode = fields[9]
+                break
+    if not inode:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd.path) == target:
+                        return pid
+    return None
 
 
 class Proxy(Relay):
     """A threaded TCP proxy from a free loopback port to `target_host:target_port`, with faults."""
 
-    def __init__(self, target_port: int, target_host: str = LOOPBACK, name: str = "") -> None:
+    def __init__(self, target_port: int, target_host: str = LOOPBACK, name: str = "", scheme: str = "http") -> None:
         super().__init__(
             (target_host, target_port),
             (LOOPBACK, 0),
@@ -62,12 +116,16 @@ class Proxy(Relay):
         self._delays: dict[str, float] = {}
         self._cut_senders: set[str] = set()
         self._refusing = False
-        self.requests_seen: dict[str, int] = {}  # sender -> HTTP requests forwarded (or cut)
+        self.scheme = scheme  # of its URL: "https" when the target speaks TLS (passed through untouched)
+        self.requests_seen: dict[str, int] = {}  # sender -> requests (TLS: flights) forwarded (or cut)
+        # the sending peer of a connection: (its address, the proxy's address) -> its name, "" when unknown
+        self.who: Callable[[Address, Address], str] | None = None
+        self._recording: bytearray | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{self.scheme}://{LOOPBACK}:{self.port}"
 
     def start(self) -> Proxy:
         super().start()
@@ -119,6 +177,16 @@ class Proxy(Relay):
             else:
                 self._delays.pop(sender, None)
 
+    def record(self, on: bool = True) -> None:
+        """Keep a copy of every byte forwarded from now on, both ways (`recorded()`); `on` False stops and forgets."""
+        with self._lock:
+            self._recording = bytearray() if on else None
+
+    def recorded(self) -> bytes:
+        """What passed since `record()`: every byte, both ways, in the order forwarded."""
+        with self._lock:
+            return bytes(self._recording or b"")
+
     def clear(self) -> None:
         """No delay, no hold, no cut."""
         with self._lock:
@@ -138,18 +206,37 @@ class Proxy(Relay):
                 raise RuntimeError(f"{self.name}: listener did not become {'open' if listening else 'closed'}")
             time.sleep(0.005)
 
+    def _upstream(self, link: Link) -> Address | None:
+        """The target; the connection labelled with the peer that opened it (`who`), when it is known."""
+        self._identify(link)
+        return self.target
+
+    def _identify(self, link: Link) -> None:
+        if self.who is not None and not link.label:
+            with contextlib.suppress(OSError):
+                link.label = self.who(link.client.getpeername(), link.client.getsockname())
+
     def _send(self, link: Link, sock: socket.socket, data: bytes) -> bool:
         """Forward `data` once the proxy is not held; False when the link closed meanwhile."""
         while not self._flowing.wait(0.05):
             if link.closed.is_set():
                 return False
-        return super()._send(link, sock, data)
+        sent = super()._send(link, sock, data)
+        if sent and self._recording is not None:
+            with self._lock:
+                if self._recording is not None:
+                    self._recording += data
+        return sent
 
     def _pump_up(self, link: Link) -> None:
         """client -> server, request by request (HTTP/1.1 with Content-Length), so that requests can be delayed or
-        cut by sender; anything else (chunked bodies, not HTTP) is forwarded as raw bytes."""
+        cut by sender; TLS flight by flight (`_pump_tls`); anything else (chunked bodies, not HTTP) is forwarded as
+        raw bytes."""
         assert link.server is not None
-        buf = b""
+        buf = self._recv(link, link.client)
+        if buf[:1] == bytes([TLS_HANDSHAKE]):
+            self._pump_tls(link, buf)
+            return
         raw = False
         while True:
             if not raw:
@@ -176,6 +263,24 @@ class Proxy(Relay):
                 return
             buf += data
 
+    def _pump_tls(self, link: Link, data: bytes) -> None:
+        """client -> server under TLS, unread: each flight of the client (its bytes after the server spoke, or the
+        first) is one request of the connection's sender, delayed or cut like one."""
+        assert link.server is not None
+        answered_at = -1  # link.down_bytes when the client's current flight began
+        while True:
+            if link.down_bytes != answered_at:
+                answered_at = link.down_bytes
+                if not self._forward_request(link, data):
+                    return
+            elif not self._send(link, link.server, data):
+                return
+            data = self._recv(link, link.client)
+            if not data:
+                with contextlib.suppress(OSError):
+                    link.server.shutdown(socket.SHUT_WR)
+                return
+
     def _take_request(self, link: Link, buf: bytes, end: int) -> tuple[bytes | None, bytes, bool]:
         """Split one complete request off `buf`: (request, or None while incomplete; the rest; raw from now on)."""
         headers: dict[bytes, bytes] = {}
@@ -196,6 +301,7 @@ class Proxy(Relay):
         return buf[:total], buf[total:], False
 
     def _forward_request(self, link: Link, request: bytes) -> bool:
+        self._identify(link)  # a connection not labelled at accept is looked up again
         sender = link.label
         with self._lock:
             self.requests_seen[sender] = self.requests_seen.get(sender, 0) + 1
@@ -209,12 +315,13 @@ class Proxy(Relay):
         return self._send(link, link.server, request) if link.server is not None else False
 
 
-def settle(peer_url: str, headers: dict[str, str]) -> None:
+def settle(peer_url: str, headers: dict[str, str], verify: str | bool = True) -> None:
     """Let a peer finish the transactions prepared there (any client statement waits for them first:
     `Coordinator.settle`), before the database is read or changed behind its back; `headers`: its API token (a kit
-    network's `auth_headers(name)`). Best effort: a peer that is down or stopped is not waited for."""
+    network's `auth_headers(name)`), `verify`: what its certificate is verified against (`LocalNetwork.verify`).
+    Best effort: a peer that is down or stopped is not waited for."""
     with contextlib.suppress(requests.RequestException):
-        requests.post(peer_url + "/api/v1/query", json={"sql": "SELECT 1"}, headers=headers, timeout=2)
+        requests.post(peer_url + "/api/v1/query", json={"sql": "SELECT 1"}, headers=headers, timeout=2, verify=verify)
 
 
 def empty_base_tables(conninfo: str) -> None:
@@ -238,7 +345,8 @@ FAST_ENV = {
 
 class ProxiedCluster:
     """The shipped example (government, bank, insurance) on loopback; with `proxied`, every peer sits behind its
-    own `Proxy` for peer-to-peer traffic. `env` applies to every peer, `peer_env[name]` to one peer."""
+    own `Proxy` for peer-to-peer traffic. `env` applies to every peer, `peer_env[name]` to one peer; `tls` False
+    runs it on plain HTTP."""
 
     def __init__(
         self,
@@ -247,15 +355,18 @@ class ProxiedCluster:
         env: dict[str, str] | None = None,
         peer_env: dict[str, dict[str, str]] | None = None,
         proxied: bool = True,
+        tls: bool = True,
     ) -> None:
         prefix = f"f{uuid.uuid4().hex[:8]}_"
-        specs = example_specs(base_port=0, prefix=prefix)
+        specs = example_specs(base_port=0, prefix=prefix, tls=tls)
         self.proxies: dict[str, Proxy] = {}
         if proxied:
             for spec in specs:
                 # the peer's own listener for peer messages (where its DEJIMA_URL would point without the proxy)
                 target = spec.message_port or spec.port
-                self.proxies[spec.name] = Proxy(target, name=f"proxy-{spec.name}").start()
+                proxy = Proxy(target, name=f"proxy-{spec.name}", scheme=spec.scheme)
+                proxy.who = self.sender
+                self.proxies[spec.name] = proxy.start()
         for spec in specs:
             spec.env.update(FAST_ENV)
             spec.env.update(env or {})
@@ -265,6 +376,13 @@ class ProxiedCluster:
                 spec.env["DEJIMA_SEEDS"] = ",".join(self.proxies[o.name].url for o in specs if o.name != spec.name)
         self.net = LocalNetwork(pg_server, state_dir, specs)
         self.server = pg_server
+
+    def sender(self, address: Address, proxy: Address) -> str:
+        """The name of the peer whose process opened the connection from `address` to a proxy at `proxy` (a proxy's
+        `who`), "" when none of the cluster's peers did."""
+        pids = {p: name for name, spec in self.net.specs.items() if spec.pid for p in process_tree(spec.pid)}
+        owner = socket_owner((address[0], address[1]), (proxy[0], proxy[1]), pids)
+        return pids.get(owner, "") if owner is not None else ""
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> ProxiedCluster:
@@ -342,7 +460,7 @@ class ProxiedCluster:
         query = sql.SQL("SELECT * FROM {} ORDER BY {}").format(
             sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, order))
         )
-        settle(self.net.specs[peer].url, self.net.auth_headers(peer))
+        settle(self.net.specs[peer].url, self.net.auth_headers(peer), self.net.verify)
         with psycopg.connect(self.server.url(self.net.specs[peer].database), autocommit=True) as conn:
             cur = conn.execute(query)
             cols = [d.name for d in cur.description or []]
@@ -363,7 +481,7 @@ class ProxiedCluster:
         return {name: int(self.net.get(name, "/api/v1/status")["open_transactions"]) for name in self.net.specs}
 
     def check(self) -> dict[str, Any]:
-        return check_network(self.urls, {name: self.net.auth_headers(name) for name in self.urls})
+        return check_network(self.urls, {name: self.net.auth_headers(name) for name in self.urls}, self.net.verify)
 
     def quiet(self) -> bool:
         """No open global transaction at any peer and no prepared transaction left."""
@@ -376,7 +494,7 @@ class ProxiedCluster:
         """Empty every base table directly (no gxid: nothing is captured or propagated), once the peers have
         finished what they prepared (a COMMIT PREPARED landing afterwards would bring a row back)."""
         for spec in self.net.specs.values():
-            settle(spec.url, self.net.auth_headers(spec.name))
+            settle(spec.url, self.net.auth_headers(spec.name), self.net.verify)
         for spec in self.net.specs.values():
             empty_base_tables(self.server.url(spec.database))
 
@@ -388,8 +506,9 @@ def proxied_cluster(
     env: dict[str, str] | None = None,
     peer_env: dict[str, dict[str, str]] | None = None,
     proxied: bool = True,
+    tls: bool = True,
 ) -> Iterator[ProxiedCluster]:
-    cluster = ProxiedCluster(pg_server, state_dir, env, peer_env, proxied)
+    cluster = ProxiedCluster(pg_server, state_dir, env, peer_env, proxied, tls)
     try:
         yield cluster.start()
     finally:
