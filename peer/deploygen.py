@@ -3,6 +3,7 @@
     python -m peer.deploygen secrets deploy/secrets --per-type 20     # keys and passwords of 60 peers (idempotent)
     python -m peer.deploygen stack --per-type 20 -o deploy/stack-20.yml
     python -m peer.deploygen secrets deploy/secrets --per-type 20 --rotate bank-3   # a new key pair for bank-3
+    python -m peer.deploygen secrets DIR government bank --alias government=gov    # names: gov-gateway, …
 
 Peers are named `<peer type>-<i>` (`bank-1` … `bank-20`). Every peer gets, in DIR/<peer>/ (`PEER_SECRETS`):
 `private_key` (Ed25519, PEM), `secret_key` (Django), `db_password` (the PostgreSQL superuser `dejima`, used only by
@@ -12,9 +13,20 @@ the install step), `db_peer_password` and `db_client_password` (the peer's two l
 and `api_tokens` (its name, scopes and SHA-256, for the peer's DEJIMA_API_TOKENS_FILE). DIR/trusted_keys holds the
 public key of every peer found in DIR (`name base64key` a line: DEJIMA_TRUSTED_KEYS_FILE). Files are created mode
 0600 and never overwritten, except the rotated key and the files derived from others (`pgpass`, `api_tokens`,
-`trusted_keys`), rewritten when they no longer match. `--deliver ROOT` also copies each consumer's files
-(`CONSUMERS`: the database, the peer, the client) into ROOT/<peer>/<consumer>/ (the one-host files mount one volume
-per consumer there; run as root, the copies are given to the user that reads them).
+`trusted_keys`), rewritten when they no longer match.
+
+TLS (docs/security.md "A network observer"): DIR/tls_ca is the deployment's CA certificate (DEJIMA_TLS_CA_FILE of
+every peer and client; public, 0644) and DIR/tls_ca_key its key (0600; it stays in DIR, delivered to nobody). Each
+peer gets `tls_cert` and `tls_key`, a certificate of that CA for the names its partners and its client use
+(`tls_names`: `<peer>-gateway`, the host of its URL, which the egress routes by and the caller checks;
+`<peer>-peer`, its client's DEJIMA_PEER_URL; 127.0.0.1 and localhost, its health check and the operator), and its
+client app `client_tls_cert` and `client_tls_key` (`<peer>-client`, 127.0.0.1, localhost). `--alias NAME=SHORT`
+adds the names of a peer whose services are called SHORT (the one-host files' `gov-…`). A certificate is issued
+again when it is not the CA's, names other hosts, or expires within 30 days; its key with it.
+
+`--deliver ROOT` also copies each consumer's files (`CONSUMERS`: the database, the peer, the client) into
+ROOT/<peer>/<consumer>/ (the one-host files mount one volume per consumer there; run as root, the copies are given to
+the user that reads them).
 
 The stack runs, per peer, five services: `<peer>-db` (PostgreSQL with prepared transactions), `<peer>-peer`,
 `<peer>-client`, `<peer>-gateway` and `<peer>-egress`, pinned to the swarm nodes labelled `dejima.<peer>=true`. The
@@ -40,6 +52,7 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from peer import tlscerts
 from peer.dejima.auth import parse_private_key, private_pem, public_b64
 from peer.dejima.config import DEFAULT_SQL_ROOT, PEER_NAME_RE
 
@@ -56,10 +69,11 @@ DB_NAME = "dejima"
 UID = "10001"  # the image's user `dejima` (docker/Dockerfile)
 PORT = 8000  # every peer and client listens on it inside its container (DEJIMA_BIND in docker/Dockerfile)
 MESSAGE_PORT = 9000  # a peer's lean listener for peer messages, inside its container (DEJIMA_MESSAGE_BIND there)
-RELAY_PORT = 9000  # where the gateways and egresses listen: peers' URLs are http://<peer>-gateway:9000
+RELAY_PORT = 9000  # where the gateways and egresses listen: peers' URLs are https://<peer>-gateway:9000
 FIRST_CLIENT_PORT = 8101  # published ports of the clients: 8101, 8102, …
 STATE_DIR = "/var/lib/dejima"  # the image's volume: the client's user store
 TRUSTED_KEYS_PATH = "/etc/dejima/trusted_keys"
+TLS_CA_PATH = "/etc/dejima/tls_ca.pem"
 CLIENT_TOKEN_NAME = "client-app"  # noqa: S105  (a name: the client app's API token, its scopes in api_tokens)
 CLIENT_TOKEN_SCOPES = ("read", "write")
 PEER_SECRETS = (
@@ -72,6 +86,10 @@ PEER_SECRETS = (
     "client_password",
     "client_token",
     "api_tokens",
+    "tls_cert",
+    "tls_key",
+    "client_tls_cert",
+    "client_tls_key",
 )
 # Who gets which secret, and nothing more: the superuser's password goes to the database (POSTGRES_PASSWORD_FILE)
 # and to the peer's install step only; the client gets no database credential.
@@ -85,11 +103,23 @@ CONSUMERS: dict[str, tuple[str, ...]] = {
         "db_peer_password",
         "db_client_password",
         "api_tokens",
+        "tls_cert",
+        "tls_key",
     ),
-    "client": ("client_password", "secret_key", "client_token"),
+    "client": ("client_password", "secret_key", "client_token", "client_tls_cert", "client_tls_key"),
 }
 CONSUMER_UID = {"db": "0", "peer": UID, "client": UID}  # the postgres image reads its password file as root
 TRUSTED_KEYS = "trusted_keys"
+TLS_CA = "tls_ca"  # the CA certificate: public, every peer and client verifies with it (and gets it delivered)
+TLS_CA_KEY = "tls_ca_key"  # its key: stays in the secrets folder
+TLS_CA_NAME = "Dejima deployment CA"
+
+
+def tls_names(name: str, aliases: Sequence[str] = (), client: bool = False) -> list[str]:
+    """The names a peer's certificate (or, with `client`, its client app's) is for: its gateway (its URL) and its
+    service (its client's DEJIMA_PEER_URL), or the client's service; also under each alias; and loopback."""
+    kinds = ("client",) if client else ("gateway", "peer")
+    return [f"{prefix}-{kind}" for prefix in (name, *aliases) for kind in kinds] + list(tlscerts.LOCAL_NAMES)
 
 
 class DeployError(Exception):
@@ -171,16 +201,55 @@ def new_token() -> str:
     return "dj_" + random.token_urlsafe(32)
 
 
+def write_tls_ca(directory: Path) -> list[Path]:
+    """DIR/tls_ca and DIR/tls_ca_key, made once (the key first: a CA certificate is never without its key)."""
+    if (directory / TLS_CA).exists() and (directory / TLS_CA_KEY).exists():
+        return []
+    cert, key = tlscerts.make_ca(TLS_CA_NAME)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tlscerts.write_file(directory / TLS_CA_KEY, key, 0o600)
+    tlscerts.write_file(directory / TLS_CA, cert, 0o644)
+    return [directory / TLS_CA_KEY, directory / TLS_CA]
+
+
+def write_tls(directory: Path, name: str, aliases: Sequence[str] = ()) -> list[Path]:
+    """The certificates of peer `name` and of its client app (module docstring), issued when they are not right."""
+    ca_cert, ca_key = (directory / TLS_CA).read_bytes(), (directory / TLS_CA_KEY).read_bytes()
+    written: list[Path] = []
+    for prefix, client in (("", False), ("client_", True)):
+        cert, key = directory / name / f"{prefix}tls_cert", directory / name / f"{prefix}tls_key"
+        common = f"{name}-client" if client else name
+        if tlscerts.ensure_issued(ca_cert, ca_key, cert, key, common, tls_names(name, aliases, client)):
+            written += [cert, key]
+    return written
+
+
+def parse_aliases(texts: Sequence[str]) -> dict[str, list[str]]:
+    """`NAME=SHORT` (repeatable) -> {name: [short, …]}."""
+    aliases: dict[str, list[str]] = {}
+    for text in texts:
+        name, sep, short = text.partition("=")
+        if not sep or not PEER_NAME_RE.match(name) or not PEER_NAME_RE.match(short):
+            raise DeployError(f"--alias {text!r}: give NAME=SHORT (peer names)")
+        aliases.setdefault(name, []).append(short)
+    return aliases
+
+
 def write_secrets(
-    directory: Path, names: Sequence[str], rotate: Sequence[str] = (), deliver: Path | None = None
+    directory: Path,
+    names: Sequence[str],
+    rotate: Sequence[str] = (),
+    deliver: Path | None = None,
+    aliases: dict[str, list[str]] | None = None,
 ) -> list[Path]:
     """Create the missing secret files of each peer in `names` (and a new private key for each in `rotate`), bring
-    the derived files up to date (pgpass, api_tokens, then DIR/trusted_keys from every private key in DIR) and, with
-    `deliver`, copy each consumer's files there. Returns the files written."""
+    the derived files up to date (pgpass, api_tokens, the TLS certificates, then DIR/trusted_keys from every private
+    key in DIR) and, with `deliver`, copy each consumer's files there. `aliases`: more names of a peer's services
+    (its certificates name them too). Returns the files written."""
     for name in [*names, *rotate]:
         if not PEER_NAME_RE.match(name):
             raise DeployError(f"{name!r} is not a peer name (lower-case letters, digits, - and _; at most 40)")
-    written: list[Path] = []
+    written: list[Path] = write_tls_ca(directory) if names else []
     for name in rotate:
         key_path = directory / name / "private_key"
         if not key_path.exists():
@@ -214,6 +283,7 @@ def write_secrets(
         for kind, text in derived.items():
             if _write_derived(directory / name / kind, text):
                 written.append(directory / name / kind)
+        written += write_tls(directory, name, (aliases or {}).get(name, ()))
     keys = sorted(
         (path.parent.name, public_b64(parse_private_key(path.read_bytes()))) for path in directory.glob("*/private_key")
     )
@@ -228,8 +298,9 @@ def write_secrets(
 
 def deliver_secrets(directory: Path, root: Path, name: str) -> list[Path]:
     """Copy the secrets of peer `name` to ROOT/<name>/<consumer>/, each consumer's own (`CONSUMERS`; the peer also
-    gets trusted_keys), and remove anything else there. Run as root, each folder and file is given to the user
-    that reads it (`CONSUMER_UID`); as anyone else, they stay the runner's. Returns the files written."""
+    gets trusted_keys, the peer and the client the CA certificate tls_ca), and remove anything else there. Run as
+    root, each folder and file is given to the user that reads it (`CONSUMER_UID`); as anyone else, they stay the
+    runner's. Returns the files written."""
     written: list[Path] = []
     for consumer, kinds in CONSUMERS.items():
         folder = root / name / consumer
@@ -238,6 +309,8 @@ def deliver_secrets(directory: Path, root: Path, name: str) -> list[Path]:
         files = {kind: ((directory / name / kind).read_text(), 0o600) for kind in kinds}
         if consumer == "peer":
             files[TRUSTED_KEYS] = ((directory / TRUSTED_KEYS).read_text(), 0o644)
+        if consumer in ("peer", "client"):
+            files[TLS_CA] = ((directory / TLS_CA).read_text(), 0o644)
         for stale in folder.iterdir():
             if stale.name not in files and (stale.is_file() or stale.is_symlink()):
                 stale.unlink()
@@ -316,7 +389,7 @@ def stack(
                 "file": f"{secrets_dir}/{peer.name}/{kind}",
                 "name": f"dejima-v{version}-{peer.name}-{kind}",
             }
-        seeds = [f"http://{gateway(first.name)}:{RELAY_PORT}" for first in firsts.values() if first != peer]
+        seeds = [f"https://{gateway(first.name)}:{RELAY_PORT}" for first in firsts.values() if first != peer]
         others = [other.name for other in peers if other != peer]
         common = {"PEER_TYPE": peer.peer_type, "DEJIMA_PEER_NAME": peer.name}
         db_url = f"@{peer.name}-db:5432/{DB_NAME}"
@@ -344,7 +417,7 @@ def stack(
             "image": image,
             "environment": {
                 **common,
-                "DEJIMA_URL": f"http://{gateway(peer.name)}:{RELAY_PORT}",
+                "DEJIMA_URL": f"https://{gateway(peer.name)}:{RELAY_PORT}",
                 "DEJIMA_MESSAGE_BIND": f"0.0.0.0:{MESSAGE_PORT}",  # the listener its gateway relays to
                 "DEJIMA_SEEDS": ",".join(seeds),
                 "DEJIMA_DATABASE_URL": f"postgresql://{DB_PEER_ROLE}{db_url}",
@@ -358,9 +431,16 @@ def stack(
                 "DEJIMA_PRIVATE_KEY_FILE": "/run/secrets/private_key",
                 "DEJIMA_TRUSTED_KEYS_FILE": TRUSTED_KEYS_PATH,
                 "DEJIMA_SECRET_KEY_FILE": "/run/secrets/secret_key",
+                "DEJIMA_TLS_CERT_FILE": "/run/secrets/tls_cert",
+                "DEJIMA_TLS_KEY_FILE": "/run/secrets/tls_key",
+                "DEJIMA_TLS_CA_FILE": TLS_CA_PATH,
+                "DEJIMA_TLS_CLIENT_CERTS": "require",  # partners present a certificate of the CA at the handshake
             },
             "secrets": own_secrets("peer"),
-            "configs": [{"source": TRUSTED_KEYS, "target": TRUSTED_KEYS_PATH, "mode": 0o444}],
+            "configs": [
+                {"source": TRUSTED_KEYS, "target": TRUSTED_KEYS_PATH, "mode": 0o444},
+                {"source": TLS_CA, "target": TLS_CA_PATH, "mode": 0o444},
+            ],
             "networks": [private],
             "deploy": {
                 "replicas": 1,  # one process owns the peer's open global transactions: never two at once
@@ -375,13 +455,18 @@ def stack(
             "environment": {
                 **common,
                 "PEER_MODE": "client",
-                "DEJIMA_PEER_URL": f"http://{peer.name}-peer:{PORT}",
+                "DEJIMA_PEER_URL": f"https://{peer.name}-peer:{PORT}",
                 "DEJIMA_PEER_TOKEN_FILE": "/run/secrets/client_token",
                 "DEJIMA_CLIENT_DB": f"{STATE_DIR}/client.sqlite3",
                 "DEJIMA_CLIENT_PASSWORD_FILE": "/run/secrets/client_password",
                 "DEJIMA_SECRET_KEY_FILE": "/run/secrets/secret_key",
+                "DEJIMA_TLS_CERT_FILE": "/run/secrets/client_tls_cert",
+                "DEJIMA_TLS_KEY_FILE": "/run/secrets/client_tls_key",
+                "DEJIMA_TLS_CA_FILE": TLS_CA_PATH,
+                "DEJIMA_CLIENT_SECURE_COOKIES": "1",  # served over HTTPS
             },
             "secrets": own_secrets("client"),
+            "configs": [{"source": TLS_CA, "target": TLS_CA_PATH, "mode": 0o444}],
             "volumes": [f"{peer.name}-client:{STATE_DIR}"],
             "networks": [private],
             "ports": [{"target": PORT, "published": peer.client_port, "protocol": "tcp", "mode": "ingress"}],
@@ -404,7 +489,9 @@ def stack(
         }
         volumes[f"{peer.name}-pgdata"] = {}
         volumes[f"{peer.name}-client"] = {}
-    configs = {TRUSTED_KEYS: {"file": f"{secrets_dir}/{TRUSTED_KEYS}", "name": f"dejima-v{version}-{TRUSTED_KEYS}"}}
+    configs = {
+        kind: {"file": f"{secrets_dir}/{kind}", "name": f"dejima-v{version}-{kind}"} for kind in (TRUSTED_KEYS, TLS_CA)
+    }
     return {
         "version": "3.8",
         "services": services,
@@ -444,6 +531,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sec.add_argument("--types", default=",".join(EXAMPLE_TYPES), help="peer types, comma-separated")
     sec.add_argument("--rotate", action="append", default=[], metavar="NAME", help="a new key pair for NAME")
     sec.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="NAME=SHORT",
+        help="peer NAME's services are also called SHORT-peer, SHORT-gateway, SHORT-client (its certificates say so)",
+    )
+    sec.add_argument(
         "--deliver",
         type=Path,
         default=None,
@@ -464,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = list(args.names) + [p.name for p in (peers_per_type(args.per_type, types) if args.per_type else [])]
             if not names and not args.rotate:
                 raise DeployError("name the peers, or give --per-type N")
-            for path in write_secrets(args.directory, names, args.rotate, args.deliver):
+            aliases = parse_aliases(args.alias)
+            for path in write_secrets(args.directory, names, args.rotate, args.deliver, aliases):
                 print(f"wrote {path}")
             return 0
         text = render(peers_per_type(args.per_type, types), args.image, args.version, args.secrets_dir)

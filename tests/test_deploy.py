@@ -13,7 +13,11 @@ the way Docker resolves them (on the networks a container shares) and connection
 - a peer logs in as `dejima_peer` and runs clients' SQL as `dejima_client` (never the superuser POSTGRES_USER), both
   passwords in its pgpass, which holds no other; the superuser's password is readable only by the database and its
   peer (for the install step); a client can read no database password, and its API token is the one the peer's
-  DEJIMA_API_TOKENS_FILE names.
+  DEJIMA_API_TOKENS_FILE names;
+- every peer and client speaks TLS (https URLs, DEJIMA_TLS_*), peers require a partner's certificate
+  (DEJIMA_TLS_CLIENT_CERTS=require), and the generated certificates work: a real handshake (on a socket pair) from
+  every peer to every other peer's certificate for the host of its URL, mutual, and from each client to its peer for
+  the host of its DEJIMA_PEER_URL; a TLS key is readable by its own container only.
 
 Needs the docker CLI (`docker stack config` works offline) and hadolint (.venv/bin/hadolint, from the dev extra).
 """
@@ -23,10 +27,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import itertools
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,8 +46,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from peer import deploygen, relay
+from peer import deploygen, relay, tlscerts
 from peer.dejima.config import PeerConfig, load_config, setting_names
+from peer.dejima.tls import TlsSettings, client_context, server_context
 
 pytestmark = pytest.mark.unit
 
@@ -303,7 +312,11 @@ def run_secrets_service(services: dict[str, Service], host_root: Path) -> list[s
     assert command[:4] == ["python", "-m", "peer.deploygen", "secrets"], command
     arguments = [str(host_root / arg.lstrip("/")) if arg.startswith("/") else arg for arg in command[4:]]
     assert deploygen.main(["secrets", *arguments]) == 0
-    return [arg for arg in command[5:] if not arg.startswith(("-", "/"))]
+    names = []
+    for before, arg in itertools.pairwise(command[4:]):
+        if not arg.startswith(("-", "/")) and not before.startswith("--"):  # not an option's value
+            names.append(arg)
+    return names
 
 
 # ---- names and connections, as Docker resolves them ---------------------------------------------------------------
@@ -415,7 +428,64 @@ def check_services(services: dict[str, Service], where: str) -> dict[str, PeerCo
         config = configs[peer.name]
         missing = names - set(config.trusted_keys) - {config.name}
         assert not missing, f"{where}: {peer.name} does not trust {sorted(missing)}"
+    check_tls(services, net, configs, where)
     return configs
+
+
+def handshake(server: TlsSettings, client: TlsSettings, host: str, client_certs: bool) -> None:
+    """A real TLS handshake between the two containers' files, on a socket pair: `client` calls `server` at `host`
+    (its certificate checked for that name against the client's CA; with `client_certs`, the client's against the
+    server's CA). Raises what the handshake raises."""
+    left, right = socket.socketpair()
+    left.settimeout(10)
+    right.settimeout(10)
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with server_context(server, client_certs=client_certs).wrap_socket(left, server_side=True) as sock:
+                sock.sendall(b"ok")
+        except OSError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with client_context(client).wrap_socket(right, server_hostname=host) as sock:
+            assert sock.recv(2) == b"ok"
+    finally:
+        thread.join(timeout=10)
+    assert not failed, failed
+
+
+def check_tls(services: dict[str, Service], net: Network, configs: dict[str, PeerConfig], where: str) -> None:
+    """TLS everywhere, mutual between peers, with certificates that work for the names used (module docstring)."""
+    peers = [s for s in services.values() if s.is_peer]
+    for svc in (s for s in services.values() if s.is_peer or s.is_client):
+        config = configs[svc.name]
+        assert config.tls is not None, f"{where}: {svc.name} speaks plain HTTP"
+        assert not config.allow_plain, f"{where}: {svc.name} allows plain HTTP"
+        assert "127.0.0.1" in tlscerts.cert_names(config.tls.cert_file.read_bytes()), (
+            f"{where}: {svc.name}'s certificate does not name 127.0.0.1 (its health check)"
+        )
+        key = config.tls.key_file.read_text()
+        for other in services.values():
+            if other is not svc and other.name != "secrets":
+                assert key not in other.readable().values(), f"{where}: {other.name} can read {svc.name}'s TLS key"
+        if svc.is_client:
+            host = urlsplit(config.peer_url_for_client).hostname or ""
+            peer = net.resolve(svc, host)
+            peer_tls = configs[peer.name].tls
+            assert peer_tls is not None
+            handshake(peer_tls, config.tls, host, client_certs=False)  # gunicorn asks for no certificate
+    for peer in peers:
+        tls = configs[peer.name].tls
+        assert tls is not None and tls.require_client_certs, f"{where}: {peer.name} does not require client certs"
+        assert urlsplit(configs[peer.name].url).scheme == "https"
+        for other in (s for s in peers if s is not peer):
+            other_tls = configs[other.name].tls
+            assert other_tls is not None
+            handshake(tls, other_tls, urlsplit(configs[peer.name].url).hostname or "", client_certs=True)
 
 
 def check_isolation(services: dict[str, Service], net: Network, where: str) -> None:
@@ -477,7 +547,7 @@ def check_isolation(services: dict[str, Service], net: Network, where: str) -> N
 
 def check_peer(services: dict[str, Service], net: Network, peer: Service, config: PeerConfig, where: str) -> None:
     """A peer: its URL and seeds reach message listeners; its logins; the superuser's password only where needed."""
-    assert config.url == f"http://{deploygen.gateway(peer.org)}:{deploygen.RELAY_PORT}", (
+    assert config.url == f"https://{deploygen.gateway(peer.org)}:{deploygen.RELAY_PORT}", (
         f"{where}: {peer.name} advertises {config.url}, not its gateway"
     )
     assert config.message_bind == ("0.0.0.0", deploygen.MESSAGE_PORT), (  # noqa: S104  (inside its container)
@@ -882,11 +952,12 @@ def test_the_stack_pins_each_peer_to_its_nodes_restarts_it_and_runs_one_replica(
 # ---- secrets --------------------------------------------------------------------------------------------------------
 def test_secrets_are_written_once_private_and_rotated_on_request(tmp_path: Path) -> None:
     first = deploygen.write_secrets(tmp_path, ["bank-1", "government-1"])
-    assert len(first) == 19  # nine files per peer and trusted_keys
-    assert {p.name for p in first} == {*deploygen.PEER_SECRETS, deploygen.TRUSTED_KEYS}
+    assert len(first) == 29  # thirteen files per peer, trusted_keys and the CA (its certificate and key)
+    assert {p.name for p in first} == {*deploygen.PEER_SECRETS, deploygen.TRUSTED_KEYS, "tls_ca", "tls_ca_key"}
+    public = {"trusted_keys", "tls_ca", "tls_cert", "client_tls_cert"}
     for path in first:
         mode = path.stat().st_mode & 0o777
-        assert mode == (0o644 if path.name == "trusted_keys" else 0o600), f"{path} has mode {mode:o}"
+        assert mode == (0o644 if path.name in public else 0o600), f"{path} has mode {mode:o}"
     before = {p: p.read_text() for p in first}
     assert deploygen.write_secrets(tmp_path, ["bank-1", "government-1"]) == []
     assert {p: p.read_text() for p in first} == before
@@ -926,7 +997,15 @@ def test_an_existing_deployment_gets_its_new_secrets_and_keeps_its_old_ones(tmp_
     (old / "client_password").write_text("an old client password\n")
     kept = {kind: (old / kind).read_text() for kind in ("private_key", "secret_key", "db_password", "client_password")}
     written = {p.name for p in deploygen.write_secrets(tmp_path / "store", ["bank"])}
-    assert written == {"db_peer_password", "db_client_password", "client_token", "api_tokens", "pgpass", "trusted_keys"}
+    assert written == {
+        "db_peer_password",
+        "db_client_password",
+        "client_token",
+        "api_tokens",
+        "pgpass",
+        "trusted_keys",
+        *("tls_ca", "tls_ca_key", "tls_cert", "tls_key", "client_tls_cert", "client_tls_key"),
+    }
     assert {kind: (old / kind).read_text() for kind in kept} == kept  # never overwritten
     assert set(pgpass_lines((old / "pgpass").read_text())) == {"dejima_peer", "dejima_client"}
     assert "old-superuser-password" not in (old / "pgpass").read_text()
@@ -938,7 +1017,7 @@ def test_each_consumer_gets_its_own_secrets_and_nothing_else(tmp_path: Path) -> 
     deploygen.write_secrets(store, ["bank"], deliver=out)
     for consumer, kinds in deploygen.CONSUMERS.items():
         folder = out / "bank" / consumer
-        extra = {deploygen.TRUSTED_KEYS} if consumer == "peer" else set()
+        extra = {"peer": {deploygen.TRUSTED_KEYS, deploygen.TLS_CA}, "client": {deploygen.TLS_CA}}.get(consumer, set())
         assert {p.name for p in folder.iterdir()} == {*kinds, *extra}
         for kind in kinds:
             assert (folder / kind).read_text() == (store / "bank" / kind).read_text()
@@ -951,6 +1030,33 @@ def test_each_consumer_gets_its_own_secrets_and_nothing_else(tmp_path: Path) -> 
     assert out / "bank" / "client" / "client_password" in written
     assert not (out / "bank" / "client" / "db_password").exists()
     assert deploygen.write_secrets(store, ["bank"], deliver=out) == []
+
+
+def test_each_certificate_names_the_hosts_that_reach_it_and_is_issued_again_only_when_they_change(
+    tmp_path: Path,
+) -> None:
+    deploygen.write_secrets(tmp_path, ["bank", "government"])
+
+    def names(peer: str, kind: str = "tls_cert") -> set[str]:
+        return set(tlscerts.cert_names((tmp_path / peer / kind).read_bytes()))
+
+    assert names("bank") == {"bank-gateway", "bank-peer", "127.0.0.1", "localhost"}
+    assert names("bank", "client_tls_cert") == {"bank-client", "127.0.0.1", "localhost"}
+    assert deploygen.write_secrets(tmp_path, ["bank", "government"]) == []  # right already: kept
+    written = deploygen.write_secrets(tmp_path, ["government"], aliases={"government": ["gov"]})
+    assert {p.name for p in written} == {"tls_cert", "tls_key", "client_tls_cert", "client_tls_key"}
+    assert {"gov-gateway", "gov-peer", "government-gateway"} <= names("government")
+    settings = TlsSettings(
+        tmp_path / "government" / "tls_cert", tmp_path / "government" / "tls_key", tmp_path / "tls_ca"
+    )
+    handshake(settings, settings, "gov-gateway", client_certs=True)  # the new key is the new certificate's
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        handshake(settings, settings, "bank-gateway", client_certs=True)
+    out = tmp_path / "out"
+    deploygen.write_secrets(tmp_path, ["bank"], deliver=out)
+    delivered = [p.name for p in out.rglob("*") if p.is_file()]
+    assert "tls_ca_key" not in delivered and "tls_ca" in delivered  # the CA's key stays with the generator
+    assert deploygen.main(["secrets", str(tmp_path), "bank", "--alias", "bank"]) == 2
 
 
 def test_the_generator_refuses_bad_arguments_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -974,5 +1080,5 @@ def test_the_settings_list_is_the_documented_one() -> None:
     documented = set(
         re.findall(r"^\| `((?:PEER|DEJIMA)_[A-Z0-9_]+)` \|", (ROOT / "docs/settings.md").read_text(), re.M)
     )
-    dev_kit = {"DEJIMA_PG", "DEJIMA_PG_BIN", "DEJIMA_PG_PORT"}
+    dev_kit = {"DEJIMA_PG", "DEJIMA_PG_BIN", "DEJIMA_PG_PORT", "DEJIMA_KIT_CA_DIR"}
     assert setting_names() == documented - dev_kit
