@@ -674,6 +674,7 @@ def test_the_entrypoint_waits_for_every_secret_file_and_the_healthcheck_asks_the
     healthcheck = load_module(ROOT / "docker" / "healthcheck.py")
     assert healthcheck.health_url("0.0.0.0:8000") == "http://127.0.0.1:8000/health"
     assert healthcheck.health_url("[::]:9000") == "http://127.0.0.1:9000/health"
+    assert healthcheck.health_url("0.0.0.0:8000", tls=True) == "https://127.0.0.1:8000/health"  # DEJIMA_TLS_CA_FILE
 
 
 def install_settings(tmp_path: Path) -> dict[str, str]:

@@ -19,12 +19,15 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer import tlscerts
+from peer.dejima.auth import Authenticator
 from peer.dejima.config import ConfigError, check_transport, load_config
+from peer.dejima.messages import Hello
 from peer.dejima.peerserver import PeerServer
 from peer.dejima.tls import TlsSettings, check_files, client_context, server_context
-from peer.dejima.transport import Connections, PlainRefused
+from peer.dejima.transport import Connections, PlainRefused, Transport
 from tests.helpers import start_peer_process
 
 pytestmark = pytest.mark.unit
@@ -94,6 +97,8 @@ def test_tls_settings_are_read_and_the_policy_allows_tls(pki: Pki) -> None:
     assert config.tls == settings
     assert not config.allow_plain
     assert check_transport(config) == []
+    defaults = {k: v for k, v in tls_env(settings).items() if k != "DEJIMA_URL"}
+    assert load_config({**BASE, **defaults}).url == "https://127.0.0.1:8000"  # the default URL follows TLS
 
 
 def _expired(pki: Pki, folder: Path) -> tuple[Path, Path]:
@@ -368,3 +373,20 @@ def test_a_plain_caller_is_refused_by_a_tls_listener_and_a_tls_peer_never_calls_
             conns.post(f"http://127.0.0.1:{listener.port}", "/m", b"{}", 5.0)
     finally:
         conns.close()
+
+
+def test_a_call_refused_for_tls_says_why(pki: Pki, other_pki: Pki, listener: PeerServer) -> None:
+    """What the protocol sees (a CallResult, never an exception): a plain URL refused, a certificate not verified."""
+    key = Ed25519PrivateKey.generate()
+    hello = Hello("government", "https://127.0.0.1:1", "government", [], [])
+    for settings, url, reason in (
+        (pki.settings("government"), "http://127.0.0.1:1", "plain http: this peer speaks TLS only"),
+        (other_pki.settings("mallory"), f"https://127.0.0.1:{listener.port}", "TLS: unable to get local issuer"),
+    ):
+        transport = Transport("government", Authenticator("government", key, {}), max_parallel=2, tls=settings)
+        try:
+            result = transport.call(url, hello, 5.0)
+        finally:
+            transport.close()
+        assert (result.ok, result.error_kind) == (False, "unreachable"), result
+        assert reason in result.error, result

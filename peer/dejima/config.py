@@ -473,7 +473,7 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
     max_active = _int(env, "DEJIMA_MAX_ACTIVE", max(1, pool_size // 4), 0, 10_000)
     tls_on = tls_settings(env)
     allow_plain = _allow_plain(env, tls_on)
-    url = _http_url("DEJIMA_URL", _get(env, "DEJIMA_URL", "http://127.0.0.1:8000"))
+    url = _http_url("DEJIMA_URL", _get(env, "DEJIMA_URL", f"{'https' if tls_on else 'http'}://127.0.0.1:8000"))
     seeds = parse_seeds("DEJIMA_SEEDS", env.get("DEJIMA_SEEDS", ""))
     peer_url = _http_url("DEJIMA_PEER_URL", env["DEJIMA_PEER_URL"]) if env.get("DEJIMA_PEER_URL", "").strip() else ""
     if tls_on is not None:
