@@ -1,6 +1,6 @@
-"""Cluster tier: discovery and groups (DESIGN.md "Discovery and groups", SCENARIOS.md "Peer groups").
+"""Cluster tier: discovery and groups (ARCHITECTURE.md "Discovery and groups"; docs/scenarios.md, the peer groups).
 
-Every peer ends with the peer-group table of SCENARIOS.md (only the groups it belongs to) whatever the start order;
+Every peer ends with the peer-group table of docs/scenarios.md (only the groups it belongs to) whatever the start order;
 a peer that starts late, restarts or moves to another address is found again; groups are persisted in each peer's
 database; a view with the same name but another definition is refused on both sides, with the reason in the API.
 """
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.cluster
 
 PEERS = ("government", "bank", "insurance")
 ALL = ["bank", "government", "insurance"]
-# SCENARIOS.md "Peer groups": (views the attributes occur in, attributes, peers)
+# docs/scenarios.md "Peer groups of the example": (views the attributes occur in, attributes, peers)
 PEER_GROUPS = [
     (["dejima_bank"], ["phone"], ["bank", "government"]),
     (["dejima_insurance"], ["birthdate"], ["government", "insurance"]),

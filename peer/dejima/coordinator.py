@@ -1,4 +1,4 @@
-"""The commit protocol, top to bottom (DESIGN.md "The write path").
+"""The commit protocol, top to bottom (ARCHITECTURE.md "The write path").
 
 Origin (`run`): allocate a gxid; open one database transaction, set the gxid, run the client's statements; read
 the deltas the capture triggers recorded; send `propagate` for every changed view to every other member of its
