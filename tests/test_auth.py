@@ -566,10 +566,10 @@ def test_it_refuses_a_stale_message_with_401(network: LocalNetwork) -> None:
 
 @pytest.mark.cluster
 def test_it_refuses_a_non_member_with_403_and_applies_nothing(network: LocalNetwork) -> None:
-    # insurance is trusted, but not a member of dejima_bank's group (bank, government)
+    # insurance is trusted, but not entitled to dejima_bank at government (its type is no member of that view)
     status, answer = post(network, "government", sign_as(network, "insurance", cluster_propagate("insurance")))
     assert status == 403, answer
-    refused_and_logged(network, "government", answer, "'insurance' is not a member of dejima_bank's group")
+    refused_and_logged(network, "government", answer, "'insurance' is not entitled to dejima_bank here")
     assert_nothing_applied(network)
 
 

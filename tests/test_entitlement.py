@@ -1,14 +1,23 @@
 """Identity is not entitlement: which of a peer's views a partner may hold comes from the peer's own configuration
 (DEJIMA_TRUSTED_KEYS[_FILE]: each key bound to a peer type, or to views), never from what the partner announces.
 
-Unit: the formats of both settings, and which views follow from a peer type (the manifests' `members`).
+Unit: the formats of both settings, and which views follow from a peer type (the manifests' `members`). Cluster: the
+attack found on the example (insurance, signing with its real key, claims government's `dejima_bank`): the claim is
+refused and logged, insurance gets no `dejima_bank` row, government's writes keep working; a propagate for a view
+its sender is not entitled to is refused with 403 and applies nothing anywhere; a greeting announcing another peer
+type is refused as a whole; and a network configured with explicit lists of views.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.dejima.auth import public_b64
@@ -21,12 +30,17 @@ from peer.dejima.config import (
     resolve_entitlements,
     views_for_type,
 )
+from peer.dejima.directory import catalog_of
 from peer.dejima.install import SQL_ROOT
 from peer.dejima.manifest import load_peer_types
-from tests.helpers import AGENCY, SCHOOL_MANIFEST, UNIVERSITY, make_peer_type_root
+from peer.network import LocalNetwork
+from tests.helpers import AGENCY, SCHOOL_MANIFEST, UNIVERSITY, check, make_peer_type_root, sign_as, wait_until
 
 TYPES = load_peer_types(SQL_ROOT)
 KEYS = {name: public_b64(Ed25519PrivateKey.generate()) for name in ("government", "bank", "insurance", "acme")}
+PEERS = ("government", "bank", "insurance")
+TABLES = {"government": "government_users", "bank": "bank_users", "insurance": "insurance_users"}
+MESSAGE = "/peer/v1/message"
 
 
 def env(peer_type: str = "government", **settings: str) -> dict[str, str]:
@@ -182,3 +196,215 @@ def test_a_known_type_that_shares_nothing_here_is_entitled_to_nothing(tmp_path: 
     assert resolve_entitlements(trusts, "uni", "university", types) == {
         "agency": Entitlement("agency", frozenset({"dejima_students"}))
     }
+
+
+# ---- cluster: the attack, on the example network -----------------------------------------------------------------
+
+
+def hello(net: LocalNetwork, sender: str, peer_type: str, views: dict[str, str]) -> dict[str, Any]:
+    """A greeting from `sender` (signed with its real key, at its real address) announcing `peer_type` and, for each
+    view -> the peer type whose definition it copies, that view's catalog entry."""
+    catalog = [
+        entry
+        for owner in dict.fromkeys(views.values())
+        for entry in catalog_of(TYPES[owner])
+        if views.get(entry["view"]) == owner
+    ]
+    body = {"peer": sender, "url": net.specs[sender].message_url, "peer_type": peer_type, "catalog": catalog}
+    return sign_as(net, sender, {"protocol": "dejima/1", "kind": "hello", "body": {**body, "known": []}})
+
+
+def real_views(peer_type: str) -> dict[str, str]:
+    return {v.name: peer_type for v in TYPES[peer_type].views}
+
+
+def send(net: LocalNetwork, peer: str, envelope: dict[str, Any], front: str = "lean") -> tuple[int, Any]:
+    """A peer message to `peer`'s lean listener (where partners send them) or to gunicorn."""
+    base = net.specs[peer].url if front == "gunicorn" else net.specs[peer].message_url
+    resp = requests.post(base + MESSAGE, data=json.dumps(envelope), timeout=30)
+    return resp.status_code, resp.json()
+
+
+def status(net: LocalNetwork, peer: str) -> dict[str, Any]:
+    return dict(net.get(peer, "/api/v1/status"))
+
+
+def rows_of(net: LocalNetwork, peer: str) -> list[dict[str, Any]]:
+    return net.query(peer, f"SELECT * FROM {TABLES[peer]} ORDER BY last_name")  # noqa: S608
+
+
+def dejima_bank_rows_received(net: LocalNetwork, peer: str) -> int:
+    return int(status(net, peer)["propagates_received"].get("dejima_bank", 0))
+
+
+def write(net: LocalNetwork, peer: str, sql: str) -> dict[str, Any]:
+    code, body = net.exec(peer, sql)
+    assert (code, body.get("status")) == (200, "committed"), body
+    return dict(body)
+
+
+@pytest.mark.cluster
+def test_a_partner_claiming_a_view_it_is_not_entitled_to_is_refused_and_gets_no_row_of_it(
+    network: LocalNetwork,
+) -> None:
+    net = network
+    received_before = dejima_bank_rows_received(net, "insurance")
+    # insurance, with its real key, announces its own views and government's dejima_bank (the right definition)
+    claim = hello(net, "insurance", "insurance", {**real_views("insurance"), "dejima_bank": "government"})
+    code, answer = send(net, "government", claim)
+    assert code == 200, answer  # its other views are not affected: the greeting is answered
+    assert answer["kind"] == "hello", answer
+
+    gov = status(net, "government")
+    refused = gov["refused_claims"]["insurance"]["dejima_bank"]
+    assert "not entitled" in refused["reason"] and "insurance: dejima_insurance" in refused["reason"], refused
+    assert refused["count"] >= 1
+    assert gov["groups"]["dejima_bank"] == ["bank", "government"]
+    assert gov["groups"]["dejima_insurance"] == ["government", "insurance"]
+    assert gov["entitlements"]["insurance"] == {"peer_type": "insurance", "views": ["dejima_insurance"]}
+    wait_until(
+        lambda: "refusing insurance's claim to dejima_bank" in net.tail("government", 400),
+        5,
+        "government to log the refused claim as a warning",
+    )
+    assert "WARNING" in next(
+        line for line in net.tail("government", 400).splitlines() if "refusing insurance's claim" in line
+    )
+
+    # government's own writes to dejima_bank keep working, right after the claim, and reach bank only
+    write(
+        net,
+        "government",
+        "INSERT INTO government_users (first_name, last_name, phone, address, birthdate)"
+        " VALUES ('Jane', 'Roe', '555-0199', '2 Elm St', '1980-04-01')",
+    )
+    write(net, "government", "UPDATE government_users SET phone = '555-0100' WHERE last_name = 'Roe'")
+    assert [(r["last_name"], r["phone"]) for r in rows_of(net, "bank")] == [("Roe", "555-0100")]
+    # insurance's entitled view still works: it has Jane through dejima_insurance, without her phone
+    insurance = rows_of(net, "insurance")
+    assert [(r["last_name"], r["address"], str(r["birthdate"])) for r in insurance] == [
+        ("Roe", "2 Elm St", "1980-04-01")
+    ]
+    # and no dejima_bank row ever reached it
+    assert dejima_bank_rows_received(net, "insurance") == received_before == 0
+    report = check(net)
+    assert report["ok"], report
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("front", ["lean", "gunicorn"])
+@pytest.mark.parametrize("claimed_first", [False, True], ids=["unclaimed", "after-a-claim"])
+def test_a_propagate_for_a_view_the_sender_is_not_entitled_to_is_refused_with_403(
+    network: LocalNetwork, front: str, claimed_first: bool
+) -> None:
+    net = network
+    if claimed_first:  # what the claim alone could not do, it cannot help a propagate do either
+        claim = hello(net, "insurance", "insurance", {**real_views("insurance"), "dejima_bank": "government"})
+        code, answer = send(net, "government", claim)
+        assert code == 200, answer
+    gxid = f"insurance.{uuid.uuid4().int:x}.{uuid.uuid4().hex[:8]}"
+    row = {"first_name": "Eve", "last_name": "Spy", "phone": "555-0666", "address": "6 Dark Rd"}
+    body = {
+        "gxid": gxid,
+        "origin": "insurance",
+        "sender": "insurance",
+        "view": "dejima_bank",
+        "insertions": [row],
+        "deletions": [],
+        "timeout_ms": 5000,
+        "message_id": uuid.uuid4().hex,
+    }
+    forged = sign_as(net, "insurance", {"protocol": "dejima/1", "kind": "propagate", "body": body})
+    code, answer = send(net, "government", forged, front)
+    assert code == 403, answer
+    assert answer["kind"] == "refused", answer
+    assert answer["error"].startswith("government: 'insurance' is not entitled to dejima_bank here"), answer
+    wait_until(
+        lambda: "refused a propagate (signed by 'insurance')" in net.tail("government", 400),
+        5,
+        "government to log the refusal",
+    )
+
+    # nothing applied anywhere, nothing left open or prepared, the copies agree
+    wait_until(lambda: all(status(net, p)["open_transactions"] == 0 for p in PEERS), 15, "no global transaction open")
+    assert {p: rows_of(net, p) for p in PEERS} == {p: [] for p in PEERS}
+    assert all(net.get(p, "/api/v1/prepared")["prepared"] == [] for p in PEERS)
+    report = check(net)
+    assert report["ok"], report
+    # the peer keeps serving: a write of its own reaches its real partners
+    write(net, "government", "INSERT INTO government_users (first_name, last_name, phone) VALUES ('Ada', 'Lo', '1')")
+    assert [r["phone"] for r in rows_of(net, "bank")] == ["1"]
+    assert [r["last_name"] for r in rows_of(net, "insurance")] == ["Lo"]
+
+
+@pytest.mark.cluster
+def test_a_greeting_announcing_another_peer_type_is_refused_as_a_whole(network: LocalNetwork) -> None:
+    net = network
+    # insurance poses as a bank, with the bank's catalog: dejima_bank and dejima_risk
+    code, answer = send(net, "government", hello(net, "insurance", "bank", real_views("bank")))
+    assert code == 403, answer
+    assert answer["kind"] == "refused", answer
+    assert "announces peer type 'bank'" in answer["error"] and "type 'insurance'" in answer["error"], answer
+    gov = status(net, "government")
+    assert "announces peer type 'bank'" in gov["refused_claims"]["insurance"]["peer_type"]["reason"]
+    # it taught nothing: insurance keeps the place its real greetings gave it, and no other
+    assert gov["groups"] == {"dejima_bank": ["bank", "government"], "dejima_insurance": ["government", "insurance"]}
+    assert next(p for p in gov["peers"] if p["name"] == "insurance")["peer_type"] == "insurance"
+    write(net, "government", "INSERT INTO government_users (first_name, last_name, phone) VALUES ('Bo', 'Ng', '2')")
+    assert [r["phone"] for r in rows_of(net, "bank")] == ["2"]
+    assert dejima_bank_rows_received(net, "insurance") == 0
+
+
+# ---- cluster: entitlements given as lists of views ---------------------------------------------------------------
+
+
+@pytest.fixture
+def government_with_listed_views(network: LocalNetwork, tmp_path: Path) -> Iterator[LocalNetwork]:
+    """The example network with government restarted trusting its partners by lists of views: bank by
+    DEJIMA_TRUSTED_KEYS (`bank=key@dejima_bank`), insurance by DEJIMA_TRUSTED_KEYS_FILE (`views=dejima_insurance`).
+    Government is stopped afterwards (the next test's fixture starts it again with the kit's settings)."""
+    spec = network.specs["government"]
+    saved = dict(spec.env)
+    keys = network.public_keys()
+    trusted = tmp_path / "trusted_keys"
+    trusted.write_text(f"insurance {keys['insurance']} views=dejima_insurance\n")
+    spec.env["DEJIMA_TRUSTED_KEYS"] = f"bank={keys['bank']}@dejima_bank"
+    spec.env["DEJIMA_TRUSTED_KEYS_FILE"] = str(trusted)
+    try:
+        network.stop("government")
+        network.start("government")
+        network.wait_ready(timeout=60)
+        yield network
+    finally:
+        spec.env.clear()
+        spec.env.update(saved)
+        network.stop("government")
+
+
+@pytest.mark.cluster
+def test_views_named_for_a_partner_decide_what_it_may_hold(government_with_listed_views: LocalNetwork) -> None:
+    net = government_with_listed_views
+    gov = status(net, "government")
+    assert gov["entitlements"] == {
+        "bank": {"peer_type": "", "views": ["dejima_bank"]},
+        "insurance": {"peer_type": "", "views": ["dejima_insurance"]},
+    }
+    assert gov["groups"] == {"dejima_bank": ["bank", "government"], "dejima_insurance": ["government", "insurance"]}
+    write(
+        net,
+        "government",
+        "INSERT INTO government_users (first_name, last_name, phone, address) VALUES ('Kim', 'Ito', '3', '4 Oak')",
+    )
+    assert [r["phone"] for r in rows_of(net, "bank")] == ["3"]
+    assert [r["address"] for r in rows_of(net, "insurance")] == ["4 Oak"]
+    # a view not in insurance's list is refused, whatever type it announces (no type is configured for it)
+    claim = hello(net, "insurance", "insurance", {**real_views("insurance"), "dejima_bank": "government"})
+    code, answer = send(net, "government", claim)
+    assert code == 200, answer
+    refused = status(net, "government")["refused_claims"]["insurance"]["dejima_bank"]["reason"]
+    assert "views=dejima_insurance" in refused, refused
+    write(net, "government", "UPDATE government_users SET phone = '5' WHERE last_name = 'Ito'")
+    assert [r["phone"] for r in rows_of(net, "bank")] == ["5"]
+    assert dejima_bank_rows_received(net, "insurance") == 0
+    report = check(net)
+    assert report["ok"], report
