@@ -1081,7 +1081,7 @@ class Coordinator:
             for peer in self.directory.peers.values():
                 if view in peer.incompatible:
                     refused.append(peer.incompatible[view])
-                elif view in peer.catalog:
+                elif view in peer.catalog and self.directory.entitled(peer.name, view):
                     present.add(peer.peer_type)
         missing = sorted(set(spec.members) - present)
         if missing:

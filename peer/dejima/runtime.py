@@ -308,7 +308,8 @@ def token_guard(store: TokenStore) -> Guard:
 
 
 def make_authenticator(config: PeerConfig) -> Authenticator:
-    """This peer's key (given, or kept in DEJIMA_KEY_FILE and created at first start) and the keys it trusts."""
+    """This peer's key (given, or kept in DEJIMA_KEY_FILE and created at first start) and the keys it trusts (each
+    bound to what it may hold here: `PeerConfig.entitlements`, logged)."""
     if config.private_key:
         key = parse_private_key(config.private_key)
     else:
@@ -323,7 +324,9 @@ def make_authenticator(config: PeerConfig) -> Authenticator:
     others = sorted(set(auth.trusted) - {config.name})
     if not others:
         log.warning("peer %s trusts no other peer's key (DEJIMA_TRUSTED_KEYS): it refuses every message", config.name)
-    log.info("peer %s public key %s; trusts %s", config.name, auth.public_key, ", ".join(others) or "nobody")
+    entitlements = config.entitlements
+    trusts = [f"{n} ({entitlements[n].describe() if n in entitlements else 'no entitlement'})" for n in others]
+    log.info("peer %s public key %s; trusts %s", config.name, auth.public_key, ", ".join(trusts) or "nobody")
     return auth
 
 

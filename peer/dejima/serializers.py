@@ -133,6 +133,18 @@ class GroupsSerializer(serializers.Serializer[Any]):
     peer_groups = PeerGroupSerializer(many=True)
 
 
+class EntitlementSerializer(serializers.Serializer[Any]):
+    peer_type = serializers.CharField(help_text="the peer type it is trusted as; empty when its views are named")
+    views = serializers.ListField(child=serializers.CharField(), help_text="this peer's views it may hold")
+
+
+class RefusedClaimSerializer(serializers.Serializer[Any]):
+    reason = serializers.CharField()
+    count = serializers.IntegerField(min_value=1, help_text="greetings that made this claim")
+    first = serializers.FloatField(help_text="seconds since the epoch")
+    last = serializers.FloatField(help_text="seconds since the epoch")
+
+
 class StatusSerializer(GroupsSerializer):
     peer = serializers.CharField()
     peer_type = serializers.CharField()
@@ -142,6 +154,19 @@ class StatusSerializer(GroupsSerializer):
     stats = serializers.DictField(child=serializers.IntegerField(), help_text="counters of the commit protocol")
     messages_received = serializers.DictField(
         child=serializers.IntegerField(), help_text="peer messages received since start, by kind (both listeners)"
+    )
+    propagates_received = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="propagates received since start, by the view whose rows they carried (refused ones included)",
+    )
+    entitlements = serializers.DictField(
+        child=EntitlementSerializer(),
+        help_text="trusted peer -> what this peer's configuration (DEJIMA_TRUSTED_KEYS[_FILE]) lets it hold here",
+    )
+    refused_claims = serializers.DictField(
+        child=serializers.DictField(child=RefusedClaimSerializer()),
+        help_text="peer -> view (or `peer_type`) -> a claim of its greetings refused since start: it is not entitled"
+        " to that view here, or announced another peer type than it is trusted as",
     )
     open_transactions = serializers.IntegerField(min_value=0)
     queued_transactions = serializers.IntegerField(
