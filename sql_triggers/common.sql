@@ -51,6 +51,18 @@ CREATE TABLE IF NOT EXISTS dejima.decisions (
     decided_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- What a participant finished here, so that no message can open a global transaction again once it committed or
+-- aborted here, across restarts (peer/dejima/coordinator.py `_refusal`): 'committed' is inserted by end_global in
+-- the transaction the participant then prepares (it is there once that transaction commits), 'aborted' by the peer
+-- right after a rollback. dejima.begin_global refuses a gxid found here. Rows older than the transaction timeout
+-- plus twice the replay window are deleted: a gxid that old is refused by its start time alone.
+CREATE TABLE IF NOT EXISTS dejima.finished (
+    gxid text PRIMARY KEY,
+    outcome text NOT NULL CHECK (outcome IN ('committed', 'aborted')),
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS finished_at ON dejima.finished (at);
+
 -- Tamper evidence (peer/dejima/txlog.py): a hash-chained log of the global transactions this peer committed that
 -- changed its data. The entry is staged in dejima.txlog_pending inside the transaction that commits the change
 -- (origin: with the decision row; participant: before PREPARE TRANSACTION), without any lock; once committed, the
@@ -93,13 +105,21 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $d
 SELECT a.gxid FROM dejima.active AS a WHERE a.xid = pg_current_xact_id_if_assigned()
 $dejima$;
 
--- Register the current transaction as part of global transaction p_gxid, with the sha256 of its token.
+-- Register the current transaction as part of global transaction p_gxid, with the sha256 of its token. A gxid that
+-- committed or aborted here already (dejima.finished) is refused with SQLSTATE DJ001: it never runs twice.
 CREATE OR REPLACE FUNCTION dejima.begin_global(p_gxid text, p_token_sha256 bytea) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
+DECLARE
+    done text;
 BEGIN
     IF EXISTS (SELECT 1 FROM dejima.active AS a WHERE a.xid = pg_current_xact_id()) THEN
         RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
             MESSAGE = 'dejima: this transaction belongs to a global transaction already';
+    END IF;
+    SELECT f.outcome INTO done FROM dejima.finished AS f WHERE f.gxid = p_gxid;
+    IF done IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'DJ001',
+            MESSAGE = format('dejima: global transaction %s was %s here already', p_gxid, done);
     END IF;
     INSERT INTO dejima.active (xid, gxid, token_sha256) VALUES (pg_current_xact_id(), p_gxid, p_token_sha256);
 END
@@ -155,7 +175,8 @@ END
 $dejima$;
 
 -- The end of a global transaction's work in this transaction before it commits or is prepared: its txlog entry
--- (p_views NULL: none) and the end of the registration.
+-- (p_views NULL: none), at a participant the gxid as finished here (it is there once this transaction commits:
+-- dejima.begin_global refuses it from then on), and the end of the registration.
 CREATE OR REPLACE FUNCTION dejima.end_global(p_token bytea, p_origin text, p_role text, p_views jsonb)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
@@ -164,6 +185,9 @@ DECLARE
 BEGIN
     IF p_views IS NOT NULL THEN
         INSERT INTO dejima.txlog_pending (gxid, origin, role, views) VALUES (own, p_origin, p_role, p_views);
+    END IF;
+    IF p_role = 'participant' THEN
+        INSERT INTO dejima.finished (gxid, outcome) VALUES (own, 'committed');
     END IF;
     DELETE FROM dejima.active AS a WHERE a.xid = pg_current_xact_id();
 END

@@ -29,6 +29,12 @@ Tamper evidence (`peer.dejima.txlog`): the transaction that commits a change als
 hash chain — the origin with its decision row, a participant just before PREPARE — without any lock, so global
 transactions committing at the same time never wait for each other there. The sealer thread (`run_sealer`), woken
 after every commit here, links the committed staged entries into the chain in batches.
+
+Replays and reopening (`_refusal`): a participant opens a global transaction once. A propagate for a gxid aborted
+here (tombstones), prepared here by an earlier run (orphans), committed or aborted here before (`dejima.finished`,
+checked by `dejima.begin_global` in the round trip that opens the transaction: a participant records its gxid in the
+transaction it prepares, and an abort right after its rollback), or whose start time is older than the transaction
+timeout plus the replay window (or that far in the future) is refused with a "no" vote of kind `refused`.
 """
 
 from __future__ import annotations
@@ -123,6 +129,15 @@ SHORT_WAIT_SET_SQL = (
 SHORT_WAIT_SQL = b"\n;" + SHORT_WAIT_SET_SQL + b"; " + CLIENT_SAVEPOINT_SQL
 # the origin's commit point (common.sql): its decision row, its txlog entry, the end of its registration
 COMMIT_POINT_SQL = "SELECT dejima.commit_point(%s, %s, %s, %s)"
+# dejima.begin_global's refusal of a gxid that committed or aborted here already (common.sql)
+FINISHED_HERE = "DJ001"
+# a participant's rollback, and the gxid recorded as aborted here, in one round trip (a transaction of its own,
+# not waiting for the disk: a record lost to a database crash only lets that gxid's origin try it once more)
+RECORD_ABORTED_SQL = (
+    "BEGIN; SET LOCAL synchronous_commit = off;"
+    " INSERT INTO dejima.finished (gxid, outcome) VALUES ({}, 'aborted') ON CONFLICT (gxid) DO NOTHING; COMMIT"
+)
+ABORTED_SQL = "ROLLBACK; " + RECORD_ABORTED_SQL
 
 
 class GlobalTxnError(Exception):
@@ -316,6 +331,10 @@ class Coordinator:
         self.orphans: set[str] = set()
         self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
         self.seal_wanted = threading.Event()  # set after a commit here: the sealer chains its txlog entry
+        # a gxid whose start time is further than this from now (seconds) is never opened here: its origin gave up
+        # on it (the transaction timeout), allowing for the clocks' skew (the replay window)
+        self.gxid_horizon = config.txn_timeout + config.replay_window
+        self._pruned = 0.0  # when dejima.finished was last pruned (time.monotonic)
         # admission: global transactions started here beyond DEJIMA_MAX_ACTIVE wait (in arrival order) for a turn
         self.turns = threading.Lock()
         self.running = 0  # batches running (each one global transaction)
@@ -400,13 +419,17 @@ class Coordinator:
                     sql.SQL("; SAVEPOINT {}").format(savepoint) if savepoint is not None else sql.SQL(""),
                 )
             )
-        except psycopg.Error:
+        except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
             pool.putconn(conn)
+            if exc.sqlstate == FINISHED_HERE:  # dejima.begin_global: it committed or aborted here already
+                raise GlobalTxnError("refused", f"{self.name}: {exc.diag.message_primary or exc}") from None
             raise
         gx.conn, gx.pool = conn, pool
         gx.state = GxState(gxid=gx.gxid, ptype=self.ptype, conn=conn, token=gx.token, peer=self.name)
 
-    def _release(self, gx: Gx, statement: str | None) -> None:
+    def _release(self, gx: Gx, statement: str | sql.Composed | None) -> None:
         """End the gxid's database transaction with `statement` (ROLLBACK, COMMIT, …) and free the connection."""
         conn, gx.conn = gx.conn, None
         if conn is None:
@@ -1108,7 +1131,7 @@ class Coordinator:
             return PropagateReply(msg.gxid, self.name, "no", sorted({self.name, *reached}), error, kind)
 
         if msg.gxid in self.tombstones:
-            return no("refused", f"{self.name}: global transaction {msg.gxid} was already aborted here")
+            return no("refused", f"{self.name}: global transaction {msg.gxid} was aborted here already")
         if msg.view not in self.directory.my_views:
             return no("bad_request", f"{self.name}: unknown view {msg.view!r}")
         if msg.sender not in self.directory.members(msg.view):
@@ -1126,6 +1149,12 @@ class Coordinator:
                 return no("refused", f"{self.name}: global transaction {msg.gxid} is not running here (any more)")
             gx = gx_or_none
         else:
+            with self.lock:
+                known = msg.gxid in self.gxs
+            refusal = None if known else self._refusal(msg.gxid)
+            if refusal is not None:
+                log.warning("gxid %s: refused a propagate from %s: %s", msg.gxid, msg.sender, refusal)
+                return no("refused", f"{self.name}: {refusal}")
             gx = self._get_or_create(msg.gxid, msg.origin, timeout_s)
         if not gx.origin_keys and msg.origin_keys:
             gx.origin_keys = msg.origin_keys
@@ -1145,7 +1174,7 @@ class Coordinator:
                 kind = "conflict" if isinstance(exc, ApplyConflict) else "bad_request"
             else:
                 kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)
-            log.info("gxid %s: %s voting no: %s", msg.gxid, self.name, exc)
+            (log.warning if kind == "refused" else log.info)("gxid %s: %s voting no: %s", msg.gxid, self.name, exc)
             self._local_abort(gx)
             text = str(exc).strip()
             return no(kind, text if text.startswith(f"{self.name}:") else f"{self.name}: {text}")
@@ -1173,6 +1202,28 @@ class Coordinator:
         self.stats["prepared_on_the_way"] += 1
         self.fault("participant_after_prepare")
         return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared | {self.name}))
+
+    def _refusal(self, gxid: str) -> str | None:
+        """Why a propagate must not open global transaction `gxid` here (None: it may). Checked before the first
+        arrival of a gxid opens its transaction; a gxid that committed or aborted here before is refused by
+        `dejima.begin_global` in the round trip that opens it (`_open`), so this costs no round trip."""
+        with self.lock:
+            if gxid in self.tombstones:
+                return f"global transaction {gxid} was aborted here already"
+            if gxid in self.orphans:
+                return f"global transaction {gxid} is prepared here already (by an earlier run of this peer)"
+        started, _ = gxid_order(gxid)
+        if started >= 2**63:
+            return f"gxid {gxid!r} carries no start time"
+        age = time.time() - started / 1e9
+        if age > self.gxid_horizon:
+            return (
+                f"global transaction {gxid} began {age:.0f}s ago, more than the transaction timeout plus the replay"
+                f" window ({self.gxid_horizon:g}s): its origin has given up on it"
+            )
+        if age < -self.config.replay_window:
+            return f"global transaction {gxid} begins {-age:.0f}s from now, beyond the replay window"
+        return None
 
     def _apply_wait_die(self, gx: Gx, msg: Propagate, savepoint_taken: bool) -> list[RowChange]:
         """Apply the delta and take what it changed here; a locked row is waited for in slices unless an older
@@ -1246,8 +1297,11 @@ class Coordinator:
     def _local_abort(self, gx: Gx) -> None:
         with gx.lock:
             if gx.phase in ("open",):
+                # a participant records the gxid as aborted here in the same round trip: never opened again
+                # (`_refusal`); the origin's own transaction (a delta come back round a cycle) runs on the client login
+                ending = "ROLLBACK" if gx.origin == self.name else sql.SQL(ABORTED_SQL).format(sql.Literal(gx.gxid))
                 try:
-                    self._release(gx, "ROLLBACK")
+                    self._release(gx, ending)
                 except psycopg.Error as exc:
                     log.warning("gxid %s: rollback failed: %s", gx.gxid, exc)
                 gx.phase = "aborted"
@@ -1302,12 +1356,18 @@ class Coordinator:
                 self._local_abort(gx)
             with self.lock:
                 self.tombstones[msg.gxid] = time.monotonic() + TOMBSTONE_SECONDS
-            ok = self._finish_prepared(msg.gxid, "ROLLBACK PREPARED")
+            done = self._finish_prepared(msg.gxid, "ROLLBACK PREPARED")
         else:
             if gx is not None and gx.phase == "open":  # never prepared here: committing it would lose it
                 return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} was never prepared here", "refused")
             self.fault("participant_before_commit")
-            ok = self._finish_prepared(msg.gxid, "COMMIT PREPARED")
+            done = self._finish_prepared(msg.gxid, "COMMIT PREPARED")
+        if done == "absent":  # nothing prepared here: a repeated finish, unless it contradicts what happened here
+            outcome = self._finished_as(msg.gxid)
+            if outcome == ("aborted" if msg.decision == "commit" else "committed"):
+                log.warning("gxid %s: refused %s from %s: it %s here", msg.gxid, msg.decision, msg.origin, outcome)
+                return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} {outcome} here already", "refused")
+        ok = done != "failed"
         if ok:
             self._finished_here(msg.gxid)
         if gx is not None and ok:
@@ -1322,21 +1382,34 @@ class Coordinator:
             row = conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (self.gid(gxid),)).fetchone()
         return row is not None
 
-    def _finish_prepared(self, gxid: str, statement: str) -> bool:
-        """COMMIT/ROLLBACK PREPARED if it is still prepared here; idempotent."""
+    def _finish_prepared(self, gxid: str, statement: str) -> str:
+        """COMMIT/ROLLBACK PREPARED if it is still prepared here; idempotent. "done", "absent" (not prepared here
+        (any more): finished already, or never prepared) or "failed". A rollback records the gxid as aborted here
+        (never opened again: `_refusal`)."""
         gid = self.gid(gxid)
         try:
             with self.pool.connection() as conn:
                 conn.execute(sql.SQL("{} {}").format(sql.SQL(statement), sql.Literal(gid)))
+                if statement == "ROLLBACK PREPARED":
+                    try:
+                        conn.execute(sql.SQL(RECORD_ABORTED_SQL).format(sql.Literal(gxid)))
+                    except psycopg.Error as exc:  # rolled back all the same; the in-memory tombstone remains
+                        log.warning("gxid %s: could not record it as aborted: %s", gxid, exc)
         except psycopg.errors.UndefinedObject:
-            return True  # not prepared here (any more): finished already, or never prepared
+            return "absent"
         except psycopg.Error as exc:
             log.warning("gxid %s: %s failed: %s", gxid, statement, exc)
-            return False
+            return "failed"
         log.info("gxid %s: %s", gxid, statement.lower())
         if statement == "COMMIT PREPARED":
             self.seal_wanted.set()
-        return True
+        return "done"
+
+    def _finished_as(self, gxid: str) -> str | None:
+        """How gxid finished here as a participant ("committed", "aborted"), when it is recorded (dejima.finished)."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT outcome FROM dejima.finished WHERE gxid = %s", (gxid,)).fetchone()
+        return str(row[0]) if row else None
 
     # ---- decisions and recovery -----------------------------------------------------------------------------
     def on_decision_query(self, msg: DecisionQuery) -> DecisionReply:
@@ -1370,6 +1443,7 @@ class Coordinator:
                 due.append(gxid)
         for done in self._resolve(due).values():
             counts[done] += 1
+        self._prune_finished()
         with self.lock:
             pending = dict(self.pending_finish)
         for gxid, names in pending.items():
@@ -1387,9 +1461,9 @@ class Coordinator:
         neither runs nor decided, and a COMMIT PREPARED its own finish sends too finds nothing left to do."""
         done: dict[str, str] = {}
         for gxid, outcome in self._ask_origins(gxids).items():
-            if outcome == "commit" and self._finish_prepared(gxid, "COMMIT PREPARED"):
+            if outcome == "commit" and self._finish_prepared(gxid, "COMMIT PREPARED") != "failed":
                 done[gxid] = "committed"
-            elif outcome == "abort" and self._finish_prepared(gxid, "ROLLBACK PREPARED"):
+            elif outcome == "abort" and self._finish_prepared(gxid, "ROLLBACK PREPARED") != "failed":
                 done[gxid] = "aborted"
             else:
                 done[gxid] = "waiting"
@@ -1421,6 +1495,19 @@ class Coordinator:
             reply = result.message
             outcomes[gxid] = reply.outcome if result.ok and isinstance(reply, DecisionReply) else "pending"
         return outcomes
+
+    def _prune_finished(self) -> None:
+        """Forget the gxids finished here long enough ago that their start time alone refuses them (`_refusal`):
+        they began before they finished here, so once that is longer ago than the transaction timeout plus twice the
+        replay window (one for the skew of their origin's clock, one of this peer's), they are past the horizon.
+        At most once a minute, one statement."""
+        now = time.monotonic()
+        if now - self._pruned < 60.0:
+            return
+        self._pruned = now
+        keep = self.gxid_horizon + self.config.replay_window + 1.0
+        with self.pool.connection() as conn:
+            conn.execute("DELETE FROM dejima.finished WHERE at < now() - make_interval(secs => %s)", (keep,))
 
     def _janitor(self) -> None:
         """Roll back open participant transactions whose deadline passed (their origin has given up)."""
