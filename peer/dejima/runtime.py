@@ -104,6 +104,7 @@ def _pool(
 
 class PeerRuntime:
     def __init__(self, config: PeerConfig, background: bool = True) -> None:
+        self.started = time.time()  # no request signed before this is accepted (replays across a restart)
         self.config = config
         types = load_peer_types(config.sql_root)
         self.ptype: PeerType = types[config.peer_type]
@@ -118,7 +119,7 @@ class PeerRuntime:
         if config.api_tokens_file is not None:
             self._import_tokens(config)
         self.tokens = TokenStore(self.pool)
-        self.auth = make_authenticator(config)
+        self.auth = make_authenticator(config, not_before=self.started)
         self.transport = Transport(config.name, self.auth)
         self.directory = Directory(config, self.ptype, self.pool, self.transport)
         self.coordinator = Coordinator(
@@ -307,9 +308,10 @@ def token_guard(store: TokenStore) -> Guard:
     return guard
 
 
-def make_authenticator(config: PeerConfig) -> Authenticator:
+def make_authenticator(config: PeerConfig, not_before: float | None = None) -> Authenticator:
     """This peer's key (given, or kept in DEJIMA_KEY_FILE and created at first start) and the keys it trusts (each
-    bound to what it may hold here: `PeerConfig.entitlements`, logged)."""
+    bound to what it may hold here: `PeerConfig.entitlements`, logged); `not_before`: when this process started (it
+    accepts no request signed earlier: peer.dejima.auth)."""
     if config.private_key:
         key = parse_private_key(config.private_key)
     else:
@@ -318,7 +320,9 @@ def make_authenticator(config: PeerConfig) -> Authenticator:
         except (OSError, KeyFormatError) as exc:
             raise ConfigError("DEJIMA_KEY_FILE", f"cannot read or create {config.key_file}: {exc}") from None
     try:
-        auth = Authenticator(config.name, key, trusted_keys(config.trusted_keys), config.replay_window)
+        auth = Authenticator(
+            config.name, key, trusted_keys(config.trusted_keys), config.replay_window, not_before=not_before
+        )
     except ValueError as exc:
         raise ConfigError("DEJIMA_TRUSTED_KEYS", str(exc)) from None
     others = sorted(set(auth.trusted) - {config.name})
