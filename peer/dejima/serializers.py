@@ -227,6 +227,7 @@ class TxlogSerializer(serializers.Serializer[Any]):
     head = TxlogHeadSerializer(allow_null=True)
     entries = TxlogEntrySerializer(many=True)
     verify = TxlogVerdictSerializer(required=False, help_text="only with verify=1")
+    seal_error = serializers.CharField(required=False, help_text="why the staged entries could not be sealed first")
 
 
 class MachinerySerializer(serializers.Serializer[Any]):

@@ -16,13 +16,15 @@ at the same time do not wait for each other. The peer's sealer (`seal`, a backgr
 commit, and every read of the log) links the committed staged entries into the chain, several per database
 transaction, serialized by a transaction-level advisory lock (`CHAIN_LOCK`): the order of the chain is the order
 of sealing. A staged entry that is not sealed yet (half a second, `SEAL_GATHER_S`, or until the peer restarts after a
-crash) is not covered by the chain; `GET /api/v1/txlog` and `dejima check` seal first.
+crash) is not covered by the chain; `GET /api/v1/txlog` and `dejima check` seal first. Sealing never chains a gxid
+twice: a staged entry for a gxid already in the chain (or twice in one batch) is dropped and logged.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,8 @@ from psycopg.types.json import Jsonb
 
 from peer.dejima import jsonvalues
 from peer.dejima.delta import RowChange
+
+log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 CHAIN_LOCK = 0x64656A696D6174  # "dejimat": the advisory lock key that serializes sealing of this peer's chain
@@ -44,6 +48,25 @@ INSERT_SQL = (
     "INSERT INTO dejima.txlog (seq, gxid, origin, role, views, committed_at, prev_hash, hash)"
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
 )
+# the committed staged entries, oldest first, each with whether its gxid is in the chain already (never twice)
+STAGED_SQL = (
+    "SELECT p.id, p.gxid, p.origin, p.role, p.views, p.committed_at, t.seq IS NOT NULL"
+    " FROM dejima.txlog_pending AS p LEFT JOIN dejima.txlog AS t ON t.gxid = p.gxid ORDER BY p.id LIMIT %s"
+)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The newest entry of a chain: its seq and hash (seq 0 and GENESIS: an empty chain)."""
+
+    seq: int
+    hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash}
+
+
+EMPTY = Head(0, GENESIS)
 
 
 def fold_into(acc: dict[tuple[str, int], RowChange], changes: Iterable[RowChange]) -> None:
@@ -102,39 +125,57 @@ def stage(conn: psycopg.Connection[Any], gxid: str, origin: str, role: str, view
     conn.execute(STAGE_SQL, (gxid, origin, role, Jsonb(views)))
 
 
-def seal(conn: psycopg.Connection[Any], limit: int = SEAL_BATCH) -> int:
+def head(conn: psycopg.Connection[Any]) -> Head:
+    """The chain's newest entry (EMPTY for an empty chain)."""
+    row = conn.execute(HEAD_SQL).fetchone()
+    return Head(int(row[0]), str(row[1])) if row else EMPTY
+
+
+def seal(
+    conn: psycopg.Connection[Any], limit: int = SEAL_BATCH, lock_timeout_ms: int | None = None
+) -> tuple[int, Head]:
     """Link up to `limit` committed staged entries into the chain, in staging order, in one transaction of its own
-    (the caller's connection must be idle). Returns how many were sealed."""
+    (the caller's connection must be idle). A staged entry whose gxid the chain holds already (or that came twice)
+    is dropped, and logged: a gxid is chained once. `lock_timeout_ms`: wait at most this long for another sealer.
+    Returns how many staged entries it took (sealed or dropped) and the chain's head after."""
+    dropped: list[str] = []
     with conn.transaction():
+        if lock_timeout_ms is not None:
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK,))
-        staged = conn.execute(
-            "SELECT id, gxid, origin, role, views, committed_at FROM dejima.txlog_pending ORDER BY id LIMIT %s",
-            (limit,),
-        ).fetchall()
+        staged = conn.execute(STAGED_SQL, (limit,)).fetchall()
+        last = head(conn)  # a statement after the lock: sees the previous sealer's commit
         if not staged:
-            return 0
-        head = conn.execute(HEAD_SQL).fetchone()  # a statement after the lock: sees the previous sealer's commit
-        seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
+            return 0, last
+        seq, prev = last.seq, last.hash
         rows = []
-        for _, gxid, origin, role, views, at in staged:
+        chained: set[str] = set()
+        for _, gxid, origin, role, views, at, in_chain in staged:
+            if in_chain or gxid in chained:
+                dropped.append(gxid)
+                continue
+            chained.add(gxid)
             seq += 1
             entry_hash = chain_hash(prev, canonical(seq, gxid, origin, role, views, timestamp(at)))
             rows.append((seq, gxid, origin, role, Jsonb(views), at, prev, entry_hash))
             prev = entry_hash
-        with conn.cursor() as cur:
-            cur.executemany(INSERT_SQL, rows)
+        if rows:
+            with conn.cursor() as cur:
+                cur.executemany(INSERT_SQL, rows)
         conn.execute("DELETE FROM dejima.txlog_pending WHERE id = ANY(%s)", ([row[0] for row in staged],))
-    return len(staged)
+    for gxid in dropped:
+        log.error("txlog: dropped a staged entry for %s, which the chain holds already (a gxid is chained once)", gxid)
+    return len(staged), Head(seq, prev)
 
 
-def seal_all(conn: psycopg.Connection[Any]) -> int:
-    """Seal every committed staged entry. Returns how many."""
+def seal_all(conn: psycopg.Connection[Any], lock_timeout_ms: int | None = None) -> tuple[int, Head]:
+    """Seal every committed staged entry. Returns how many staged entries it took, and the chain's head after."""
     total = 0
     while True:
-        n = seal(conn)
+        n, last = seal(conn, lock_timeout_ms=lock_timeout_ms)
         total += n
         if n < SEAL_BATCH:  # the last batch was not full: nothing was left (no empty transaction to tell so)
-            return total
+            return total, last
 
 
 @dataclass
