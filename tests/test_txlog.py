@@ -210,8 +210,8 @@ def test_dejima_check_names_the_peer_and_seq_of_a_chain_tampered_with(network: L
             assert report["chains"]["insurance"]["broken_at"] == seq  # type: ignore[index]
         finally:
             conn.execute(
-                "INSERT INTO dejima.txlog VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (*row[:4], Jsonb(row[4]), *row[5:]),
+                "INSERT INTO dejima.txlog VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (*row[:4], Jsonb(row[4]), *row[5:8], Jsonb(row[8])),
             )
     assert run_check(network)[0] == 0
 

@@ -204,6 +204,9 @@ class TxlogEntrySerializer(serializers.Serializer[Any]):
     committed_at = serializers.CharField()
     prev_hash = serializers.CharField()
     hash = serializers.CharField()
+    witness = serializers.JSONField(
+        allow_null=True, help_text="what the partners of that global transaction told of their logs (their heads)"
+    )
 
 
 class TxlogHeadSerializer(serializers.Serializer[Any]):
@@ -221,12 +224,46 @@ class TxlogVerdictSerializer(serializers.Serializer[Any]):
     head_hash = serializers.CharField()
 
 
+class TxlogWitnessedSerializer(serializers.Serializer[Any]):
+    """What this peer's chain recorded of a partner's log: the highest head it was told, and the partner's entries
+    it knows of (how many, and the XOR of their sha256)."""
+
+    head = serializers.DictField(allow_null=True, help_text="{seq, hash, recorded_at}: the highest head it was told")
+    count = serializers.IntegerField()
+    digest = serializers.CharField()
+
+
+class TxlogOwedSerializer(serializers.Serializer[Any]):
+    count = serializers.IntegerField()
+    digest = serializers.CharField()
+
+
+class TxlogPairSerializer(serializers.Serializer[Any]):
+    peer = serializers.CharField()
+    recorded = serializers.ListField(child=serializers.ListField(), help_text="[gxid, entry digest, seq here]")
+    owed = serializers.ListField(child=serializers.ListField(), help_text="[gxid, entry digest, seq here]")
+
+
 class TxlogSerializer(serializers.Serializer[Any]):
     peer = serializers.CharField()
     length = serializers.IntegerField()
     head = TxlogHeadSerializer(allow_null=True)
     entries = TxlogEntrySerializer(many=True)
     verify = TxlogVerdictSerializer(required=False, help_text="only with verify=1")
+    witnessed = serializers.DictField(
+        child=TxlogWitnessedSerializer(),
+        required=False,
+        help_text="only with verify=1: per partner, what this chain recorded of its log",
+    )
+    witnessed_by = serializers.DictField(
+        child=TxlogOwedSerializer(),
+        required=False,
+        help_text="only with verify=1: per partner, the entries of this peer its chain must know of",
+    )
+    at = serializers.DictField(
+        child=serializers.CharField(allow_null=True), required=False, help_text="only with at=: seq -> hash"
+    )
+    pair = TxlogPairSerializer(required=False, help_text="only with verify=1&pair=")
     seal_error = serializers.CharField(required=False, help_text="why the staged entries could not be sealed first")
 
 
@@ -267,6 +304,10 @@ class PropagateBodySerializer(serializers.Serializer[Any]):
         child=serializers.CharField(),
         required=False,
         help_text="the members of the view's group the sender sent this delta to in the same fan-out",
+    )
+    prepare = serializers.BooleanField(required=False, help_text="prepare once the branch answered yes")
+    origin_head = serializers.DictField(
+        required=False, help_text="{seq, hash}: the origin's log head, recorded by a participant in its entry"
     )
 
 
