@@ -10,7 +10,9 @@ peer-to-peer traffic goes through proxies.
 - `hold()` stops forwarding new data in both directions (it is kept, in order) until `release()`;
 - `delay_from(sender, seconds)` holds each HTTP request whose headers carry `X-Dejima-Peer: <sender>` back for
   `seconds` before forwarding it (every peer-to-peer request carries that header, see peer/dejima/transport.py);
-  `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut and hold.
+  `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut, hold and capture;
+- `capture_from(sender)` keeps a copy of every HTTP request from `sender` it forwards (`captured`: the raw bytes, as
+  an eavesdropper on the link would see them; `request_body` takes the body out), to replay them later.
 
 The proxy is the deployment's relay (peer/relay.py: its listener, connections, threads and their sockets) with
 these faults added through the relay's hooks: whether the listener is open, how bytes are sent, and how the client's
@@ -62,7 +64,9 @@ class Proxy(Relay):
         self._delays: dict[str, float] = {}
         self._cut_senders: set[str] = set()
         self._refusing = False
+        self._capturing: set[str] = set()
         self.requests_seen: dict[str, int] = {}  # sender -> HTTP requests forwarded (or cut)
+        self.captured: list[bytes] = []  # the raw HTTP requests of the senders `capture_from` named, in order
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     @property
@@ -119,10 +123,16 @@ class Proxy(Relay):
             else:
                 self._delays.pop(sender, None)
 
+    def capture_from(self, sender: str) -> None:
+        """Keep a copy of every HTTP request from peer `sender` (in `captured`) until `clear()`."""
+        with self._lock:
+            self._capturing.add(sender)
+
     def clear(self) -> None:
-        """No delay, no hold, no cut."""
+        """No delay, no hold, no cut, no capture (what was captured stays in `captured`)."""
         with self._lock:
             self._delays.clear()
+            self._capturing.clear()
         self.release()
         self.restore()
 
@@ -201,12 +211,22 @@ class Proxy(Relay):
             self.requests_seen[sender] = self.requests_seen.get(sender, 0) + 1
             cut = sender in self._cut_senders
             delay = self._delays.get(sender, 0.0)
+            if sender in self._capturing:
+                self.captured.append(request)
         if cut:
             link.close()
             return False
         if delay and link.closed.wait(delay):
             return False
         return self._send(link, link.server, request) if link.server is not None else False
+
+
+def request_body(request: bytes) -> bytes:
+    """The body of a raw HTTP request (`Proxy.captured`)."""
+    _, sep, body = request.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError("not an HTTP request: no end of headers")
+    return body
 
 
 def settle(peer_url: str, headers: dict[str, str]) -> None:
