@@ -21,9 +21,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
+from peer.dejima import txlog
 from peer.dejima.config import ConfigError, peer_token
 from peer.dejima.install import InstallError
 from peer.dejima.manifest import ManifestError
@@ -71,6 +73,7 @@ def url_headers(net: LocalNetwork, url: str) -> dict[str, str]:
 
 
 Verify = str | bool  # what `requests` verifies a certificate against: a CA file, or True (the system's CAs)
+Target = tuple[str, dict[str, str] | None, Verify]  # a peer's API: URL, headers (its token), Verify
 
 
 def url_verify(net: LocalNetwork, url: str) -> Verify:
@@ -223,18 +226,24 @@ def cmd_query(args: argparse.Namespace) -> int:
 def check_network(
     urls: dict[str, str], auth: Mapping[str, dict[str, str]] | None = None, verify: Mapping[str, Verify] | Verify = True
 ) -> dict[str, Any]:
-    """Compare every dejima view across its group; verify every peer's transaction log (hash chain); list leftover
-    prepared transactions; report every peer whose machinery in the database (capture and putback triggers, their
-    functions, privileges) is not what its manifest generates (GET /api/v1/machinery). `auth` gives the headers (the
-    API token) for each key of `urls`; `verify` what their certificates are verified against (one for all, or by key).
+    """Compare every dejima view across its group; verify every peer's transaction log (hash chain) and compare it
+    with what its partners' logs recorded of it; list leftover prepared transactions; report every peer whose
+    machinery in the database (capture and putback triggers, their functions, privileges) is not what its manifest
+    generates (GET /api/v1/machinery). `auth` gives the headers (the API token) for each key of `urls`; `verify` what
+    their certificates are verified against (one for all, or by key).
 
     A view's digest (GET /api/v1/views/<view>) is order-independent: the sha256 of the sorted canonical JSON lines of
     its rows, so peers agree whatever their physical row order. A chain is verified by its peer (GET
     /api/v1/txlog?verify=1 recomputes every hash in its database); `broken_at` is the first seq that does not verify.
+    A chain that verifies by itself is then compared with what the other peers' chains recorded of it
+    (`txlog.cross_check`): its newest entries deleted, or entries rewritten with their hashes recomputed, show there,
+    `broken_at` naming the first seq found damaged.
     """
     views: dict[str, dict[str, str]] = {}
     prepared: dict[str, list[Any]] = {}
     chains: dict[str, dict[str, Any]] = {}
+    reports: dict[str, txlog.ChainReport] = {}
+    where: dict[str, Target] = {}  # peer name -> (URL, headers, what its certificate is verified against)
     machinery: dict[str, list[str]] = {}  # peer -> what differs in its database (its capture triggers, …)
     errors: list[str] = []
     for name, url in urls.items():
@@ -251,12 +260,20 @@ def check_network(
             if code != 200 or "verify" not in log:
                 raise CliError(f"transaction log unavailable ({code}): {log.get('error', log)}")
             verdict = log["verify"]
-            chains[str(status.get("peer") or name)] = {  # by peer name, also when checked by URL
+            peer = str(status.get("peer") or name)  # by peer name, also when checked by URL
+            chains[peer] = {
                 "ok": bool(verdict["ok"]),
                 "length": verdict["length"] if verdict["ok"] else log.get("length"),
                 "broken_at": verdict["broken_at"],
                 "reason": verdict.get("reason", ""),
             }
+            where[peer] = (url, headers, ca)
+            reports[peer] = txlog.ChainReport(
+                bool(verdict["ok"]),
+                int(verdict["length"]),
+                dict(log.get("witnessed") or {}),
+                dict(log.get("witnessed_by") or {}),
+            )
             _, prep = _api(url, "/api/v1/prepared", headers=headers, verify=ca)
             prepared[name] = prep.get("prepared", [])
             code, inspected = _api(url, "/api/v1/machinery", headers=headers, verify=ca)
@@ -265,6 +282,15 @@ def check_network(
             machinery[str(status.get("peer") or name)] = list(inspected["problems"])
         except (CliError, KeyError) as exc:
             errors.append(f"{name}: {exc}")
+    try:
+        damaged_chains = txlog.cross_check(
+            reports, lambda p, seqs: _hashes(where[p], seqs), lambda p, o: _pair(where[p], o)
+        )
+    except (CliError, KeyError, ValueError) as exc:
+        errors.append(f"comparing the logs: {exc}")
+        damaged_chains = {}
+    for peer, (seq, why) in damaged_chains.items():
+        chains[peer] = {**chains[peer], "ok": False, "broken_at": seq, "reason": why}
     divergent = sorted(v for v, digests in views.items() if len(set(digests.values())) > 1)
     broken = sorted(name for name, chain in chains.items() if not chain["ok"])
     # several peers may share one PostgreSQL cluster: count each prepared transaction once
@@ -281,6 +307,30 @@ def check_network(
         "damaged_machinery": damaged,
         "errors": errors,
     }
+
+
+def _hashes(target: Target, seqs: list[int]) -> dict[int, str | None]:
+    """The hashes of a peer's entries at `seqs` (GET /api/v1/txlog?at=…)."""
+    url, headers, ca = target
+    out: dict[int, str | None] = {}
+    wanted = sorted(set(seqs))
+    for i in range(0, len(wanted), 100):
+        part = ",".join(str(seq) for seq in wanted[i : i + 100])
+        code, body = _api(url, f"/api/v1/txlog?limit=0&at={part}", headers=headers, verify=ca)
+        if code != 200 or "at" not in body:
+            raise CliError(f"{url}: hashes unavailable ({code}): {body.get('error', body)}")
+        out.update({int(seq): h for seq, h in body["at"].items()})
+    return out
+
+
+def _pair(target: Target, partner: str) -> dict[str, Any]:
+    """What a peer's chain holds about `partner`'s entries and owes it, item by item (GET /api/v1/txlog?pair=…)."""
+    url, headers, ca = target
+    code, body = _api(url, f"/api/v1/txlog?limit=0&verify=1&pair={quote(partner)}", headers=headers, verify=ca)
+    if code != 200 or "pair" not in body:
+        raise CliError(f"{url}: the log's items for {partner} unavailable ({code}): {body.get('error', body)}")
+    pair: dict[str, Any] = body["pair"]
+    return pair
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -11,9 +11,13 @@ the install step), `db_peer_password` and `db_client_password` (the peer's two l
 `dejima_client`), `pgpass` (those two passwords in libpq's passfile format, for PGPASSFILE; not the superuser's),
 `client_password` (the client app's user `admin`), `client_token` (the API token the client app sends to its peer)
 and `api_tokens` (its name, scopes and SHA-256, for the peer's DEJIMA_API_TOKENS_FILE). DIR/trusted_keys holds the
-public key of every peer found in DIR (`name base64key` a line: DEJIMA_TRUSTED_KEYS_FILE). Files are created mode
-0600 and never overwritten, except the rotated key and the files derived from others (`pgpass`, `api_tokens`,
-`trusted_keys`), rewritten when they no longer match.
+public key of every peer found in DIR bound to its peer type (`name base64key type` a line: DEJIMA_TRUSTED_KEYS_FILE;
+the type decides which views of the reader the peer may hold). A peer's type is its name when that is a peer type
+(`bank`), the name without its number (`bank-3`), or given as `NAME:TYPE` (kept in DIR/<peer>/peer_type). Files are
+created mode 0600 and never overwritten, except the rotated key and the files derived from others (`pgpass`,
+`api_tokens`, `trusted_keys`), rewritten when they no longer match. `--deliver ROOT` also copies each consumer's files
+(`CONSUMERS`: the database, the peer, the client) into ROOT/<peer>/<consumer>/ (the one-host files mount one volume
+per consumer there; run as root, the copies are given to the user that reads them).
 
 TLS (docs/security.md "A network observer"): DIR/tls_ca is the deployment's CA certificate (DEJIMA_TLS_CA_FILE of
 every peer and client; public, 0644) and DIR/tls_ca_key its key (0600; it stays in DIR, delivered to nobody). Each
@@ -23,10 +27,6 @@ peer gets `tls_cert` and `tls_key`, a certificate of that CA for the names its p
 client app `client_tls_cert` and `client_tls_key` (`<peer>-client`, 127.0.0.1, localhost). `--alias NAME=SHORT`
 adds the names of a peer whose services are called SHORT (the one-host files' `gov-…`). A certificate is issued
 again when it is not the CA's, names other hosts, or expires within 30 days; its key with it.
-
-`--deliver ROOT` also copies each consumer's files (`CONSUMERS`: the database, the peer, the client) into
-ROOT/<peer>/<consumer>/ (the one-host files mount one volume per consumer there; run as root, the copies are given to
-the user that reads them).
 
 The stack runs, per peer, five services: `<peer>-db` (PostgreSQL with prepared transactions), `<peer>-peer`,
 `<peer>-client`, `<peer>-gateway` and `<peer>-egress`, pinned to the swarm nodes labelled `dejima.<peer>=true`. The
@@ -42,9 +42,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import secrets as random
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ def tls_names(name: str, aliases: Sequence[str] = (), client: bool = False) -> l
     service (its client's DEJIMA_PEER_URL), or the client's service; also under each alias; and loopback."""
     kinds = ("client",) if client else ("gateway", "peer")
     return [f"{prefix}-{kind}" for prefix in (name, *aliases) for kind in kinds] + list(tlscerts.LOCAL_NAMES)
+PEER_TYPE_FILE = "peer_type"  # DIR/<peer>/peer_type: the peer type given as NAME:TYPE (not a secret)
 
 
 class DeployError(Exception):
@@ -235,21 +237,62 @@ def parse_aliases(texts: Sequence[str]) -> dict[str, list[str]]:
     return aliases
 
 
+def peer_type_of(directory: Path, name: str, given: Mapping[str, str], sql_root: Path = DEFAULT_SQL_ROOT) -> str:
+    """The peer type of peer `name`: given (NAME:TYPE), kept from an earlier run (DIR/<name>/peer_type), or read from
+    its name (`bank`, `bank-3`). It must be a peer type under `sql_root`."""
+    kept = directory / name / PEER_TYPE_FILE
+    peer_type = given.get(name) or (kept.read_text().strip() if kept.is_file() else "")
+    if not peer_type:
+        match = re.fullmatch(r"(.+)-[0-9]+", name)
+        candidates = [name, *([match.group(1)] if match else [])]
+        peer_type = next((c for c in candidates if (sql_root / c / "manifest.toml").is_file()), "")
+        if not peer_type:
+            raise DeployError(
+                f"the peer type of {name!r}: name it <type> or <type>-<n>, or give it as {name}:TYPE"
+                " (trusted_keys binds every key to its peer type)"
+            )
+    if not (sql_root / peer_type / "manifest.toml").is_file():
+        raise DeployError(f"unknown peer type {peer_type!r} of {name!r}: no {sql_root / peer_type / 'manifest.toml'}")
+    return peer_type
+
+
+def trusted_keys_text(directory: Path, types: Mapping[str, str]) -> str:
+    """DIR/trusted_keys: every peer found in DIR (a private key), its public key and peer type (`types`)."""
+    keys = sorted(
+        (path.parent.name, public_b64(parse_private_key(path.read_bytes()))) for path in directory.glob("*/private_key")
+    )
+    return "# name public-key peer-type (DEJIMA_TRUSTED_KEYS_FILE; written by peer.deploygen)\n" + "".join(
+        f"{name} {key} {types[name]}\n" for name, key in keys
+    )
+
+
 def write_secrets(
     directory: Path,
     names: Sequence[str],
     rotate: Sequence[str] = (),
     deliver: Path | None = None,
+    types: Mapping[str, str] | None = None,
     aliases: dict[str, list[str]] | None = None,
 ) -> list[Path]:
     """Create the missing secret files of each peer in `names` (and a new private key for each in `rotate`), bring
-    the derived files up to date (pgpass, api_tokens, the TLS certificates, then DIR/trusted_keys from every private
-    key in DIR) and, with `deliver`, copy each consumer's files there. `aliases`: more names of a peer's services
-    (its certificates name them too). Returns the files written."""
-    for name in [*names, *rotate]:
+    the derived files up to date (pgpass, api_tokens, then DIR/trusted_keys from every private key in DIR, each bound
+    to its peer type: `types` given, else `peer_type_of`; the TLS certificates) and, with `deliver`, copy each
+    consumer's files there. `aliases`: more names of a peer's services (its certificates name them too). Returns the
+    files written."""
+    given = dict(types or {})
+    for name in [*names, *rotate, *given]:
         if not PEER_NAME_RE.match(name):
             raise DeployError(f"{name!r} is not a peer name (lower-case letters, digits, - and _; at most 40)")
+    existing = [path.parent.name for path in directory.glob("*/private_key")] if directory.is_dir() else []
+    peer_types = {name: peer_type_of(directory, name, given) for name in dict.fromkeys([*names, *existing])}
+    for name, peer_type in given.items():
+        kept = directory / name / PEER_TYPE_FILE
+        if kept.is_file() and kept.read_text().strip() != peer_type:
+            raise DeployError(f"{name}:{peer_type}: {name} is a peer of type {kept.read_text().strip()!r} ({kept})")
     written: list[Path] = write_tls_ca(directory) if names else []
+    for name, peer_type in given.items():
+        if _write_derived(directory / name / PEER_TYPE_FILE, peer_type + "\n", 0o644):
+            written.append(directory / name / PEER_TYPE_FILE)
     for name in rotate:
         key_path = directory / name / "private_key"
         if not key_path.exists():
@@ -284,11 +327,7 @@ def write_secrets(
             if _write_derived(directory / name / kind, text):
                 written.append(directory / name / kind)
         written += write_tls(directory, name, (aliases or {}).get(name, ()))
-    keys = sorted(
-        (path.parent.name, public_b64(parse_private_key(path.read_bytes()))) for path in directory.glob("*/private_key")
-    )
-    lines = "".join(f"{name} {key}\n" for name, key in keys)
-    if _write_derived(directory / TRUSTED_KEYS, "# name public-key (DEJIMA_TRUSTED_KEYS_FILE)\n" + lines, 0o644):
+    if _write_derived(directory / TRUSTED_KEYS, trusted_keys_text(directory, peer_types), 0o644):
         written.append(directory / TRUSTED_KEYS)  # public keys: readable by the peers, whatever their user
     if deliver is not None:
         for name in dict.fromkeys([*names, *rotate]):
@@ -526,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sec = sub.add_parser("secrets", help="create the missing secret files of each peer (idempotent)")
     sec.add_argument("directory", type=Path)
-    sec.add_argument("names", nargs="*", help="peer names (or --per-type)")
+    sec.add_argument("names", nargs="*", help="peer names, NAME or NAME:TYPE (or --per-type)")
     sec.add_argument("--per-type", type=int, default=0, help="peers <type>-1 … <type>-N of each --types")
     sec.add_argument("--types", default=",".join(EXAMPLE_TYPES), help="peer types, comma-separated")
     sec.add_argument("--rotate", action="append", default=[], metavar="NAME", help="a new key pair for NAME")
@@ -555,11 +594,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     try:
         if args.command == "secrets":
-            names = list(args.names) + [p.name for p in (peers_per_type(args.per_type, types) if args.per_type else [])]
+            given = dict(n.split(":", 1) for n in args.names if ":" in n)
+            names = [n.split(":", 1)[0] for n in args.names]
+            names += [p.name for p in (peers_per_type(args.per_type, types) if args.per_type else [])]
             if not names and not args.rotate:
                 raise DeployError("name the peers, or give --per-type N")
             aliases = parse_aliases(args.alias)
-            for path in write_secrets(args.directory, names, args.rotate, args.deliver, aliases):
+            for path in write_secrets(args.directory, names, args.rotate, args.deliver, given, aliases):
                 print(f"wrote {path}")
             return 0
         text = render(peers_per_type(args.per_type, types), args.image, args.version, args.secrets_dir)

@@ -4,8 +4,9 @@ Used by `dejima up`/`down` and by the cluster tests. Processes run in their own 
 `<state dir>/network.json`, so `dejima down` (another process) stops exactly what `up` started.
 
 Authenticated peers: each peer's key pair is created up front in `<state dir>/<name>.key` (mode 0600, kept across
-restarts) and every peer is given the public keys of all the others (DEJIMA_KEY_FILE, DEJIMA_TRUSTED_KEYS), so the
-network works with no manual step. Tests sign their own peer messages with these files (`LocalNetwork.key`).
+restarts) and every peer is given the public keys of all the others, each bound to that peer's type (DEJIMA_KEY_FILE,
+DEJIMA_TRUSTED_KEYS `name=key@type`: what it may hold), so the network works with no manual step. Tests sign their
+own peer messages with these files (`LocalNetwork.key`).
 
 API tokens: before a peer starts, the kit makes sure `<state dir>/<peer>.token` exists (mode 0600, generated once,
 kept across restarts) and that the peer's database holds it (scopes read, write; named after the peer). Each client
@@ -213,6 +214,12 @@ class LocalNetwork:
         """name -> base64 public key of every peer (not client) of this network."""
         return {name: public_b64(self.key(name)) for name, s in self.specs.items() if s.mode == "peer"}
 
+    def trusted_keys(self, name: str, keys: dict[str, str] | None = None) -> str:
+        """DEJIMA_TRUSTED_KEYS of peer `name`: every other peer's key bound to its peer type (`other=key@type`), which
+        decides which of `name`'s views it may hold."""
+        keys = self.public_keys() if keys is None else keys
+        return ",".join(f"{n}={k}@{self.specs[n].peer_type}" for n, k in sorted(keys.items()) if n != name)
+
     # ---- client login -------------------------------------------------------------------------------------------
     def password_path(self, name: str) -> Path:
         """Where the generated password of a client's user (CLIENT_USER) is kept: next to its log, mode 0600."""
@@ -345,7 +352,7 @@ class LocalNetwork:
                 env["DEJIMA_MESSAGE_BIND"] = f"127.0.0.1:{spec.message_port}"
             if spec.api_port:
                 env["DEJIMA_API_BIND"] = f"127.0.0.1:{spec.api_port}"
-            env["DEJIMA_TRUSTED_KEYS"] = ",".join(f"{n}={k}" for n, k in sorted(keys.items()) if n != spec.name)
+            env["DEJIMA_TRUSTED_KEYS"] = self.trusted_keys(spec.name, keys)
         if spec.mode == "client":  # a client talks only to its peer service (DEJIMA_PEER_URL in spec.env)
             del env["DEJIMA_DATABASE_URL"], env["DEJIMA_CLIENT_DATABASE_URL"], env["DEJIMA_DB_OWNER_ROLE"]
             del env["DEJIMA_SEEDS"]

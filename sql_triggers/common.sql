@@ -51,18 +51,33 @@ CREATE TABLE IF NOT EXISTS dejima.decisions (
     decided_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- What a participant finished here, so that no message can open a global transaction again once it committed or
+-- aborted here, across restarts (peer/dejima/coordinator.py `_refusal`): 'committed' is inserted by end_global in
+-- the transaction the participant then prepares (it is there once that transaction commits), 'aborted' by the peer
+-- right after a rollback. dejima.begin_global refuses a gxid found here. Rows older than the transaction timeout
+-- plus twice the replay window are deleted: a gxid that old is refused by its start time alone.
+CREATE TABLE IF NOT EXISTS dejima.finished (
+    gxid text PRIMARY KEY,
+    outcome text NOT NULL CHECK (outcome IN ('committed', 'aborted')),
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS finished_at ON dejima.finished (at);
+
 -- Tamper evidence (peer/dejima/txlog.py): a hash-chained log of the global transactions this peer committed that
 -- changed its data. The entry is staged in dejima.txlog_pending inside the transaction that commits the change
 -- (origin: with the decision row; participant: before PREPARE TRANSACTION), without any lock; once committed, the
 -- peer's sealer links staged entries into the chain in batches. hash = sha256(prev_hash || canonical entry);
--- `dejima check` verifies it.
+-- `dejima check` verifies it. `witness`: the log heads of the partners of that global transaction as they told
+-- them (the origin's entry: each participant's; a participant's: the origin's), chained with the rest, so that
+-- `dejima check` can compare every peer's chain with what its partners recorded of it.
 CREATE TABLE IF NOT EXISTS dejima.txlog_pending (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     gxid text NOT NULL,
     origin text NOT NULL,
     role text NOT NULL CHECK (role IN ('origin', 'participant')),
     views jsonb NOT NULL,
-    committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    witness jsonb
 );
 CREATE TABLE IF NOT EXISTS dejima.txlog (
     seq bigint PRIMARY KEY,
@@ -72,8 +87,11 @@ CREATE TABLE IF NOT EXISTS dejima.txlog (
     views jsonb NOT NULL,
     committed_at timestamptz NOT NULL,
     prev_hash text NOT NULL,
-    hash text NOT NULL
+    hash text NOT NULL,
+    witness jsonb
 );
+ALTER TABLE dejima.txlog_pending ADD COLUMN IF NOT EXISTS witness jsonb;
+ALTER TABLE dejima.txlog ADD COLUMN IF NOT EXISTS witness jsonb;
 
 -- The database transactions that belong to a global transaction, by transaction id: registered by the peer service
 -- first thing in the transaction (dejima.begin_global), unregistered last (dejima.commit_point / dejima.end_global),
@@ -93,13 +111,21 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $d
 SELECT a.gxid FROM dejima.active AS a WHERE a.xid = pg_current_xact_id_if_assigned()
 $dejima$;
 
--- Register the current transaction as part of global transaction p_gxid, with the sha256 of its token.
+-- Register the current transaction as part of global transaction p_gxid, with the sha256 of its token. A gxid that
+-- committed or aborted here already (dejima.finished) is refused with SQLSTATE DJ001: it never runs twice.
 CREATE OR REPLACE FUNCTION dejima.begin_global(p_gxid text, p_token_sha256 bytea) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
+DECLARE
+    done text;
 BEGIN
     IF EXISTS (SELECT 1 FROM dejima.active AS a WHERE a.xid = pg_current_xact_id()) THEN
         RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
             MESSAGE = 'dejima: this transaction belongs to a global transaction already';
+    END IF;
+    SELECT f.outcome INTO done FROM dejima.finished AS f WHERE f.gxid = p_gxid;
+    IF done IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'DJ001',
+            MESSAGE = format('dejima: global transaction %s was %s here already', p_gxid, done);
     END IF;
     INSERT INTO dejima.active (xid, gxid, token_sha256) VALUES (pg_current_xact_id(), p_gxid, p_token_sha256);
 END
@@ -139,8 +165,11 @@ END
 $dejima$;
 
 -- The origin's commit point, in the transaction that then commits: the decision row, the txlog entry (p_views NULL:
--- none) and the end of the registration.
-CREATE OR REPLACE FUNCTION dejima.commit_point(p_token bytea, p_participants text[], p_origin text, p_views jsonb)
+-- none) with the participants' log heads (p_witness) and the end of the registration.
+DROP FUNCTION IF EXISTS dejima.commit_point(bytea, text[], text, jsonb);
+CREATE OR REPLACE FUNCTION dejima.commit_point(
+    p_token bytea, p_participants text[], p_origin text, p_views jsonb, p_witness jsonb
+)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
 DECLARE
@@ -148,22 +177,29 @@ DECLARE
 BEGIN
     INSERT INTO dejima.decisions (gxid, participants) VALUES (own, p_participants);
     IF p_views IS NOT NULL THEN
-        INSERT INTO dejima.txlog_pending (gxid, origin, role, views) VALUES (own, p_origin, 'origin', p_views);
+        INSERT INTO dejima.txlog_pending (gxid, origin, role, views, witness)
+            VALUES (own, p_origin, 'origin', p_views, p_witness);
     END IF;
     DELETE FROM dejima.active AS a WHERE a.xid = pg_current_xact_id();
 END
 $dejima$;
 
 -- The end of a global transaction's work in this transaction before it commits or is prepared: its txlog entry
--- (p_views NULL: none) and the end of the registration.
-CREATE OR REPLACE FUNCTION dejima.end_global(p_token bytea, p_origin text, p_role text, p_views jsonb)
+-- (p_views NULL: none) with the origin's log head (p_witness), at a participant the gxid as finished here (it is
+-- there once this transaction commits: dejima.begin_global refuses it from then on), and the end of the registration.
+DROP FUNCTION IF EXISTS dejima.end_global(bytea, text, text, jsonb);
+CREATE OR REPLACE FUNCTION dejima.end_global(p_token bytea, p_origin text, p_role text, p_views jsonb, p_witness jsonb)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dejima$
 DECLARE
     own text := dejima.own_gxid(p_token);
 BEGIN
     IF p_views IS NOT NULL THEN
-        INSERT INTO dejima.txlog_pending (gxid, origin, role, views) VALUES (own, p_origin, p_role, p_views);
+        INSERT INTO dejima.txlog_pending (gxid, origin, role, views, witness)
+            VALUES (own, p_origin, p_role, p_views, p_witness);
+    END IF;
+    IF p_role = 'participant' THEN
+        INSERT INTO dejima.finished (gxid, outcome) VALUES (own, 'committed');
     END IF;
     DELETE FROM dejima.active AS a WHERE a.xid = pg_current_xact_id();
 END

@@ -470,7 +470,7 @@ def test_it_refuses_a_malformed_peer_message_with_400(net: LocalNetwork, message
     [
         (propagate("dejima_nope", [person()]), "unknown view 'dejima_nope'"),
         (propagate("dejima_risk", [{"first_name": "Eve", "last_name": "Spy", "risk_factor": 1}]), "dejima_risk"),
-        (propagate("dejima_bank", [person()], sender="insurance"), "'insurance' is not a member of dejima_bank"),
+        (propagate("dejima_bank", [person()], sender="insurance"), "'insurance' is not entitled to dejima_bank"),
         (propagate("dejima_bank", [person()], sender="mallory"), "claims to come from 'mallory'"),
         (propagate("dejima_bank", [person(iban="DE89")]), "'iban' is not a column of dejima_bank"),
         (propagate("dejima_bank", [person(birthdate="1980-01-01")]), "'birthdate' is not a column"),
@@ -520,6 +520,12 @@ def test_it_refuses_a_malformed_peer_message_with_400(net: LocalNetwork, message
 def test_it_votes_no_on_a_bad_propagate_and_applies_nothing(
     net: LocalNetwork, message: dict[str, Any], says: str, front: str
 ) -> None:
+    # made when the module was collected: a gxid begun that long ago would be refused for its age alone (a
+    # participant never opens a gxid older than the transaction timeout plus the replay window); its origin stays
+    body = message["body"]
+    if isinstance(body.get("gxid"), str):
+        body = {**body, "gxid": new_gxid(body["gxid"].split(".", 1)[0]), "message_id": uuid.uuid4().hex}
+    message = {**message, "body": body}
     sent = sent_messages(net)
     status, answer = post(net, "government", "/peer/v1/message", message, front)
     if status == 200:
@@ -529,7 +535,7 @@ def test_it_votes_no_on_a_bad_propagate_and_applies_nothing(
         assert reply["peer"] == "government", reply
         assert reply["error"].startswith("government:"), reply
         assert says in reply["error"], reply
-    else:  # 403: signed by another peer than the sender, or the sender is not a member of the view's group
+    else:  # 403: signed by another peer than the sender, or the sender is not entitled to the view here
         assert status in (400, 403), answer
         assert says in answer["error"], answer
     assert_nothing_applied(net, sent)

@@ -377,14 +377,14 @@ GOOD = {
 @pytest.mark.unit
 def test_it_reads_the_key_settings(tmp_path: Path) -> None:
     trusted_file = tmp_path / "trusted"
-    trusted_file.write_text(f"# peers\ninsurance {public_b64(MALLORY)}\n\n")
+    trusted_file.write_text(f"# peers\ninsurance {public_b64(MALLORY)} insurance\n\n")
     private_file = tmp_path / "secret"
     private_file.write_bytes(private_pem(BANK))
     config = load_config(
         {
             **GOOD,
             "DEJIMA_PRIVATE_KEY_FILE": str(private_file),
-            "DEJIMA_TRUSTED_KEYS": f"government={public_b64(GOV)}",
+            "DEJIMA_TRUSTED_KEYS": f"government={public_b64(GOV)}@government",
             "DEJIMA_TRUSTED_KEYS_FILE": str(trusted_file),
             "DEJIMA_REPLAY_WINDOW": "30",
         }
@@ -404,9 +404,9 @@ def test_it_reads_the_key_settings(tmp_path: Path) -> None:
         ("DEJIMA_PRIVATE_KEY", base64.b64encode(b"x" * 31).decode()),
         ("DEJIMA_PRIVATE_KEY_FILE", "/nonexistent/secret"),
         ("DEJIMA_TRUSTED_KEYS", "government"),
-        ("DEJIMA_TRUSTED_KEYS", "Government=" + public_b64(GOV)),
-        ("DEJIMA_TRUSTED_KEYS", "government=abc"),
-        ("DEJIMA_TRUSTED_KEYS", f"bank={public_b64(GOV)},bank={public_b64(BANK)}"),
+        ("DEJIMA_TRUSTED_KEYS", "Government=" + public_b64(GOV) + "@government"),
+        ("DEJIMA_TRUSTED_KEYS", "government=abc@government"),
+        ("DEJIMA_TRUSTED_KEYS", f"bank={public_b64(GOV)}@bank,bank={public_b64(BANK)}@bank"),
         ("DEJIMA_TRUSTED_KEYS_FILE", "/nonexistent/trusted"),
         ("DEJIMA_REPLAY_WINDOW", "0"),
         ("DEJIMA_REPLAY_WINDOW", "soon"),
@@ -566,10 +566,10 @@ def test_it_refuses_a_stale_message_with_401(network: LocalNetwork) -> None:
 
 @pytest.mark.cluster
 def test_it_refuses_a_non_member_with_403_and_applies_nothing(network: LocalNetwork) -> None:
-    # insurance is trusted, but not a member of dejima_bank's group (bank, government)
+    # insurance is trusted, but not entitled to dejima_bank at government (its type is no member of that view)
     status, answer = post(network, "government", sign_as(network, "insurance", cluster_propagate("insurance")))
     assert status == 403, answer
-    refused_and_logged(network, "government", answer, "'insurance' is not a member of dejima_bank's group")
+    refused_and_logged(network, "government", answer, "'insurance' is not entitled to dejima_bank here")
     assert_nothing_applied(network)
 
 

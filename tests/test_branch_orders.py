@@ -1,11 +1,11 @@
 """Cluster tier: parallel branches of one global transaction meet in every order and end in the same state.
 
-DESIGN.md ("Cycles, diamonds and partial rows"): "the cluster tests run A2, A8, A9 and A14 with each branch
-delayed in turn (the test kit's proxy between peers can hold one branch back), and every order must end in the
-same state." Every peer sits behind its own proxy (tests/proxy.py); delaying the requests of peer S at the proxy of
-peer R holds back the branch S -> R. Each scenario runs once without delay (the reference) and once per delayed
-branch, on one network per test (reset between orders), and compares the base tables of every peer (without their
-`id`, which comes from each run's sequence), the dejima views across their groups, and that nothing stays open.
+ARCHITECTURE.md ("Cycles, diamonds and partial rows"): A2, A8, A9 and A14 run with each branch delayed in turn (the
+test kit's proxy between peers holds one branch back), and every order must end in the same state. Every peer sits
+behind its own proxy (tests/proxy.py); delaying the requests of peer S at the proxy of peer R holds back the branch
+S -> R. Each scenario runs once without delay (the reference) and once per delayed branch, on one network per test
+(reset between orders), and compares the base tables of every peer (without their `id`, which comes from each run's
+sequence), the dejima views across their groups, and that nothing stays open.
 """
 
 from __future__ import annotations

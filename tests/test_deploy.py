@@ -423,11 +423,14 @@ def check_services(services: dict[str, Service], where: str) -> dict[str, PeerCo
         peer = net.resolve(client, urlsplit(config.peer_url_for_client).hostname or "")
         assert peer.is_peer and peer.org == client.org, f"{where}: {client.name}'s DEJIMA_PEER_URL names {peer.name}"
         check_client_secrets(services, peer, client, where)
-    names = {configs[p.name].name for p in peers}
+    types = {configs[p.name].name: configs[p.name].peer_type for p in peers}
     for peer in peers:
         config = configs[peer.name]
-        missing = names - set(config.trusted_keys) - {config.name}
+        missing = set(types) - set(config.trusted_keys) - {config.name}
         assert not missing, f"{where}: {peer.name} does not trust {sorted(missing)}"
+        # every trusted key is bound to that peer's own type: what it may hold follows from the manifests
+        entitled = {name: e.peer_type for name, e in config.entitlements.items() if name != config.name}
+        assert entitled == {n: t for n, t in types.items() if n != config.name}, f"{where}: {peer.name}: {entitled}"
     check_tls(services, net, configs, where)
     return configs
 
@@ -983,6 +986,38 @@ def test_secrets_are_written_once_private_and_rotated_on_request(tmp_path: Path)
     trusted = (tmp_path / "trusted_keys").read_text()
     assert trusted != before[tmp_path / "trusted_keys"]
     assert [ln.split()[0] for ln in trusted.splitlines() if not ln.startswith("#")] == ["bank-1", "government-1"]
+    # each key bound to its peer's type (DEJIMA_TRUSTED_KEYS_FILE: `name base64key type`)
+    assert [ln.split()[2] for ln in trusted.splitlines() if not ln.startswith("#")] == ["bank", "government"]
+
+
+def test_the_trusted_keys_bind_each_key_to_its_peer_type_given_or_read_from_the_name(tmp_path: Path) -> None:
+    deploygen.write_secrets(tmp_path, ["insurance", "acme"], types={"acme": "bank"})
+    lines = {ln.split()[0]: ln.split() for ln in (tmp_path / "trusted_keys").read_text().splitlines() if ln[0] != "#"}
+    assert {name: fields[2] for name, fields in lines.items()} == {"acme": "bank", "insurance": "insurance"}
+    assert (tmp_path / "acme" / deploygen.PEER_TYPE_FILE).read_text() == "bank\n"
+    # a later run (a rotation) knows acme's type without being told, and never changes it
+    deploygen.write_secrets(tmp_path, [], rotate=["acme"])
+    assert "acme " in (tmp_path / "trusted_keys").read_text()
+    assert (tmp_path / "trusted_keys").read_text().count(" bank\n") == 1
+    with pytest.raises(deploygen.DeployError, match="acme is a peer of type 'bank'"):
+        deploygen.write_secrets(tmp_path, ["acme"], types={"acme": "government"})
+    with pytest.raises(deploygen.DeployError, match=r"the peer type of 'mystery'.*mystery:TYPE"):
+        deploygen.write_secrets(tmp_path, ["mystery"])
+    assert not (tmp_path / "mystery").exists()  # refused before anything was written
+    with pytest.raises(deploygen.DeployError, match="unknown peer type 'bakery'"):
+        deploygen.write_secrets(tmp_path, ["shop"], types={"shop": "bakery"})
+    # and every peer reading the file starts with it: each key bound to what it may hold
+    config = load_config(
+        {
+            "PEER_TYPE": "bank",
+            "DEJIMA_PEER_NAME": "acme",
+            "DEJIMA_DATABASE_URL": "postgresql://dejima_peer@db/dejima",
+            "DEJIMA_CLIENT_DATABASE_URL": "postgresql://dejima_client@db/dejima",
+            "DEJIMA_SECRET_KEY": "x" * 50,
+            "DEJIMA_TRUSTED_KEYS_FILE": str(tmp_path / "trusted_keys"),
+        }
+    )
+    assert config.entitlements["insurance"].views == {"dejima_risk"}
 
 
 def test_an_existing_deployment_gets_its_new_secrets_and_keeps_its_old_ones(tmp_path: Path) -> None:

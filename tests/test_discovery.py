@@ -1,6 +1,6 @@
-"""Cluster tier: discovery and groups (DESIGN.md "Discovery and groups", SCENARIOS.md "Peer groups").
+"""Cluster tier: discovery and groups (ARCHITECTURE.md "Discovery and groups"; docs/scenarios.md, the peer groups).
 
-Every peer ends with the peer-group table of SCENARIOS.md (only the groups it belongs to) whatever the start order;
+Every peer ends with the peer-group table of docs/scenarios.md (only the groups it belongs to) whatever the start order;
 a peer that starts late, restarts or moves to another address is found again; groups are persisted in each peer's
 database; a view with the same name but another definition is refused on both sides, with the reason in the API.
 """
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.cluster
 
 PEERS = ("government", "bank", "insurance")
 ALL = ["bank", "government", "insurance"]
-# SCENARIOS.md "Peer groups": (views the attributes occur in, attributes, peers)
+# docs/scenarios.md "Peer groups of the example": (views the attributes occur in, attributes, peers)
 PEER_GROUPS = [
     (["dejima_bank"], ["phone"], ["bank", "government"]),
     (["dejima_insurance"], ["birthdate"], ["government", "insurance"]),
@@ -319,6 +319,7 @@ def test_it_finds_a_peer_again_that_comes_back_at_another_address(whole: LocalNe
 
 # The peers the tests play (greeting a lone government): their keys, trusted by that government.
 PLAYED = ["bank", "insurance", *(f"bank-{burst}-{i}" for burst in range(5) for i in range(16))]
+PLAYED_TYPES = {name: name if name in ("bank", "insurance") else "bank" for name in PLAYED}
 PLAYED_KEYS = {name: Ed25519PrivateKey.generate() for name in PLAYED}
 
 
@@ -337,10 +338,10 @@ def greet(net: LocalNetwork, peer: str, message: dict[str, Any]) -> None:
 @pytest.fixture
 def lone_government(make_network: NetworkFactory, tmp_path: Path) -> LocalNetwork:
     """Only the government peer runs (no seeds); the test plays the other peers by greeting it (it trusts their keys:
-    DEJIMA_TRUSTED_KEYS_FILE)."""
+    DEJIMA_TRUSTED_KEYS_FILE, each bound to the type it plays)."""
     specs = [s for s in example_specs(base_port=0, prefix=f"g{uuid.uuid4().hex[:6]}_") if s.name == "government"]
     trusted = tmp_path / "trusted_keys"
-    trusted.write_text("".join(f"{name} {public_b64(key)}\n" for name, key in PLAYED_KEYS.items()))
+    trusted.write_text("".join(f"{name} {public_b64(key)} {PLAYED_TYPES[name]}\n" for name, key in PLAYED_KEYS.items()))
     specs[0].env["DEJIMA_TRUSTED_KEYS_FILE"] = str(trusted)
     net = make_network(specs)
     net.start("government")

@@ -1,4 +1,4 @@
-"""Cluster tier: the commit protocol under faults (DESIGN.md "The write path", steps 4-6).
+"""Cluster tier: the commit protocol under faults (ARCHITECTURE.md "The write path", steps 8-11).
 
 Each test builds its own network of the shipped example (government, bank, insurance) on loopback, with the
 peer-to-peer traffic going through the test kit's proxies where the test needs to interfere with it, and crash

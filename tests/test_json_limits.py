@@ -165,6 +165,14 @@ def test_check_depth_refuses_exactly_what_nests_deeper_than_the_limit(
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize(("text", "limit"), [("[{}]}", 1), ("[[[]]]]]]", 2), ("{[]}]", 1), ("[{}]}}]", 1)])
+def test_closers_after_dropped_empty_containers_do_not_hide_the_depth(text: str, limit: int) -> None:
+    """Dropping empty containers may leave only closers: their running count below 0 is still 0 levels deep."""
+    assert decoder_depth(text) > limit
+    assert refused(text.encode(), limit)
+
+
+@pytest.mark.unit
 @settings(max_examples=600, deadline=None)
 @given(text=st.text(alphabet='[]{}"\\ a:,'), limit=st.integers(0, 6))
 def test_what_passes_the_check_never_takes_the_decoder_deeper_than_the_limit(text: str, limit: int) -> None:

@@ -237,8 +237,8 @@ def test_the_protocols_tables_are_out_of_reach(net: LocalNetwork, statement: str
     "statement",
     [
         "SELECT * FROM dejima.take_delta('\\x00'::bytea)",
-        "SELECT dejima.end_global('\\x00'::bytea, NULL, NULL, NULL)",
-        "SELECT dejima.commit_point('\\x00'::bytea, '{}', 'bank', NULL)",
+        "SELECT dejima.end_global('\\x00'::bytea, NULL, NULL, NULL, NULL)",
+        "SELECT dejima.commit_point('\\x00'::bytea, '{}', 'bank', NULL, NULL)",
         "SELECT dejima.begin_global('bank.1.forged', sha256('x'))",
         "SELECT dejima.own_gxid('\\x00'::bytea)",
     ],

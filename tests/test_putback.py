@@ -1,6 +1,6 @@
 """Putback on real PostgreSQL: writes through a dejima view become the right base-table changes.
 
-Covers the single-database parts of SCENARIOS.md (A3, A9, A10, A11) and the putback contract of the generated SQL.
+Covers the single-database parts of docs/scenarios.md (A3, A9, A10, A11) and the putback contract of the generated SQL.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Cluster tier: the acceptance scenarios A1-A15 of SCENARIOS.md on the shipped example, through the peers' REST API.
+"""Cluster tier: the acceptance scenarios A1-A15 (docs/scenarios.md) on the shipped example, through the REST API.
 
 Each test asserts the "expected afterwards" column of its scenario, then that `dejima check` is ok (every dejima
 view identical across its group, no prepared transaction left) and that no global transaction is still open.

@@ -8,8 +8,10 @@ writes keep every chain valid.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -20,7 +22,7 @@ from psycopg.types.json import Jsonb
 from peer.dejima import txlog
 from peer.dejima.delta import RowChange
 from peer.network import LocalNetwork
-from tests.helpers import wait_until
+from tests.helpers import check, wait_until
 from tests.test_check import run_check
 
 PEERS = ("government", "bank", "insurance")
@@ -63,6 +65,79 @@ def test_the_hash_covers_every_field_and_the_previous_hash() -> None:
     for name, other in [("seq", 2), ("gxid", "x"), ("origin", "x"), ("role", "participant"), ("views", {})]:
         assert txlog.chain_hash(txlog.GENESIS, txlog.canonical(**{**fields, name: other})) != base, name
     assert txlog.chain_hash("1" * 64, txlog.canonical(**fields)) != base
+
+
+Entry = tuple[str, str, str, dict[str, Any], dict[str, Any] | None]  # gxid, origin, role, views, witness
+VIEWS = {"dejima_bank": {"insertions": 1, "deletions": 0, "digest": "a" * 64}}
+
+
+def participant_entry(gxid: str, origin: str, head: txlog.Head) -> Entry:
+    return (gxid, origin, "participant", VIEWS, {origin: head.to_json()})
+
+
+def origin_entry(gxid: str, origin: str, told: dict[str, tuple[txlog.Head, Entry | None]]) -> Entry:
+    """The origin's entry, recording what each participant told: its head, and the entry it staged (or none)."""
+    witness = {}
+    for peer, (head, staged) in told.items():
+        digest = txlog.entry_digest(*staged) if staged is not None else ""
+        witness[peer] = txlog.witness_of(head.seq, head.hash, staged is not None, digest)
+    return (gxid, origin, "origin", VIEWS, witness)
+
+
+def compare(chains: dict[str, list[Entry]], hashes: dict[str, dict[int, str]] | None = None) -> txlog.Damage:
+    """`cross_check` over chains given as their entries (seq 1, 2, …)."""
+
+    def account(peer: str, pair: str | None = None) -> txlog.Accounting:
+        acc = txlog.Accounting(peer, pair)
+        for seq, entry in enumerate(chains[peer], 1):
+            acc.add(seq, *entry)
+        return acc
+
+    reports = {}
+    for peer, entries_ in chains.items():
+        summary = account(peer).to_json()
+        reports[peer] = txlog.ChainReport(True, len(entries_), summary["witnessed"], summary["witnessed_by"])
+    known = hashes or {}
+    return txlog.cross_check(
+        reports,
+        lambda peer, seqs: {seq: known.get(peer, {}).get(seq) for seq in seqs},
+        lambda peer, other: account(peer, other).pair_json(),
+    )
+
+
+@pytest.mark.unit
+def test_the_cross_check_finds_entries_a_partner_recorded_and_a_log_no_longer_has() -> None:
+    h0 = txlog.EMPTY
+    g1_gov = participant_entry("bank.1.a", "bank", h0)
+    # insurance took part and staged no entry (its data did not change): nothing to owe, nothing to record
+    g1_bank = origin_entry("bank.1.a", "bank", {"government": (h0, g1_gov), "insurance": (h0, None)})
+    g2_bank = participant_entry("government.2.b", "government", txlog.Head(1, "h-gov-1"))
+    g2_gov = origin_entry("government.2.b", "government", {"bank": (txlog.Head(1, "h-bank-1"), g2_bank)})
+    good: dict[str, list[Entry]] = {"bank": [g1_bank, g2_bank], "government": [g1_gov, g2_gov], "insurance": []}
+    hashes = {"bank": {1: "h-bank-1"}, "government": {1: "h-gov-1"}}
+    assert compare(good, hashes) == {}
+    # the newest entry of a participant gone: its origin recorded it (insurance logged nothing: it owes nothing)
+    found = compare({**good, "bank": [g1_bank]}, hashes)
+    assert {peer: seq for peer, (seq, _) in found.items()} == {"bank": 2}
+    assert "government.2.b" in found["bank"][1] and "government" in found["bank"][1]
+    # the newest entry of an origin gone: its participant recorded it
+    found = compare({**good, "government": [g1_gov]}, hashes)
+    assert {peer: seq for peer, (seq, _) in found.items()} == {"government": 2}
+    # a participant's entry with other content (its hash recomputed, so its chain verifies): not what it staged
+    changed = (*g2_bank[:3], {"dejima_bank": {**VIEWS["dejima_bank"], "digest": "b" * 64}}, g2_bank[4])
+    found = compare({**good, "bank": [g1_bank, changed]}, hashes)
+    assert {peer: seq for peer, (seq, _) in found.items()} == {"bank": 2}
+    # a head a partner recorded beyond the log's length, or with another hash
+    assert {p: s for p, (s, _) in compare({**good, "government": []}, hashes).items()} == {"government": 1}
+    found = compare(good, {**hashes, "government": {1: "rewritten"}})
+    assert {peer: seq for peer, (seq, _) in found.items()} == {"government": 1}
+    assert "not the one bank recorded" in found["government"][1]
+
+
+@pytest.mark.unit
+def test_an_entry_from_before_witnesses_counts_on_neither_side() -> None:
+    old = ("bank.0.z", "bank", "participant", VIEWS, None)
+    assert compare({"bank": [("bank.0.z", "bank", "origin", VIEWS, None)], "government": [old]}) == {}
 
 
 # ---- cluster --------------------------------------------------------------------------------------------------
@@ -210,8 +285,8 @@ def test_dejima_check_names_the_peer_and_seq_of_a_chain_tampered_with(network: L
             assert report["chains"]["insurance"]["broken_at"] == seq  # type: ignore[index]
         finally:
             conn.execute(
-                "INSERT INTO dejima.txlog VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (*row[:4], Jsonb(row[4]), *row[5:]),
+                "INSERT INTO dejima.txlog VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (*row[:4], Jsonb(row[4]), *row[5:8], Jsonb(row[8])),
             )
     assert run_check(network)[0] == 0
 
@@ -295,3 +370,120 @@ def test_the_sealer_chains_a_committed_entry_without_anyone_reading_the_log(netw
             assert conn.execute("SELECT count(*) FROM dejima.txlog_pending").fetchone() == (0,), peer
             assert txlog.verify(conn).ok, peer
         assert entries(network, peer, seal=False)[-1][1] == body["gxid"], peer
+
+
+# ---- truncation evidence: every chain compared with what its partners recorded of it ---------------------------
+ROW = "seq, gxid, origin, role, views, committed_at, prev_hash, hash, witness"
+
+
+def damaged_peers(report: dict[str, Any]) -> dict[str, int | None]:
+    chains: dict[str, Any] = report["chains"]
+    return {peer: chain["broken_at"] for peer, chain in chains.items() if not chain["ok"]}
+
+
+def settled_green(net: LocalNetwork) -> None:
+    """Nothing prepared anywhere and `dejima check` green (every participant's COMMIT PREPARED landed)."""
+    wait_until(lambda: check(net)["ok"], 20, "dejima check to be green")
+
+
+@contextlib.contextmanager
+def deleted(net: LocalNetwork, peer: str, seqs: list[int]) -> Iterator[None]:
+    """Entries `seqs` of the peer's log deleted behind its back, put back afterwards."""
+    with psycopg.connect(db(net, peer), autocommit=True) as conn:
+        rows = conn.execute(f"DELETE FROM dejima.txlog WHERE seq = ANY(%s) RETURNING {ROW}", (seqs,)).fetchall()  # noqa: S608
+        assert len(rows) == len(seqs), (peer, seqs)
+        try:
+            yield
+        finally:
+            for row in rows:
+                conn.execute(
+                    f"INSERT INTO dejima.txlog ({ROW}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",  # noqa: S608
+                    (*row[:4], Jsonb(row[4]), *row[5:8], Jsonb(row[8]) if row[8] is not None else None),
+                )
+
+
+@contextlib.contextmanager
+def rewritten(net: LocalNetwork, peer: str, seq: int, rehash: bool = False) -> Iterator[None]:
+    """Entry `seq` of the peer's log claims another change (its views' digest), its hash recomputed or not."""
+    with psycopg.connect(db(net, peer), autocommit=True) as conn:
+        row = conn.execute(f"SELECT {ROW} FROM dejima.txlog WHERE seq = %s", (seq,)).fetchone()  # noqa: S608
+        assert row is not None
+        views = {v: {**s, "digest": "0" * 64} for v, s in row[4].items()}
+        new_hash = row[7]
+        if rehash:
+            entry = txlog.canonical(seq, row[1], row[2], row[3], views, txlog.timestamp(row[5]), row[8])
+            new_hash = txlog.chain_hash(row[6], entry)
+        conn.execute("UPDATE dejima.txlog SET views = %s, hash = %s WHERE seq = %s", (Jsonb(views), new_hash, seq))
+        try:
+            yield
+        finally:
+            conn.execute("UPDATE dejima.txlog SET views = %s, hash = %s WHERE seq = %s", (Jsonb(row[4]), row[7], seq))
+
+
+def writes_everywhere(net: LocalNetwork, tag: str) -> None:
+    """Global transactions started at each peer in turn: every log has entries as origin and as participant."""
+    for peer, statement in [
+        ("bank", insert("bank", "Tru", tag)),
+        ("government", f"UPDATE government_users SET address = '9 Oak St' WHERE last_name = '{tag}'"),  # noqa: S608
+        ("insurance", insert("insurance", "Cat", tag)),
+        ("bank", f"UPDATE bank_users SET risk_factor = 3 WHERE last_name = '{tag}'"),  # noqa: S608
+        ("government", f"UPDATE government_users SET phone = '7' WHERE last_name = '{tag}'"),  # noqa: S608
+    ]:
+        status, body = net.exec(peer, statement)
+        assert status == 200, body
+        assert body["participants"], body
+    settled_green(net)
+
+
+@pytest.mark.cluster
+def test_deleting_or_rewriting_any_entry_of_any_log_is_reported_naming_the_peer_and_seq(network: LocalNetwork) -> None:
+    """At each peer in turn: its newest entry deleted (its chain still verifies by itself: what its partners recorded
+    shows it), its oldest and a middle one deleted, and one rewritten. `dejima check` names exactly that peer and
+    seq, and is green again once the entry is back."""
+    writes_everywhere(network, "Chk")
+    for peer in PEERS:
+        seqs = [e[0] for e in entries(network, peer)]
+        assert len(seqs) >= 4, (peer, seqs)
+        newest, oldest, middle = seqs[-1], seqs[0], seqs[len(seqs) // 2]
+        for what, damage, at in [
+            ("the newest entry deleted", deleted(network, peer, [newest]), newest),
+            ("the two newest deleted", deleted(network, peer, seqs[-2:]), seqs[-2]),
+            ("the oldest entry deleted", deleted(network, peer, [oldest]), oldest),
+            ("a middle entry deleted", deleted(network, peer, [middle]), middle),
+            ("a middle entry rewritten", rewritten(network, peer, middle), middle),
+            ("the newest entry rewritten", rewritten(network, peer, newest), newest),
+        ]:
+            with damage:
+                report = check(network)
+                assert damaged_peers(report) == {peer: at}, (peer, what, report["chains"])
+                assert not report["ok"]
+            assert check(network)["ok"], (peer, what)
+
+
+@pytest.mark.cluster
+def test_a_whole_log_deleted_or_its_newest_participant_entry_rewritten_with_its_hash_is_reported(
+    network: LocalNetwork,
+) -> None:
+    """Damage the chain cannot show by itself: every entry gone (an empty chain verifies), and a participant's
+    newest entry rewritten with its hash recomputed (its origin recorded the digest of what it staged)."""
+    writes_everywhere(network, "Whole")
+    status, body = network.exec("bank", insert("bank", "Last", "Whole"))  # bank's partners' newest: participant ones
+    assert status == 200, body
+    settled_green(network)
+    for peer in ("government", "insurance"):
+        seqs = [e[0] for e in entries(network, peer)]
+        assert entries(network, peer)[-1][1:] == (body["gxid"], "bank", "participant")
+        with rewritten(network, peer, seqs[-1], rehash=True):
+            assert chain(network, peer)["verify"]["ok"]  # the chain alone cannot tell
+            assert damaged_peers(check(network)) == {peer: seqs[-1]}
+        with deleted(network, peer, seqs):
+            assert chain(network, peer)["verify"]["ok"]
+            assert damaged_peers(check(network)) == {peer: 1}
+        assert check(network)["ok"]
+    # through the command, as a person runs it: exit 1, the peer and seq in its report
+    seqs = [e[0] for e in entries(network, "bank")]
+    with deleted(network, "bank", [seqs[-1]]):
+        code, report = run_check(network)
+        assert code == 1
+        assert damaged_peers(report) == {"bank": seqs[-1]}
+    assert run_check(network)[0] == 0

@@ -90,7 +90,7 @@ CAPTURE, FLOOR, TAKE, BASELINE = "capture", "floor", "capture_take", "baseline"
 SERIES = (CAPTURE, FLOOR, TAKE, BASELINE)
 GXID_PREFIX = {CAPTURE: "bench-c-", FLOOR: "bench-f-", TAKE: "bench-t-", BASELINE: "bench-b-"}
 TABLE_OF = {CAPTURE: TABLE, FLOOR: FLOOR_TABLE, TAKE: TABLE, BASELINE: BASELINE_TABLE}
-PROTOTYPE_NOTES_MS = {"1000": 9.0, "10000": 46.9, "100000": 347.0, "1000000": 5178.0}  # PERFORMANCE-NOTES.md
+PROTOTYPE_NOTES_MS = {"1000": 9.0, "10000": 46.9, "100000": 347.0, "1000000": 5178.0}  # docs/performance.md "Floors"
 
 
 def _table(name: str) -> sql.Identifier:
@@ -484,7 +484,8 @@ def markdown(report: dict[str, Any]) -> str:
             "# capture — committed 1-row update of a view column",
             machine_md(report["machine"]),
             f"Medians; {report['runs']} samples per series (+{report['warmup']} warm-up rounds); baseline fewer at "
-            "large sizes. Last column: the snapshot diff measured in PERFORMANCE-NOTES.md (synchronous_commit off).",
+            "large sizes. Last column: the snapshot diff measured before the project (docs/performance.md, Floors;"
+            " synchronous_commit off).",
             table,
             verdict_md(report),
             f"Method: {report['method']}. Baseline: {report['baseline']}.",

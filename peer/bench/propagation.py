@@ -13,7 +13,8 @@ loaded at bank (they reach government and insurance). Four series, each a 1-row 
 | two_hop | insurance: UPDATE insurance_users SET address | government (dejima_insurance), then bank (dejima_bank) |
 | cycle | bank: INSERT a new person (name, phone, address, risk) | government and insurance in parallel (*) |
 
-(*) each forwards to the other over dejima_insurance: the branches meet round the cycle (DESIGN.md trace A2).
+(*) each forwards to the other over dejima_insurance: the branches meet round the cycle
+(ARCHITECTURE.md, "Cycles, diamonds and partial rows": A2).
 
 Rounds of the four, rotated by one position per round (every series takes every position); warm-up rounds first.
 With ``--commit-wait decision`` (the peers' default) an origin answers before COMMIT PREPARED has reached the

@@ -1,4 +1,4 @@
-"""A participant's putback of an incoming delta, with the order-independent merge (DESIGN.md, "Cycles, diamonds
+"""A participant's putback of an incoming delta, with the order-independent merge (ARCHITECTURE.md, "Cycles, diamonds
 and partial rows").
 
 Public API

@@ -30,7 +30,10 @@ Requests (`verify_request`, at the message endpoint) are refused with 401 when: 
 malformed; the signer is not a trusted peer; the signature does not verify with the signer's trusted key (forged, or
 the message was changed); `ts` is more than the replay window (`DEJIMA_REPLAY_WINDOW`, 60 s) away from the receiver's
 clock (stale); the signature `id` was already accepted from that signer within the window (replayed; ids are
-remembered until their timestamp leaves the window, so a replay is refused whenever it comes). A request that
+remembered until their timestamp leaves the window, so a replay is refused whenever it comes); `ts` is before this
+process started (`not_before`: the ids it remembers are those accepted since, so a request signed before a restart is
+refused as a replay whatever its id; senders sign every call anew, so only a message caught in flight across the
+restart is lost, and its call fails as it would have). A request that
 carries `reply_to` is an answer replayed as a request: refused. Then (403, `authorize`): the peer a message claims
 to come from (`Propagate.sender`, `Prepare/Finish.origin`, `DecisionQuery.asker`, `Hello.peer`) must be the signer.
 
@@ -283,7 +286,10 @@ class Authenticator:
         key: Ed25519PrivateKey,
         trusted: Mapping[str, Ed25519PublicKey],
         window: float = DEFAULT_REPLAY_WINDOW,
+        not_before: float | None = None,
     ) -> None:
+        """`not_before`: a time (seconds since the epoch, normally when the peer process started) before which no
+        request's signature is accepted: the signature ids seen before it are not remembered here."""
         self.name = name
         self.key = key
         self.public_key = public_b64(key)
@@ -292,6 +298,7 @@ class Authenticator:
             raise ValueError(f"the trusted key for {name!r} (this peer) is not this peer's public key")
         self.trusted: dict[str, Ed25519PublicKey] = {**trusted, name: key.public_key()}
         self.window = window
+        self.not_before_ms = None if not_before is None else int(not_before * 1000)
         self._seen: dict[tuple[str, str], int] = {}  # (signer, id) -> ms until which it is remembered
         self._expiry: list[tuple[int, tuple[str, str]]] = []  # heap of the same
         self._lock = threading.Lock()
@@ -341,6 +348,13 @@ class Authenticator:
         peer, ts, sig_id, reply_to = self._check(envelope, now_ms)
         if reply_to:
             raise AuthError(401, "an answer is not a request (the signature has reply_to)")
+        if self.not_before_ms is not None and ts < self.not_before_ms:
+            early = (self.not_before_ms - ts) / 1000
+            raise AuthError(
+                401,
+                f"replayed message: signed {early:.3f}s before this peer started, and the signature ids accepted"
+                " before a restart are not remembered (a sender signs every call anew)",
+            )
         key = (peer, sig_id)
         with self._lock:
             while self._expiry and self._expiry[0][0] < now_ms:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from peer.dejima import tls
 from peer.dejima.auth import KeyFormatError, parse_private_key, parse_public_key, read_key_file
 from peer.dejima.tls import TlsSettings
+from peer.dejima.manifest import ManifestError, PeerType, load_peer_types
 from peer.dejima.tokens import FileEntry, TokenError, parse_tokens_file
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
@@ -30,6 +31,30 @@ class ConfigError(Exception):
     def __init__(self, setting: str, message: str) -> None:
         self.setting = setting
         super().__init__(f"{setting}: {message}")
+
+
+@dataclass(frozen=True)
+class Trust:
+    """One entry of DEJIMA_TRUSTED_KEYS[_FILE] as written: a peer's public key and what it is trusted as, its peer type
+    or the views named (resolved against the manifests by `resolve_entitlements`)."""
+
+    key: str  # base64 of the 32 raw bytes of the public key
+    peer_type: str = ""  # `@type` / a line's third field: the peer type it runs ("" when views are named)
+    views: tuple[str, ...] = ()  # `@v1+v2` / `views=v1,v2`: the views it may hold
+
+
+@dataclass(frozen=True)
+class Entitlement:
+    """Which of this peer's views a trusted peer may hold, decided by this peer's configuration alone: the views whose
+    manifest `members` include its peer type, or the views named for it (each one of this peer's). A greeting's claim
+    to any other view of this peer is refused, and so is a greeting announcing another peer type."""
+
+    peer_type: str  # the peer type it is trusted as ("" when its views are named: any type it announces)
+    views: frozenset[str]  # this peer's views it may hold
+
+    def describe(self) -> str:
+        views = ", ".join(sorted(self.views)) or "none of this peer's views"
+        return f"{self.peer_type}: {views}" if self.peer_type else f"views={views}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +92,9 @@ class PeerConfig:
     key_file: Path = Path("peer.key")
     trusted_keys: dict[str, str] = field(default_factory=dict)
     replay_window: float = 60.0
+    # which of this peer's views each trusted peer may hold (DEJIMA_TRUSTED_KEYS[_FILE]: its peer type, or views);
+    # a trusted peer without an entry holds none (peer.dejima.directory)
+    entitlements: dict[str, Entitlement] = field(default_factory=dict)
     # client mode (peer.client.auth): the client's own user store (SQLite, Django auth and sessions) and the initial
     # user, created or updated at start
     client_db: Path = Path("client.sqlite3")
@@ -166,25 +194,104 @@ def _read_file(name: str, raw: str) -> str:
         raise ConfigError(name, f"cannot read {raw}: {exc}") from None
 
 
-def parse_trusted_keys(name: str, raw: str, lines: bool = False) -> dict[str, str]:
-    """Trusted public keys: `name=base64,name2=base64`, or with `lines` one `name base64` a line (blank lines and
-    `#` comments skipped)."""
-    expected = "a line 'name base64key'" if lines else "name=base64key"
-    keys: dict[str, str] = {}
+TRUST_FORMS = {
+    False: "name=base64key@peer_type or name=base64key@view1+view2",
+    True: "a line 'name base64key peer_type' or 'name base64key views=view1,view2'",
+}
+
+
+def _grant(setting: str, peer: str, text: str, lines: bool) -> tuple[str, tuple[str, ...]]:
+    """What a trusted key is bound to: (peer type, ()) or ("", views). `views=` names views; so does a list with `+`
+    (or `,` in the file); a single name is a peer type (`resolve_entitlements` takes it for a view of this peer when
+    no peer type has that name)."""
+    explicit = text.startswith("views=")
+    body = text.removeprefix("views=")
+    names = [n.strip() for n in re.split(r"[+,]" if lines else r"\+", body)]
+    if not all(re.match(r"^[a-z_][a-z0-9_]{0,47}$", n) for n in names):
+        raise ConfigError(
+            setting,
+            f"the entitlement of {peer!r}: {text[:60]!r} is not a peer type or a list of views (names: lower-case"
+            f" letters, digits and _); write {TRUST_FORMS[lines]}",
+        )
+    if explicit or len(names) > 1:
+        return "", tuple(sorted(set(names)))
+    return names[0], ()
+
+
+def parse_trusted_keys(name: str, raw: str, lines: bool = False) -> dict[str, Trust]:
+    """Trusted public keys, each bound to the peer type it runs or to the views it may hold: `name=base64@type,
+    name2=base64@view1+view2`, or with `lines` one `name base64 type` or `name base64 views=v1,v2` a line (blank lines
+    and `#` comments skipped). A key without that binding is refused: being trusted is not being entitled."""
+    expected = TRUST_FORMS[lines]
+    trusts: dict[str, Trust] = {}
     parts = [p.split("#", 1)[0] for p in raw.splitlines()] if lines else raw.split(",")
     for part in filter(None, (p.strip() for p in parts)):
-        fields = part.split() if lines else [f.strip() for f in part.split("=", 1)]
-        if len(fields) != 2 or not PEER_NAME_RE.match(fields[0]) or not fields[1]:
+        if lines:
+            fields = part.split()
+        else:
+            peer_part, _, rest = part.partition("=")
+            key_part, at, grant_part = rest.rpartition("@") if "@" in rest else (rest, "", "")
+            fields = [peer_part.strip(), key_part.strip(), *([grant_part.strip()] if at else [])]
+        if len(fields) not in (2, 3) or not PEER_NAME_RE.match(fields[0]) or not fields[1]:
             raise ConfigError(name, f"{part[:60]!r} is not {expected} (names: lower-case letters, digits, - and _)")
-        peer, key = fields
+        peer, key = fields[0], fields[1]
         try:
             parse_public_key(key)
         except KeyFormatError as exc:
             raise ConfigError(name, f"the key of {peer!r}: {exc}") from None
-        if keys.get(peer, key) != key:
-            raise ConfigError(name, f"{peer!r} is given two different keys")
-        keys[peer] = key
-    return keys
+        if len(fields) == 2 or not fields[2]:
+            raise ConfigError(
+                name,
+                f"{peer!r} is trusted without an entitlement: write {expected} (the peer type it runs, or the views"
+                " of this peer it may hold; a trusted key alone entitles to nothing, docs/settings.md)",
+            )
+        peer_type, views = _grant(name, peer, fields[2], lines)
+        trust = Trust(key, peer_type, views)
+        if trusts.get(peer, trust) != trust:
+            raise ConfigError(name, f"{peer!r} is given twice, with different keys or entitlements")
+        trusts[peer] = trust
+    return trusts
+
+
+def views_for_type(ptype: PeerType, member_type: str) -> frozenset[str]:
+    """The views of `ptype` a peer of `member_type` may hold: those whose manifest `members` include that type."""
+    return frozenset(v.name for v in ptype.views if member_type in v.members)
+
+
+def resolve_entitlements(
+    trusts: Mapping[str, tuple[str, Trust]], own_name: str, own_type: str, types: Mapping[str, PeerType]
+) -> dict[str, Entitlement]:
+    """Each trusted peer's entitlement at this peer (of `own_type`), from entries `peer -> (setting, Trust)`.
+    Raises ConfigError naming the setting for an unknown peer type, a view this peer does not have, or this peer's
+    own name bound to another type."""
+    mine = types[own_type]
+    my_views = {v.name for v in mine.views}
+    known = ", ".join(sorted(types))
+    out: dict[str, Entitlement] = {}
+    for peer, (setting, trust) in trusts.items():
+        peer_type, views = trust.peer_type, trust.views
+        if peer_type and peer_type not in types:
+            if peer_type not in my_views:
+                raise ConfigError(
+                    setting,
+                    f"the entitlement of {peer!r}: {peer_type!r} is neither a peer type under DEJIMA_SQL_ROOT"
+                    f" ({known}) nor a view of this peer ({', '.join(sorted(my_views)) or 'none'})",
+                )
+            peer_type, views = "", (peer_type,)  # a single view named
+        if peer == own_name and peer_type not in ("", own_type):
+            raise ConfigError(setting, f"{peer!r} is this peer, of type {own_type!r}, not {peer_type!r}")
+        if peer_type:
+            out[peer] = Entitlement(peer_type, views_for_type(mine, peer_type))
+            continue
+        unknown = [v for v in views if v not in my_views]
+        if unknown:
+            raise ConfigError(
+                setting,
+                f"the entitlement of {peer!r}: {unknown[0]!r} is not a view of this peer (peer type {own_type!r}:"
+                f" {', '.join(sorted(my_views)) or 'no views'})",
+            )
+        out[peer] = Entitlement("", frozenset(views))
+    return out
 
 
 def _private_key(env: Mapping[str, str]) -> str:
@@ -215,16 +322,35 @@ def _key_file(env: Mapping[str, str], name: str, check: bool) -> Path:
     return key_file
 
 
-def _trusted_keys(env: Mapping[str, str]) -> dict[str, str]:
-    trusted = parse_trusted_keys("DEJIMA_TRUSTED_KEYS", env.get("DEJIMA_TRUSTED_KEYS", ""))
+def _trusted_keys(env: Mapping[str, str]) -> dict[str, tuple[str, Trust]]:
+    """The entries of DEJIMA_TRUSTED_KEYS and DEJIMA_TRUSTED_KEYS_FILE: peer -> (the setting it came from, Trust)."""
+    trusted = {
+        peer: ("DEJIMA_TRUSTED_KEYS", trust)
+        for peer, trust in parse_trusted_keys("DEJIMA_TRUSTED_KEYS", env.get("DEJIMA_TRUSTED_KEYS", "")).items()
+    }
     path = env.get("DEJIMA_TRUSTED_KEYS_FILE", "").strip()
     if path:
         text = _read_file("DEJIMA_TRUSTED_KEYS_FILE", path)
-        for peer, key in parse_trusted_keys("DEJIMA_TRUSTED_KEYS_FILE", text, lines=True).items():
-            if trusted.get(peer, key) != key:
-                raise ConfigError("DEJIMA_TRUSTED_KEYS_FILE", f"{peer!r} has another key in DEJIMA_TRUSTED_KEYS")
-            trusted[peer] = key
+        for peer, trust in parse_trusted_keys("DEJIMA_TRUSTED_KEYS_FILE", text, lines=True).items():
+            if peer in trusted and trusted[peer][1] != trust:
+                raise ConfigError(
+                    "DEJIMA_TRUSTED_KEYS_FILE", f"{peer!r} has another key or entitlement in DEJIMA_TRUSTED_KEYS"
+                )
+            trusted[peer] = trusted.get(peer, ("DEJIMA_TRUSTED_KEYS_FILE", trust))
     return trusted
+
+
+def _entitlements(
+    trusted: Mapping[str, tuple[str, Trust]], name: str, peer_type: str, sql_root: Path
+) -> dict[str, Entitlement]:
+    """The trusted peers' entitlements, resolved against the peer types under DEJIMA_SQL_ROOT."""
+    if not trusted:
+        return {}
+    try:
+        types = load_peer_types(sql_root)
+    except ManifestError as exc:
+        raise ConfigError("DEJIMA_SQL_ROOT", str(exc)) from None
+    return resolve_entitlements(trusted, name, peer_type, types)
 
 
 DEV_SECRET_KEY = "dev-only-not-secret"  # noqa: S105  (debug only: DEJIMA_DEBUG=1)
@@ -488,6 +614,7 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
                 "require needs the message listener (DEJIMA_MESSAGE_BIND): it is the one that checks a partner's"
                 " certificate",
             )
+    trusted = _trusted_keys(env)
     return PeerConfig(
         peer_type=peer_type,
         mode=mode,
@@ -515,8 +642,9 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerConfig:
         fault_point=env.get("DEJIMA_FAULT_POINT", "").strip(),
         private_key=private_key,
         key_file=_key_file(env, name, check=mode == "peer" and not private_key),
-        trusted_keys=_trusted_keys(env),
+        trusted_keys={peer: trust.key for peer, (_, trust) in trusted.items()},
         replay_window=_float(env, "DEJIMA_REPLAY_WINDOW", 60.0, 1.0, 3600.0),
+        entitlements=_entitlements(trusted, name, peer_type, sql_root),
         client_db=client_db(env, name),
         client_user=client_user,
         client_password=password,

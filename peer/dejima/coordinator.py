@@ -1,4 +1,4 @@
-"""The commit protocol, top to bottom (DESIGN.md "The write path").
+"""The commit protocol, top to bottom (ARCHITECTURE.md "The write path").
 
 Origin (`run`): allocate a gxid; open one database transaction, set the gxid, run the client's statements; read
 the deltas the capture triggers recorded; send `propagate` for every changed view to every other member of its
@@ -28,7 +28,16 @@ answers abort (presumed abort).
 Tamper evidence (`peer.dejima.txlog`): the transaction that commits a change also stages its entry for this peer's
 hash chain — the origin with its decision row, a participant just before PREPARE — without any lock, so global
 transactions committing at the same time never wait for each other there. The sealer thread (`run_sealer`), woken
-after every commit here, links the committed staged entries into the chain in batches.
+after every commit here, links the committed staged entries into the chain in batches. Each entry also records what
+the partners said of their own logs: a propagate carries the origin's head (`Propagate.origin_head`), a prepared
+participant's vote its own head, whether it staged an entry and that entry's digest (`Ack.head`,
+`PropagateReply.heads`); `dejima check` compares every chain with what its partners recorded of it.
+
+Replays and reopening (`_refusal`): a participant opens a global transaction once. A propagate for a gxid aborted
+here (tombstones), prepared here by an earlier run (orphans), committed or aborted here before (`dejima.finished`,
+checked by `dejima.begin_global` in the round trip that opens the transaction: a participant records its gxid in the
+transaction it prepares, and an abort right after its rollback), or whose start time is older than the transaction
+timeout plus the replay window (or that far in the future) is refused with a "no" vote of kind `refused`.
 """
 
 from __future__ import annotations
@@ -122,7 +131,16 @@ SHORT_WAIT_SET_SQL = (
 )
 SHORT_WAIT_SQL = b"\n;" + SHORT_WAIT_SET_SQL + b"; " + CLIENT_SAVEPOINT_SQL
 # the origin's commit point (common.sql): its decision row, its txlog entry, the end of its registration
-COMMIT_POINT_SQL = "SELECT dejima.commit_point(%s, %s, %s, %s)"
+COMMIT_POINT_SQL = "SELECT dejima.commit_point(%s, %s, %s, %s, %s)"
+# dejima.begin_global's refusal of a gxid that committed or aborted here already (common.sql)
+FINISHED_HERE = "DJ001"
+# a participant's rollback, and the gxid recorded as aborted here, in one round trip (a transaction of its own,
+# not waiting for the disk: a record lost to a database crash only lets that gxid's origin try it once more)
+RECORD_ABORTED_SQL = (
+    "BEGIN; SET LOCAL synchronous_commit = off;"
+    " INSERT INTO dejima.finished (gxid, outcome) VALUES ({}, 'aborted') ON CONFLICT (gxid) DO NOTHING; COMMIT"
+)
+ABORTED_SQL = "ROLLBACK; " + RECORD_ABORTED_SQL
 
 
 class GlobalTxnError(Exception):
@@ -252,6 +270,10 @@ class Gx:
     origin_keys: dict[str, list[list[Any]]] = field(default_factory=dict)
     changes: dict[tuple[str, int], RowChange] = field(default_factory=dict)  # net change here, for the txlog entry
     handling: int = 0  # propagates of this gxid being handled here now (one is waiting on a branch that came back)
+    origin_head: dict[str, Any] = field(default_factory=dict)  # the origin's log head, as its propagate carried it
+    # at the origin: each participant's log head when it prepared (`Ack.head`), recorded in the origin's entry
+    witness: dict[str, dict[str, Any]] = field(default_factory=dict)
+    head: dict[str, Any] = field(default_factory=dict)  # at a participant: what it told when it prepared (`Ack.head`)
 
     @property
     def order(self) -> tuple[int, str]:
@@ -278,6 +300,7 @@ class FanOut:
     error: str = ""
     error_kind: str = ""
     prepared: set[str] = field(default_factory=set)  # peers that prepared on the way (Propagate.prepare)
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each of those told (`Ack.head`)
 
 
 class Coordinator:
@@ -316,6 +339,12 @@ class Coordinator:
         self.orphans: set[str] = set()
         self.replies: dict[str, PropagateReply] = {}  # message id -> first answer (insertion-ordered, bounded)
         self.seal_wanted = threading.Event()  # set after a commit here: the sealer chains its txlog entry
+        # this peer's log head as its sealers last left it: what its messages tell its partners (truncation evidence)
+        self.head = txlog.EMPTY
+        # a gxid whose start time is further than this from now (seconds) is never opened here: its origin gave up
+        # on it (the transaction timeout), allowing for the clocks' skew (the replay window)
+        self.gxid_horizon = config.txn_timeout + config.replay_window
+        self._pruned = 0.0  # when dejima.finished was last pruned (time.monotonic)
         # admission: global transactions started here beyond DEJIMA_MAX_ACTIVE wait (in arrival order) for a turn
         self.turns = threading.Lock()
         self.running = 0  # batches running (each one global transaction)
@@ -340,6 +369,8 @@ class Coordinator:
             "wait_die_conflicts": 0,
             "conflicts_before_waiting": 0,  # of those, found by looking before any lock wait (`_older_holder`)
         }
+        with pool.connection(timeout=config.peer_timeout) as conn:
+            self.head = txlog.head(conn)
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def fault(self, step: str) -> None:
@@ -400,13 +431,17 @@ class Coordinator:
                     sql.SQL("; SAVEPOINT {}").format(savepoint) if savepoint is not None else sql.SQL(""),
                 )
             )
-        except psycopg.Error:
+        except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
             pool.putconn(conn)
+            if exc.sqlstate == FINISHED_HERE:  # dejima.begin_global: it committed or aborted here already
+                raise GlobalTxnError("refused", f"{self.name}: {exc.diag.message_primary or exc}") from None
             raise
         gx.conn, gx.pool = conn, pool
         gx.state = GxState(gxid=gx.gxid, ptype=self.ptype, conn=conn, token=gx.token, peer=self.name)
 
-    def _release(self, gx: Gx, statement: str | None) -> None:
+    def _release(self, gx: Gx, statement: str | sql.Composed | None) -> None:
         """End the gxid's database transaction with `statement` (ROLLBACK, COMMIT, …) and free the connection."""
         conn, gx.conn = gx.conn, None
         if conn is None:
@@ -833,11 +868,14 @@ class Coordinator:
                 return [failed.get(i, outcome) for i in range(len(batch))]
             phases = {"settle_ms": batch[0].settle_ms, "local_ms": _ms(started)}
             gx.origin_keys = origin_keys(self.ptype, deltas)
+            with self.lock:
+                gx.origin_head = self.head.to_json()  # what each participant records of this peer's log
             fan = self._fan_out(gx, deltas, received=None, alone=True)
             phases["propagate_ms"] = _ms(started) - phases["local_ms"]
             participants = fan.reached - {self.name}
             if not fan.ok:
                 raise GlobalTxnError(fan.error_kind or "internal", fan.error)
+            gx.witness.update(fan.heads)
             self.fault("origin_before_prepare")
             mark = _ms(started)
             self._prepare_all(gx, sorted(participants - fan.prepared))
@@ -846,14 +884,22 @@ class Coordinator:
             with gx.lock:
                 conn = gx.conn
                 assert conn is not None
+                # with participants there is always an entry here, which records what each told of its log
                 views = txlog.summary(gx.changes.values())
+                witness = self._witness(gx, participants)
                 try:
                     # one round trip: the decision row, the txlog entry and the commit point; then the session
                     # cleared of what the client's statements set for it (peer.dejima.clientconn)
                     with conn.pipeline():
                         conn.execute(
                             COMMIT_POINT_SQL,
-                            (gx.token, sorted(participants), self.name, Jsonb(views) if views else None),
+                            (
+                                gx.token,
+                                sorted(participants),
+                                self.name,
+                                Jsonb(views) if views or witness else None,
+                                Jsonb(witness) if witness else None,
+                            ),
                         )
                         conn.execute("COMMIT")  # the commit point
                         clientconn.clear_in_pipeline(conn)
@@ -893,6 +939,20 @@ class Coordinator:
             return [failed.get(i, error if batch[i].tries >= BATCH_TRIES else retry) for i in range(len(batch))]
         return [failed.get(i, error) for i in range(len(batch))]
 
+    def _witness(self, gx: Gx, participants: Iterable[str]) -> dict[str, Any]:
+        """What the origin's entry records of each participant's log: its head when it prepared, whether it staged an
+        entry for this gxid, and that entry's digest (`txlog.Accounting`). A participant that told nothing (prepared
+        by an earlier run of it: `on_prepare`) is recorded without a head."""
+        out: dict[str, Any] = {}
+        for name in sorted(participants):
+            told = gx.witness.get(name)
+            mark = txlog.head_of(told)
+            if told is None or mark is None:
+                out[name] = {"logged": None}
+            else:
+                out[name] = txlog.witness_of(mark.seq, mark.hash, bool(told.get("logged")), str(told.get("entry", "")))
+        return out
+
     def _take_after_client(self, gx: Gx) -> list[RowChange]:
         """What the client's statements changed, taken from the origin's transaction, in one round trip with the
         settings the protocol relies on for the rest of it put back (the client's statements may have changed them
@@ -928,12 +988,13 @@ class Coordinator:
         self.stats["prepare_sent"] += len(calls)
         results = self.transport.call_many(calls, self._remaining(gx))
         for name, result in zip(participants, results, strict=True):
-            if not (result.ok and isinstance(result.message, Ack) and result.message.ok):
-                detail = result.message.error if isinstance(result.message, Ack) else result.error
-                kind = (
-                    result.message.error_kind if isinstance(result.message, Ack) else result.error_kind
-                ) or "internal"
-                raise GlobalTxnError(kind, f"prepare failed at {name}: {detail}")
+            if result.ok and isinstance(result.message, Ack) and result.message.ok:
+                if result.message.head:
+                    gx.witness[name] = result.message.head
+                continue
+            detail = result.message.error if isinstance(result.message, Ack) else result.error
+            kind = (result.message.error_kind if isinstance(result.message, Ack) else result.error_kind) or "internal"
+            raise GlobalTxnError(kind, f"prepare failed at {name}: {detail}")
 
     def _finish_commit(self, gxid: str, participants: Iterable[str]) -> None:
         left = self._send_finish(gxid, "commit", participants)
@@ -1027,6 +1088,7 @@ class Coordinator:
                     origin_keys=gx.origin_keys,
                     recipients=recipients[view],
                     prepare=prepare,
+                    origin_head=gx.origin_head,
                 )
         self.stats["propagate_sent"] += len(sends)
         results = self.transport.call_many([(url, messages[id(out)]) for _, url, _, out in sends], timeout)
@@ -1051,6 +1113,7 @@ class Coordinator:
     def _gather(self, gx: Gx, members: list[str], results: list[CallResult]) -> FanOut:
         reached = {self.name}
         prepared: set[str] = set()
+        heads: dict[str, dict[str, Any]] = {}
         errors: list[tuple[str, str]] = []
         for member, result in zip(members, results, strict=True):
             reply = result.message if isinstance(result.message, PropagateReply) else None
@@ -1059,6 +1122,7 @@ class Coordinator:
             reached.add(member)  # it may hold an open transaction even when it failed
             if reply is not None and reply.vote == "yes" and result.ok:
                 prepared.update(reply.prepared)
+                heads.update(reply.heads)
                 continue
             if reply is not None and reply.error:
                 errors.append((reply.error_kind or "internal", reply.error))
@@ -1066,7 +1130,8 @@ class Coordinator:
                 errors.append((result.error_kind or "internal", f"{member}: {result.error}"))
         gx.reached.update(reached)
         if not errors:
-            return FanOut(True, reached, prepared=prepared & reached)
+            prepared &= reached
+            return FanOut(True, reached, prepared=prepared, heads={p: h for p, h in heads.items() if p in prepared})
         # the most telling reason first: a conflict is retryable, so it wins over its consequences
         rank = ["conflict", "constraint", "bad_request", "refused", "unreachable", "timeout", "internal"]
         errors.sort(key=lambda e: rank.index(e[0]) if e[0] in rank else len(rank))
@@ -1081,7 +1146,7 @@ class Coordinator:
             for peer in self.directory.peers.values():
                 if view in peer.incompatible:
                     refused.append(peer.incompatible[view])
-                elif view in peer.catalog:
+                elif view in peer.catalog and self.directory.entitled(peer.name, view):
                     present.add(peer.peer_type)
         missing = sorted(set(spec.members) - present)
         if missing:
@@ -1108,7 +1173,7 @@ class Coordinator:
             return PropagateReply(msg.gxid, self.name, "no", sorted({self.name, *reached}), error, kind)
 
         if msg.gxid in self.tombstones:
-            return no("refused", f"{self.name}: global transaction {msg.gxid} was already aborted here")
+            return no("refused", f"{self.name}: global transaction {msg.gxid} was aborted here already")
         if msg.view not in self.directory.my_views:
             return no("bad_request", f"{self.name}: unknown view {msg.view!r}")
         if msg.sender not in self.directory.members(msg.view):
@@ -1126,9 +1191,17 @@ class Coordinator:
                 return no("refused", f"{self.name}: global transaction {msg.gxid} is not running here (any more)")
             gx = gx_or_none
         else:
+            with self.lock:
+                known = msg.gxid in self.gxs
+            refusal = None if known else self._refusal(msg.gxid)
+            if refusal is not None:
+                log.warning("gxid %s: refused a propagate from %s: %s", msg.gxid, msg.sender, refusal)
+                return no("refused", f"{self.name}: {refusal}")
             gx = self._get_or_create(msg.gxid, msg.origin, timeout_s)
         if not gx.origin_keys and msg.origin_keys:
             gx.origin_keys = msg.origin_keys
+        if not gx.origin_head and msg.origin_head:
+            gx.origin_head = msg.origin_head
         received = Delta(msg.view, msg.insertions, msg.deletions)
         try:
             with gx.lock:
@@ -1145,7 +1218,7 @@ class Coordinator:
                 kind = "conflict" if isinstance(exc, ApplyConflict) else "bad_request"
             else:
                 kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)
-            log.info("gxid %s: %s voting no: %s", msg.gxid, self.name, exc)
+            (log.warning if kind == "refused" else log.info)("gxid %s: %s voting no: %s", msg.gxid, self.name, exc)
             self._local_abort(gx)
             text = str(exc).strip()
             return no(kind, text if text.startswith(f"{self.name}:") else f"{self.name}: {text}")
@@ -1165,14 +1238,43 @@ class Coordinator:
         if not fan.ok:
             return PropagateReply(msg.gxid, self.name, "no", reached, fan.error, fan.error_kind)
         if not alone or outer:
-            return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared))
+            return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared), heads=fan.heads)
         with gx.lock:
             ack = self._prepare_locked(gx)
         if not ack.ok:
             return PropagateReply(msg.gxid, self.name, "no", reached, ack.error, ack.error_kind)
         self.stats["prepared_on_the_way"] += 1
         self.fault("participant_after_prepare")
-        return PropagateReply(msg.gxid, self.name, "yes", reached, prepared=sorted(fan.prepared | {self.name}))
+        return PropagateReply(
+            msg.gxid,
+            self.name,
+            "yes",
+            reached,
+            prepared=sorted(fan.prepared | {self.name}),
+            heads={**fan.heads, self.name: ack.head},
+        )
+
+    def _refusal(self, gxid: str) -> str | None:
+        """Why a propagate must not open global transaction `gxid` here (None: it may). Checked before the first
+        arrival of a gxid opens its transaction; a gxid that committed or aborted here before is refused by
+        `dejima.begin_global` in the round trip that opens it (`_open`), so this costs no round trip."""
+        with self.lock:
+            if gxid in self.tombstones:
+                return f"global transaction {gxid} was aborted here already"
+            if gxid in self.orphans:
+                return f"global transaction {gxid} is prepared here already (by an earlier run of this peer)"
+        started, _ = gxid_order(gxid)
+        if started >= 2**63:
+            return f"gxid {gxid!r} carries no start time"
+        age = time.time() - started / 1e9
+        if age > self.gxid_horizon:
+            return (
+                f"global transaction {gxid} began {age:.0f}s ago, more than the transaction timeout plus the replay"
+                f" window ({self.gxid_horizon:g}s): its origin has given up on it"
+            )
+        if age < -self.config.replay_window:
+            return f"global transaction {gxid} begins {-age:.0f}s from now, beyond the replay window"
+        return None
 
     def _apply_wait_die(self, gx: Gx, msg: Propagate, savepoint_taken: bool) -> list[RowChange]:
         """Apply the delta and take what it changed here; a locked row is waited for in slices unless an older
@@ -1239,15 +1341,31 @@ class Coordinator:
             self.seal_wanted.clear()
             try:
                 with self.pool.connection(timeout=self.config.peer_timeout) as conn:
-                    txlog.seal_all(conn)
+                    self.seal(conn)
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything; the next wake retries
                 log.warning("sealing the txlog failed: %s", exc)
+
+    def seal(self, conn: psycopg.Connection[Any], lock_timeout_ms: int | None = None) -> txlog.Head:
+        """Chain every committed staged txlog entry (`txlog.seal_all`, on an idle connection of the peer's login) and
+        remember the head it leaves: what this peer tells its partners of its log from now on."""
+        _, head = txlog.seal_all(conn, lock_timeout_ms)
+        self.learn_head(head)
+        return head
+
+    def learn_head(self, head: txlog.Head) -> None:
+        """This peer's chain has `head` now (the highest seq seen wins: a chain only grows)."""
+        with self.lock:
+            if head.seq >= self.head.seq:
+                self.head = head
 
     def _local_abort(self, gx: Gx) -> None:
         with gx.lock:
             if gx.phase in ("open",):
+                # a participant records the gxid as aborted here in the same round trip: never opened again
+                # (`_refusal`); the origin's own transaction (a delta come back round a cycle) runs on the client login
+                ending = "ROLLBACK" if gx.origin == self.name else sql.SQL(ABORTED_SQL).format(sql.Literal(gx.gxid))
                 try:
-                    self._release(gx, "ROLLBACK")
+                    self._release(gx, ending)
                 except psycopg.Error as exc:
                     log.warning("gxid %s: rollback failed: %s", gx.gxid, exc)
                 gx.phase = "aborted"
@@ -1259,11 +1377,12 @@ class Coordinator:
         gx = self.gxs.get(msg.gxid)
         if gx is None:
             if self._prepared_here(msg.gxid):
+                # prepared by an earlier run: what it staged is not known here (nothing to tell the origin)
                 return Ack(msg.gxid, self.name, True)
             return Ack(msg.gxid, self.name, False, f"{self.name}: unknown global transaction {msg.gxid}", "refused")
         with gx.lock:
             if gx.phase == "prepared":
-                return Ack(msg.gxid, self.name, True)
+                return Ack(msg.gxid, self.name, True, head=gx.head)
             ack = self._prepare_locked(gx)
         if ack.ok:
             self.fault("participant_after_prepare")
@@ -1275,11 +1394,18 @@ class Coordinator:
         if gx.phase != "open" or conn is None:
             return Ack(gx.gxid, self.name, False, f"{self.name}: {gx.gxid} is {gx.phase}", "refused")
         prepare = sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(self.gid(gx.gxid)))
+        views = txlog.summary(gx.changes.values()) or None
+        # the origin's log head as its propagate told it, recorded in this peer's entry (truncation evidence)
+        origin_head = txlog.head_of(gx.origin_head)
+        witness = {gx.origin: origin_head.to_json()} if origin_head is not None else None
+        entry = txlog.entry_digest(gx.gxid, gx.origin, "participant", views, witness) if views else ""
+        with self.lock:
+            mine = self.head
         try:
             with conn.pipeline():  # one round trip; a failed stage skips the PREPARE
-                # the txlog entry, when it changed this peer's data (the sealer chains it once committed), and the
-                # end of the transaction's registration
-                end_global(conn, gx.token, gx.origin, "participant", txlog.summary(gx.changes.values()) or None)
+                # the txlog entry, when it changed this peer's data (the sealer chains it once committed), the gxid
+                # as finished here once committed, and the end of the transaction's registration
+                end_global(conn, gx.token, gx.origin, "participant", views, witness)
                 conn.execute(prepare)
         except (GlobalTxnError, psycopg.Error) as exc:
             kind = exc.kind if isinstance(exc, GlobalTxnError) else classify(exc)
@@ -1293,7 +1419,9 @@ class Coordinator:
             return Ack(gx.gxid, self.name, False, text, kind)
         self._release(gx, None)
         gx.phase = "prepared"
-        return Ack(gx.gxid, self.name, True)
+        # what the origin records of this peer's log: its head now, whether it staged an entry, and that entry
+        gx.head = {"seq": mine.seq, "hash": mine.hash, "logged": views is not None, "entry": entry}
+        return Ack(gx.gxid, self.name, True, head=gx.head)
 
     def on_finish(self, msg: Finish) -> Ack:
         gx = self.gxs.get(msg.gxid)
@@ -1302,12 +1430,18 @@ class Coordinator:
                 self._local_abort(gx)
             with self.lock:
                 self.tombstones[msg.gxid] = time.monotonic() + TOMBSTONE_SECONDS
-            ok = self._finish_prepared(msg.gxid, "ROLLBACK PREPARED")
+            done = self._finish_prepared(msg.gxid, "ROLLBACK PREPARED")
         else:
             if gx is not None and gx.phase == "open":  # never prepared here: committing it would lose it
                 return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} was never prepared here", "refused")
             self.fault("participant_before_commit")
-            ok = self._finish_prepared(msg.gxid, "COMMIT PREPARED")
+            done = self._finish_prepared(msg.gxid, "COMMIT PREPARED")
+        if done == "absent":  # nothing prepared here: a repeated finish, unless it contradicts what happened here
+            outcome = self._finished_as(msg.gxid)
+            if outcome == ("aborted" if msg.decision == "commit" else "committed"):
+                log.warning("gxid %s: refused %s from %s: it %s here", msg.gxid, msg.decision, msg.origin, outcome)
+                return Ack(msg.gxid, self.name, False, f"{self.name}: {msg.gxid} {outcome} here already", "refused")
+        ok = done != "failed"
         if ok:
             self._finished_here(msg.gxid)
         if gx is not None and ok:
@@ -1322,21 +1456,34 @@ class Coordinator:
             row = conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (self.gid(gxid),)).fetchone()
         return row is not None
 
-    def _finish_prepared(self, gxid: str, statement: str) -> bool:
-        """COMMIT/ROLLBACK PREPARED if it is still prepared here; idempotent."""
+    def _finish_prepared(self, gxid: str, statement: str) -> str:
+        """COMMIT/ROLLBACK PREPARED if it is still prepared here; idempotent. "done", "absent" (not prepared here
+        (any more): finished already, or never prepared) or "failed". A rollback records the gxid as aborted here
+        (never opened again: `_refusal`)."""
         gid = self.gid(gxid)
         try:
             with self.pool.connection() as conn:
                 conn.execute(sql.SQL("{} {}").format(sql.SQL(statement), sql.Literal(gid)))
+                if statement == "ROLLBACK PREPARED":
+                    try:
+                        conn.execute(sql.SQL(RECORD_ABORTED_SQL).format(sql.Literal(gxid)))
+                    except psycopg.Error as exc:  # rolled back all the same; the in-memory tombstone remains
+                        log.warning("gxid %s: could not record it as aborted: %s", gxid, exc)
         except psycopg.errors.UndefinedObject:
-            return True  # not prepared here (any more): finished already, or never prepared
+            return "absent"
         except psycopg.Error as exc:
             log.warning("gxid %s: %s failed: %s", gxid, statement, exc)
-            return False
+            return "failed"
         log.info("gxid %s: %s", gxid, statement.lower())
         if statement == "COMMIT PREPARED":
             self.seal_wanted.set()
-        return True
+        return "done"
+
+    def _finished_as(self, gxid: str) -> str | None:
+        """How gxid finished here as a participant ("committed", "aborted"), when it is recorded (dejima.finished)."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT outcome FROM dejima.finished WHERE gxid = %s", (gxid,)).fetchone()
+        return str(row[0]) if row else None
 
     # ---- decisions and recovery -----------------------------------------------------------------------------
     def on_decision_query(self, msg: DecisionQuery) -> DecisionReply:
@@ -1370,6 +1517,7 @@ class Coordinator:
                 due.append(gxid)
         for done in self._resolve(due).values():
             counts[done] += 1
+        self._prune_finished()
         with self.lock:
             pending = dict(self.pending_finish)
         for gxid, names in pending.items():
@@ -1387,9 +1535,9 @@ class Coordinator:
         neither runs nor decided, and a COMMIT PREPARED its own finish sends too finds nothing left to do."""
         done: dict[str, str] = {}
         for gxid, outcome in self._ask_origins(gxids).items():
-            if outcome == "commit" and self._finish_prepared(gxid, "COMMIT PREPARED"):
+            if outcome == "commit" and self._finish_prepared(gxid, "COMMIT PREPARED") != "failed":
                 done[gxid] = "committed"
-            elif outcome == "abort" and self._finish_prepared(gxid, "ROLLBACK PREPARED"):
+            elif outcome == "abort" and self._finish_prepared(gxid, "ROLLBACK PREPARED") != "failed":
                 done[gxid] = "aborted"
             else:
                 done[gxid] = "waiting"
@@ -1421,6 +1569,19 @@ class Coordinator:
             reply = result.message
             outcomes[gxid] = reply.outcome if result.ok and isinstance(reply, DecisionReply) else "pending"
         return outcomes
+
+    def _prune_finished(self) -> None:
+        """Forget the gxids finished here long enough ago that their start time alone refuses them (`_refusal`):
+        they began before they finished here, so once that is longer ago than the transaction timeout plus twice the
+        replay window (one for the skew of their origin's clock, one of this peer's), they are past the horizon.
+        At most once a minute, one statement."""
+        now = time.monotonic()
+        if now - self._pruned < 60.0:
+            return
+        self._pruned = now
+        keep = self.gxid_horizon + self.config.replay_window + 1.0
+        with self.pool.connection() as conn:
+            conn.execute("DELETE FROM dejima.finished WHERE at < now() - make_interval(secs => %s)", (keep,))
 
     def _janitor(self) -> None:
         """Roll back open participant transactions whose deadline passed (their origin has given up)."""

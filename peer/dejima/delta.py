@@ -25,7 +25,7 @@ from peer.dejima import jsonvalues  # noqa: F401  (json/jsonb numbers load exact
 Row = dict[str, Any]
 
 TAKE_SQL = "SELECT view_name, row_id, old_row, new_row FROM dejima.take_delta(%s)"
-END_SQL = "SELECT dejima.end_global(%s, %s, %s, %s)"
+END_SQL = "SELECT dejima.end_global(%s, %s, %s, %s, %s)"
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,12 @@ def end_global(
     origin: str | None = None,
     role: str | None = None,
     views: dict[str, Any] | None = None,
+    witness: dict[str, Any] | None = None,
 ) -> None:
     """End the registration of the caller's transaction (before COMMIT or PREPARE), staging its txlog entry when
-    `views` is given (peer.dejima.txlog)."""
-    conn.execute(END_SQL, (token, origin, role, Jsonb(views) if views is not None else None))
+    `views` is given, with the partners' log heads `witness` (peer.dejima.txlog); with role "participant" the gxid is
+    recorded as finished here once the transaction commits (dejima.finished)."""
+    conn.execute(
+        END_SQL,
+        (token, origin, role, Jsonb(views) if views is not None else None, Jsonb(witness) if witness else None),
+    )

@@ -8,6 +8,15 @@ that peer is kept out of the view's group. Known peers and groups are persisted 
 
 Greetings are signed like every peer message (`peer.dejima.auth`): a greeting, or an answer to ours, from a key this
 peer does not trust is refused (401) and teaches nothing; peers named in a greeting are added only when trusted.
+
+Identity is not entitlement: which of this peer's views a trusted peer may hold is this peer's configuration
+(`PeerConfig.entitlements`, from DEJIMA_TRUSTED_KEYS[_FILE]: its peer type, or the views named), never what its
+greeting claims. A claim to a view of this peer it is not entitled to is refused: it is not put into that view's
+group (its other views are not affected), the refusal is logged as a warning naming the peer and the view, and
+`refusals` shows it (`refused_claims` in /api/v1/status). A greeting announcing another peer type than the one the
+peer is trusted as is refused as a whole (`GreetingRefused`: 403 at the message endpoint) and teaches nothing. A
+view's group (`members`) holds only entitled peers, whatever was persisted or announced, so the rows of a view go to
+no one else (the coordinator's fan-out sends to `members` only).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from peer.dejima.messages import Hello
 from peer.dejima.transport import Transport
 
 log = logging.getLogger(__name__)
+PEER_TYPE_CLAIM = "peer_type"  # the key of a refused peer type in `Directory.refusals` (views are keyed by name)
 REFRESH_FACTOR = 10  # a peer that answered is greeted again after this many discovery intervals
 WAKE_GATHER_S = 0.02  # after a greeting named new peers, the next cycle waits this long for more such greetings
 
@@ -43,6 +53,10 @@ def catalog_of(ptype: PeerType) -> list[dict[str, Any]]:
     return out
 
 
+class GreetingRefused(Exception):
+    """A greeting refused as a whole: its sender announces another peer type than the one it is trusted as here."""
+
+
 @dataclass
 class KnownPeer:
     name: str
@@ -54,6 +68,7 @@ class KnownPeer:
     failures: int = 0
     next_try: float = 0.0
     incompatible: dict[str, str] = field(default_factory=dict)  # view -> reason
+    refused: dict[str, str] = field(default_factory=dict)  # view -> why its last greeting's claim was refused
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -76,6 +91,8 @@ class Directory:
         self.catalog = catalog_of(ptype)
         self.my_views = {c["view"]: c for c in self.catalog}
         self.peers: dict[str, KnownPeer] = {}
+        # every claim refused since start: peer -> view (or PEER_TYPE_CLAIM) -> {reason, count, first, last}
+        self.refusals: dict[str, dict[str, dict[str, Any]]] = {}
         self.lock = threading.RLock()
         self.save_lock = threading.Lock()  # one snapshot written at a time, the latest last
         self.stopped = threading.Event()
@@ -85,11 +102,52 @@ class Directory:
         self.seed_state: dict[str, tuple[int, float]] = dict.fromkeys(self.seed_urls, (0, 0.0))  # failures, next try
         self._load()
 
+    # ---- entitlement: this peer's configuration, never a greeting -------------------------------------------
+    def entitled(self, name: str, view: str) -> bool:
+        """Whether peer `name` may hold this peer's `view` (its entitlement in DEJIMA_TRUSTED_KEYS[_FILE]); this peer
+        holds its own views. False for a view this peer does not have."""
+        if view not in self.my_views:
+            return False
+        if name == self.config.name:
+            return True
+        entitlement = self.config.entitlements.get(name)
+        return entitlement is not None and view in entitlement.views
+
+    def describe_entitlement(self, name: str) -> str:
+        entitlement = self.config.entitlements.get(name)
+        return entitlement.describe() if entitlement is not None else "no entitlement"
+
+    def entitlements(self) -> dict[str, dict[str, Any]]:
+        """What the configuration lets each trusted peer hold here (for /api/v1/status)."""
+        return {
+            name: {"peer_type": e.peer_type, "views": sorted(e.views)}
+            for name, e in sorted(self.config.entitlements.items())
+            if name != self.config.name
+        }
+
+    def refused_claims(self) -> dict[str, dict[str, dict[str, Any]]]:
+        with self.lock:
+            return {peer: {claim: dict(v) for claim, v in claims.items()} for peer, claims in self.refusals.items()}
+
+    def _refuse(self, peer: str, claim: str, reason: str, known: bool) -> None:
+        """Record a refused claim (under the lock); logged as a warning when the peer's previous greeting did not make
+        it (`known`), so a partner repeating it every refresh does not fill the log."""
+        now = time.time()
+        entry = self.refusals.setdefault(peer, {}).setdefault(claim, {"reason": reason, "count": 0, "first": now})
+        entry.update(reason=reason, last=now, count=entry["count"] + 1)
+        if not known:
+            log.warning("refusing %s's claim to %s: %s", peer, claim, reason)
+
     # ---- the group table ------------------------------------------------------------------------------------
     def members(self, view: str) -> list[str]:
-        """The dejima group of `view`: this peer and every compatible peer that shares it (sorted names)."""
+        """The dejima group of `view`: this peer and every compatible peer that shares it and is entitled to it
+        (sorted names)."""
         with self.lock:
-            others = [p.name for p in self.peers.values() if view in p.catalog and view not in p.incompatible]
+            others = [
+                p.name
+                for p in self.peers.values()
+                if view in p.catalog and view not in p.incompatible and self.entitled(p.name, view)
+            ]
         return sorted({self.config.name, *others}) if view in self.my_views else []
 
     def url_of(self, name: str) -> str | None:
@@ -108,7 +166,7 @@ class Directory:
             view_peers: dict[str, set[str]] = {v: {self.config.name} for v in self.my_views}
             for peer in self.peers.values():
                 for view, sig in peer.catalog.items():
-                    if view in peer.incompatible:
+                    if view in peer.incompatible or (view in self.my_views and not self.entitled(peer.name, view)):
                         continue
                     view_cols.setdefault(view, {c for c, _ in sig["columns"]})
                     view_peers.setdefault(view, set()).add(peer.name)
@@ -133,15 +191,37 @@ class Directory:
         return Hello(self.config.name, self.config.url, self.config.peer_type, self.catalog, known)
 
     def learn(self, hello: Hello) -> list[str]:
-        """Record what a greeting tells (from either side). Returns the errors found (incompatible views)."""
+        """Record what a greeting tells (from either side). Returns the errors found (incompatible views). A claim
+        to a view of this peer the sender is not entitled to is refused (not recorded as a member; logged; shown in
+        `refusals`); a greeting announcing another peer type than the one the sender is trusted as raises
+        GreetingRefused and teaches nothing."""
         errors: list[str] = []
         if hello.peer == self.config.name:
             return errors
+        entitlement = self.config.entitlements.get(hello.peer)
+        if entitlement is not None and entitlement.peer_type and hello.peer_type != entitlement.peer_type:
+            reason = (
+                f"{hello.peer} announces peer type {hello.peer_type!r}, but is trusted here as a peer of type"
+                f" {entitlement.peer_type!r} (DEJIMA_TRUSTED_KEYS); its greeting is refused"
+            )
+            with self.lock:
+                known = PEER_TYPE_CLAIM in (self.refusals.get(hello.peer) or {})
+                self._refuse(hello.peer, PEER_TYPE_CLAIM, reason, known)
+            raise GreetingRefused(reason)
         catalog = {c["view"]: c for c in hello.catalog if isinstance(c, dict) and isinstance(c.get("view"), str)}
         incompatible: dict[str, str] = {}
+        refused: dict[str, str] = {}
         for view, theirs in catalog.items():
             mine = self.my_views.get(view)
-            if mine is not None and theirs.get("schema_hash") != mine["schema_hash"]:
+            if mine is None:
+                continue  # a view of theirs only: nothing of ours to give or refuse
+            if not self.entitled(hello.peer, view):
+                refused[view] = (
+                    f"{hello.peer} claims view {view}, which it is not entitled to hold here (its entitlement:"
+                    f" {self.describe_entitlement(hello.peer)}; DEJIMA_TRUSTED_KEYS); it is kept out of {view}'s group"
+                )
+                continue
+            if theirs.get("schema_hash") != mine["schema_hash"]:
                 reason = (
                     f"view {view}: {hello.peer}'s definition differs from ours "
                     f"(schema hash {theirs.get('schema_hash')} != {mine['schema_hash']}; "
@@ -152,17 +232,20 @@ class Directory:
                 log.error("refusing %s", reason)
         with self.lock:
             peer = self.peers.get(hello.peer) or KnownPeer(hello.peer, hello.url)
+            for view, reason in refused.items():
+                self._refuse(hello.peer, view, reason, known=view in peer.refused)
             changed = (peer.url, peer.catalog, peer.incompatible, peer.status) != (
                 hello.url,
                 catalog,
                 incompatible,
                 "up",
             )
-            peer.url, peer.peer_type, peer.catalog, peer.incompatible = (
+            peer.url, peer.peer_type, peer.catalog, peer.incompatible, peer.refused = (
                 hello.url,
                 hello.peer_type,
                 catalog,
                 incompatible,
+                refused,
             )
             peer.status, peer.last_seen, peer.failures = "up", time.time(), 0
             peer.next_try = time.monotonic() + self.config.discovery_interval * REFRESH_FACTOR
@@ -171,7 +254,9 @@ class Directory:
             for entry in hello.known:
                 name, url = entry.get("name", ""), entry.get("url", "")
                 if name and url and name != self.config.name and name not in self.peers and self._trusted(name):
-                    self.peers[name] = KnownPeer(name, url, entry.get("peer_type", ""))
+                    configured = self.config.entitlements.get(name)
+                    peer_type = configured.peer_type if configured and configured.peer_type else ""
+                    self.peers[name] = KnownPeer(name, url, peer_type or entry.get("peer_type", ""))
                     changed = learned = True
             if hello.url in self.seed_state:
                 self.seed_state.pop(hello.url)
@@ -202,7 +287,11 @@ class Directory:
         results = self.transport.call_many([(url, hello) for url, _ in due], self.config.peer_timeout)
         for (url, name), result in zip(due, results, strict=True):
             if result.ok and isinstance(result.message, Hello):
-                self.learn(result.message)
+                try:
+                    self.learn(result.message)
+                except GreetingRefused as exc:  # logged by learn; backs off like a peer that did not answer
+                    self._failed(url, name, str(exc))
+                    continue
                 with self.lock:
                     self.seed_state.pop(url, None)  # a seed that answered is known by name from now on
                 continue

@@ -3,8 +3,10 @@
 so both check, answer and refuse exactly alike.
 
 Statuses: 200 the typed answer, signed by this peer and bound to the request; 400 malformed or not a request;
-401 unsigned, forged, untrusted, stale or replayed; 403 signed by another peer than it claims, a propagate from
-outside the view's group, or with a column outside the view.
+401 unsigned, forged, untrusted, stale or replayed; 403 (kind `refused`) signed by another peer than it claims, a
+propagate for a view its sender is not entitled to hold here (DEJIMA_TRUSTED_KEYS: peer.dejima.directory), from
+outside the view's group, or with a column outside the view, and a greeting announcing another peer type than the
+one its sender is trusted as. Nothing of a refused message is applied.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 from typing import Any
 
 from peer.dejima.auth import AuthError, authorize, signature_id
+from peer.dejima.directory import GreetingRefused
 from peer.dejima.messages import DecisionQuery, Finish, Hello, Message, MessageError, Prepare, Propagate, parse
 from peer.dejima.runtime import get_runtime
 
@@ -21,6 +24,9 @@ log = logging.getLogger(__name__)
 
 REQUESTS = (Propagate, Prepare, Finish, DecisionQuery, Hello)
 _counts: dict[str, int] = {}
+_view_counts: dict[str, int] = {}
+MAX_VIEWS_COUNTED = 64
+OTHER_VIEWS = "(other)"
 _counts_lock = threading.Lock()
 
 
@@ -30,9 +36,23 @@ def received() -> dict[str, int]:
         return dict(_counts)
 
 
+def received_views() -> dict[str, int]:
+    """Propagates this process was sent since it started, by the view whose rows they carried, refused ones
+    included: which views' rows reached this peer."""
+    with _counts_lock:
+        return dict(_view_counts)
+
+
 def _count(kind: str) -> None:
     with _counts_lock:
         _counts[kind] = _counts.get(kind, 0) + 1
+
+
+def _count_view(view: str) -> None:
+    with _counts_lock:
+        if view not in _view_counts and len(_view_counts) >= MAX_VIEWS_COUNTED:
+            view = OTHER_VIEWS  # names come from unchecked messages: a bounded table
+        _view_counts[view] = _view_counts.get(view, 0) + 1
 
 
 def error(status: int, message: str, kind: str = "bad_request") -> tuple[int, dict[str, Any]]:
@@ -41,14 +61,20 @@ def error(status: int, message: str, kind: str = "bad_request") -> tuple[int, di
 
 def authenticate(envelope: dict[str, Any], msg: Message) -> None:
     """Who signed it, that it is who it claims to be, and (propagate) that it may write the view. Raises AuthError:
-    401 unsigned, forged, untrusted, stale or replayed; 403 not who it claims, not a member of the view's group, or
-    a row with a column outside the view."""
+    401 unsigned, forged, untrusted, stale or replayed; 403 not who it claims, not entitled to the view here (this
+    peer's configuration), not a member of the view's group, or a row with a column outside the view."""
     rt = get_runtime()
     signer = rt.auth.verify_request(envelope)
     authorize(signer, msg)
     views = rt.directory.my_views
     if not isinstance(msg, Propagate) or msg.view not in views:
         return  # an unknown view is answered with a "no" vote (bad_request) by the coordinator
+    if not rt.directory.entitled(msg.sender, msg.view):
+        raise AuthError(
+            403,
+            f"{msg.sender!r} is not entitled to {msg.view} here (its entitlement:"
+            f" {rt.directory.describe_entitlement(msg.sender)}; DEJIMA_TRUSTED_KEYS)",
+        )
     if msg.sender not in rt.directory.members(msg.view):
         raise AuthError(403, f"{msg.sender!r} is not a member of {msg.view}'s group")
     allowed = {c for c, _ in views[msg.view]["columns"]}
@@ -71,6 +97,8 @@ def handle_message(envelope: Any, remote: str) -> tuple[int, dict[str, Any]]:
         _count("malformed")
         return error(400, str(exc))
     _count(msg.kind)
+    if isinstance(msg, Propagate):
+        _count_view(msg.view)
     if not isinstance(msg, REQUESTS):
         return error(400, f"{msg.kind} is not a request")
     assert isinstance(envelope, dict)  # parse accepts objects only
@@ -92,6 +120,9 @@ def handle_message(envelope: Any, remote: str) -> tuple[int, dict[str, Any]]:
     elif isinstance(msg, DecisionQuery):
         answer = coord.on_decision_query(msg)
     else:
-        rt.directory.learn(msg)
+        try:
+            rt.directory.learn(msg)
+        except GreetingRefused as exc:  # learn logged it
+            return error(403, f"{rt.config.name}: {exc}", "refused")
         answer = rt.directory.hello()
     return 200, rt.auth.sign(answer.to_json(), reply_to=signature_id(envelope))

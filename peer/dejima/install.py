@@ -7,8 +7,9 @@ The roles (docs/security.md):
   functions, the base tables, the dejima views and their triggers; the capture functions and the functions that
   read and end a global transaction's work run as it (SECURITY DEFINER, fixed search_path);
 - the **peer** login (the user of DEJIMA_DATABASE_URL) is the peer service's own: it reads and writes the base
-  tables, the views and the protocol's tables (known peers, groups, decisions, the log), NOINHERIT member of the
-  owner, which it becomes (SET ROLE) only to repair the machinery at start (peer.dejima.machinery);
+  tables, the views and the protocol's tables (known peers, groups, decisions, the gxids it finished, the log),
+  NOINHERIT member of the owner, which it becomes (SET ROLE) only to repair the machinery at start
+  (peer.dejima.machinery);
 - the **client** login (the user of DEJIMA_CLIENT_DATABASE_URL) runs the statements of the organization's clients:
   it reads and writes the base tables and the dejima views, and may call the few functions a global transaction
   needs, each of which asks for the transaction's token that only the peer service knows. Nothing else: no table of
@@ -45,7 +46,7 @@ DEFAULT_CLIENT = "dejima_client"
 TRANSACTION_FUNCTIONS = ("current_gxid", "begin_global", "take_delta", "commit_point", "end_global")
 # the protocol's tables the peer login reads and writes directly; dejima.delta and dejima.active are reached only
 # through the functions above, dejima.installed is read only
-PEER_TABLES = ("peers", "groups", "state", "decisions", "txlog", "txlog_pending", "api_tokens")
+PEER_TABLES = ("peers", "groups", "state", "decisions", "finished", "txlog", "txlog_pending", "api_tokens")
 READ_WRITE = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
 
 

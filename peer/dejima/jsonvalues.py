@@ -76,8 +76,9 @@ _LONE_SURROGATE = re.compile(_HIGH + rb"(?!" + _LOW + rb")|" + _LOW + rb"(?<!" +
 
 
 def _deepest(brackets: bytes) -> int:
-    """The deepest nesting of a string of brackets: the highest running count of openers less closers."""
-    return max(itertools.accumulate(memoryview(brackets.translate(_SIGNED)).cast("b")), default=0)
+    """The deepest nesting of a string of brackets: the highest running count of openers less closers, counted from
+    0 before the first bracket (so never below 0, even when the text starts with closers)."""
+    return max(itertools.accumulate(memoryview(brackets.translate(_SIGNED)).cast("b"), initial=0))
 
 
 def check_depth(data: bytes, limit: int = MAX_DEPTH) -> None:

@@ -99,6 +99,9 @@ class Propagate(Message):
     # Every member of the view's group the sender sent this view's delta to in the same fan-out (or found to have
     # it already): each has these rows, so the receiver forwards none of them to those members again.
     recipients: list[str] = field(default_factory=list)
+    # The origin's log head when it sent the delta ({"seq", "hash"}; passed on as it came when forwarded): a
+    # participant that stages an entry records it there (peer.dejima.txlog, truncation evidence).
+    origin_head: dict[str, Any] = field(default_factory=dict)
     # The whole global transaction waits on this branch alone (each sender on the way sent this gxid to nobody
     # else): once the branch has answered yes, nothing can reach the receiver again, so it prepares right away and
     # says so in its reply (`prepared`), and the origin's prepare round skips it.
@@ -117,6 +120,8 @@ class Propagate(Message):
             isinstance(v, list) and all(isinstance(k, list) for k in v) for v in self.origin_keys.values()
         ):
             raise MessageError("propagate: origin_keys must map views to lists of keys")
+        if self.origin_head and not _is_head(self.origin_head, participant=False):
+            raise MessageError('propagate: origin_head must be {} or {"seq": n >= 0, "hash": text}')
 
 
 @dataclass(frozen=True)
@@ -132,11 +137,17 @@ class PropagateReply(Message):
     error_kind: str = ""
     message_id: str = field(default_factory=new_message_id)
     prepared: list[str] = field(default_factory=list)  # peers of the branch that prepared already (`prepare`)
+    # of each of those: its log head when it prepared, whether it staged an entry and that entry's digest (`Ack.head`)
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.prepared, list) or not all(isinstance(p, str) for p in self.prepared):
             raise MessageError("propagate_reply: prepared must be a list of peer names")
+        if not isinstance(self.heads, dict) or not all(
+            isinstance(k, str) and _is_head(v, participant=True) for k, v in self.heads.items()
+        ):
+            raise MessageError("propagate_reply: heads must map peer names to log heads")
 
 
 @dataclass(frozen=True)
@@ -173,6 +184,14 @@ class Ack(Message):
     ok: bool
     error: str = ""
     error_kind: str = ""
+    # a prepare's: the participant's log head when it prepared ({"seq", "hash"}), whether it staged an entry for
+    # this gxid ("logged") and that entry's digest ("entry"); the origin records them in its own entry
+    head: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.head and not _is_head(self.head, participant=True):
+            raise MessageError('ack: head must be {} or {"seq", "hash", "logged", "entry"}')
 
 
 @dataclass(frozen=True)
@@ -212,6 +231,18 @@ class Hello(Message):
             isinstance(peer, dict) and all(isinstance(v, str) for v in peer.values()) for peer in self.known
         ):
             raise MessageError("hello: known must be a list of objects of strings (name, url, peer_type)")
+
+
+def _is_head(value: object, participant: bool) -> bool:
+    """A log head as messages carry it: {"seq": n >= 0, "hash": text}, a participant's with "logged" (a boolean)
+    and "entry" (text) too."""
+    fields = {"seq", "hash", "logged", "entry"} if participant else {"seq", "hash"}
+    if not isinstance(value, dict) or set(value) != fields:
+        return False
+    seq = value["seq"]
+    if not (isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 and isinstance(value["hash"], str)):
+        return False
+    return not participant or (isinstance(value["logged"], bool) and isinstance(value["entry"], str))
 
 
 def _texts(value: object) -> bool:

@@ -4,7 +4,7 @@
 Why. Every global transaction costs its origin two or three sequential calls per participant (propagate, prepare,
 finish); a call answered by gunicorn + Django + DRF spent about 1.5 ms outside the handler here (parsing, the
 gthread worker's hand-offs between its poller and pool threads, the framework). Served from here, each round is
-about 1.1 ms shorter (docs/performance.md; an empty round trip to such a server: ≈ 0.05 ms, PERFORMANCE-NOTES.md).
+about 1.1 ms shorter (docs/performance.md; an empty round trip to such a server: ≈ 0.05 ms, its "Floors").
 A client's write pays the same once per request: under closed-loop load that was a fifth of all the CPU per
 transaction (docs/performance.md).
 

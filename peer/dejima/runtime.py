@@ -107,6 +107,7 @@ def _pool(
 
 class PeerRuntime:
     def __init__(self, config: PeerConfig, background: bool = True) -> None:
+        self.started = time.time()  # no request signed before this is accepted (replays across a restart)
         self.config = config
         types = load_peer_types(config.sql_root)
         self.ptype: PeerType = types[config.peer_type]
@@ -121,7 +122,7 @@ class PeerRuntime:
         if config.api_tokens_file is not None:
             self._import_tokens(config)
         self.tokens = TokenStore(self.pool)
-        self.auth = make_authenticator(config)
+        self.auth = make_authenticator(config, not_before=self.started)
         self.transport = Transport(config.name, self.auth, tls=config.tls)
         self.directory = Directory(config, self.ptype, self.pool, self.transport)
         self.coordinator = Coordinator(
@@ -343,8 +344,10 @@ def token_guard(store: TokenStore) -> Guard:
     return guard
 
 
-def make_authenticator(config: PeerConfig) -> Authenticator:
-    """This peer's key (given, or kept in DEJIMA_KEY_FILE and created at first start) and the keys it trusts."""
+def make_authenticator(config: PeerConfig, not_before: float | None = None) -> Authenticator:
+    """This peer's key (given, or kept in DEJIMA_KEY_FILE and created at first start) and the keys it trusts (each
+    bound to what it may hold here: `PeerConfig.entitlements`, logged); `not_before`: when this process started (it
+    accepts no request signed earlier: peer.dejima.auth)."""
     if config.private_key:
         key = parse_private_key(config.private_key)
     else:
@@ -353,13 +356,17 @@ def make_authenticator(config: PeerConfig) -> Authenticator:
         except (OSError, KeyFormatError) as exc:
             raise ConfigError("DEJIMA_KEY_FILE", f"cannot read or create {config.key_file}: {exc}") from None
     try:
-        auth = Authenticator(config.name, key, trusted_keys(config.trusted_keys), config.replay_window)
+        auth = Authenticator(
+            config.name, key, trusted_keys(config.trusted_keys), config.replay_window, not_before=not_before
+        )
     except ValueError as exc:
         raise ConfigError("DEJIMA_TRUSTED_KEYS", str(exc)) from None
     others = sorted(set(auth.trusted) - {config.name})
     if not others:
         log.warning("peer %s trusts no other peer's key (DEJIMA_TRUSTED_KEYS): it refuses every message", config.name)
-    log.info("peer %s public key %s; trusts %s", config.name, auth.public_key, ", ".join(others) or "nobody")
+    entitlements = config.entitlements
+    trusts = [f"{n} ({entitlements[n].describe() if n in entitlements else 'no entitlement'})" for n in others]
+    log.info("peer %s public key %s; trusts %s", config.name, auth.public_key, ", ".join(trusts) or "nobody")
     return auth
 
 

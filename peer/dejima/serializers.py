@@ -159,6 +159,16 @@ class TlsStatusSerializer(serializers.Serializer[Any]):
     listeners = serializers.DictField(
         child=ListenerStatsSerializer(), help_text="the lean listeners (message, api) and what they accepted"
     )
+class EntitlementSerializer(serializers.Serializer[Any]):
+    peer_type = serializers.CharField(help_text="the peer type it is trusted as; empty when its views are named")
+    views = serializers.ListField(child=serializers.CharField(), help_text="this peer's views it may hold")
+
+
+class RefusedClaimSerializer(serializers.Serializer[Any]):
+    reason = serializers.CharField()
+    count = serializers.IntegerField(min_value=1, help_text="greetings that made this claim")
+    first = serializers.FloatField(help_text="seconds since the epoch")
+    last = serializers.FloatField(help_text="seconds since the epoch")
 
 
 class StatusSerializer(GroupsSerializer):
@@ -170,6 +180,19 @@ class StatusSerializer(GroupsSerializer):
     stats = serializers.DictField(child=serializers.IntegerField(), help_text="counters of the commit protocol")
     messages_received = serializers.DictField(
         child=serializers.IntegerField(), help_text="peer messages received since start, by kind (both listeners)"
+    )
+    propagates_received = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="propagates received since start, by the view whose rows they carried (refused ones included)",
+    )
+    entitlements = serializers.DictField(
+        child=EntitlementSerializer(),
+        help_text="trusted peer -> what this peer's configuration (DEJIMA_TRUSTED_KEYS[_FILE]) lets it hold here",
+    )
+    refused_claims = serializers.DictField(
+        child=serializers.DictField(child=RefusedClaimSerializer()),
+        help_text="peer -> view (or `peer_type`) -> a claim of its greetings refused since start: it is not entitled"
+        " to that view here, or announced another peer type than it is trusted as",
     )
     open_transactions = serializers.IntegerField(min_value=0)
     queued_transactions = serializers.IntegerField(
@@ -208,6 +231,9 @@ class TxlogEntrySerializer(serializers.Serializer[Any]):
     committed_at = serializers.CharField()
     prev_hash = serializers.CharField()
     hash = serializers.CharField()
+    witness = serializers.JSONField(
+        allow_null=True, help_text="what the partners of that global transaction told of their logs (their heads)"
+    )
 
 
 class TxlogHeadSerializer(serializers.Serializer[Any]):
@@ -225,12 +251,47 @@ class TxlogVerdictSerializer(serializers.Serializer[Any]):
     head_hash = serializers.CharField()
 
 
+class TxlogWitnessedSerializer(serializers.Serializer[Any]):
+    """What this peer's chain recorded of a partner's log: the highest head it was told, and the partner's entries
+    it knows of (how many, and the XOR of their sha256)."""
+
+    head = serializers.DictField(allow_null=True, help_text="{seq, hash, recorded_at}: the highest head it was told")
+    count = serializers.IntegerField()
+    digest = serializers.CharField()
+
+
+class TxlogOwedSerializer(serializers.Serializer[Any]):
+    count = serializers.IntegerField()
+    digest = serializers.CharField()
+
+
+class TxlogPairSerializer(serializers.Serializer[Any]):
+    peer = serializers.CharField()
+    recorded = serializers.ListField(child=serializers.ListField(), help_text="[gxid, entry digest, seq here]")
+    owed = serializers.ListField(child=serializers.ListField(), help_text="[gxid, entry digest, seq here]")
+
+
 class TxlogSerializer(serializers.Serializer[Any]):
     peer = serializers.CharField()
     length = serializers.IntegerField()
     head = TxlogHeadSerializer(allow_null=True)
     entries = TxlogEntrySerializer(many=True)
     verify = TxlogVerdictSerializer(required=False, help_text="only with verify=1")
+    witnessed = serializers.DictField(
+        child=TxlogWitnessedSerializer(),
+        required=False,
+        help_text="only with verify=1: per partner, what this chain recorded of its log",
+    )
+    witnessed_by = serializers.DictField(
+        child=TxlogOwedSerializer(),
+        required=False,
+        help_text="only with verify=1: per partner, the entries of this peer its chain must know of",
+    )
+    at = serializers.DictField(
+        child=serializers.CharField(allow_null=True), required=False, help_text="only with at=: seq -> hash"
+    )
+    pair = TxlogPairSerializer(required=False, help_text="only with verify=1&pair=")
+    seal_error = serializers.CharField(required=False, help_text="why the staged entries could not be sealed first")
 
 
 class MachinerySerializer(serializers.Serializer[Any]):
@@ -270,6 +331,10 @@ class PropagateBodySerializer(serializers.Serializer[Any]):
         child=serializers.CharField(),
         required=False,
         help_text="the members of the view's group the sender sent this delta to in the same fan-out",
+    )
+    prepare = serializers.BooleanField(required=False, help_text="prepare once the branch answered yes")
+    origin_head = serializers.DictField(
+        required=False, help_text="{seq, hash}: the origin's log head, recorded by a participant in its entry"
     )
 
 

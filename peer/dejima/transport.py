@@ -2,7 +2,7 @@
 a value (`CallResult`), never an exception. Keep-alive connections are pooled per peer address and Nagle is off
 (TCP_NODELAY): `Connections`, a small HTTP/1.1 client on plain sockets. A peer's messages are one POST with a JSON
 body and a JSON answer; the standard library's http.client (itself half the CPU of urllib3 and a sixth of
-`requests` per call, ../shared/PERFORMANCE-NOTES.md) spent ≈ 0.2 ms of CPU per call more than this on them, its
+`requests` per call, docs/performance.md "Floors") spent ≈ 0.2 ms of CPU per call more than this on them, its
 header parsing going through the email package (docs/decisions.md "Peer calls on plain sockets"); the origin makes
 several calls per global transaction. An idle connection the peer has closed (its keep-alive ran out, or it
 restarted) is dropped before reuse, as urllib3 does; a request is never sent twice: a failure is the call's result.

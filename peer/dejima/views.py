@@ -20,7 +20,8 @@ one too, except the two open ones below (`authentication_classes([])`, `permissi
 | | | | (both: transaction control or session state, a plain SET, … is 400: `peer.dejima.sqlguard`) |
 | /api/v1/views/<view> | GET | read | 200 {view, columns, rows, digest}; 404 unknown view |
 | /api/v1/prepared | GET | read | 200 prepared transactions of this peer's database |
-| /api/v1/txlog | GET ?verify=1&limit=N | read | 200 {peer, length, head, entries, verify?}; 400 bad limit |
+| /api/v1/txlog | GET ?verify=1&limit=N&at=S,…&pair=P | read | 200 {peer, length, head, entries, verify?, |
+| | | | witnessed?, witnessed_by?, at?, pair?, seal_error?}; 400 bad limit or at |
 | /api/v1/machinery | GET | read | 200 {peer, ok, problems}: the triggers, functions and privileges in the database |
 | /api/v1/openapi.json | GET | read | 200 the OpenAPI schema of these endpoints (bodies, parameters, statuses) |
 
@@ -227,6 +228,9 @@ def status(request: HttpRequest) -> JsonResponse:
             "peers": [p.summary() for p in rt.directory.peers.values()],
             "stats": rt.coordinator.stats,
             "messages_received": inbox.received(),
+            "propagates_received": inbox.received_views(),
+            "entitlements": rt.directory.entitlements(),
+            "refused_claims": rt.directory.refused_claims(),
             "open_transactions": len(rt.coordinator.gxs),
             "queued_transactions": len(rt.coordinator.waiting),
             "commit_wait": rt.config.commit_wait,
@@ -339,6 +343,10 @@ def prepared(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"prepared": get_runtime().coordinator.prepared_transactions()})
 
 
+SEAL_WAIT_MS = 2000  # GET /api/v1/txlog waits this long at most for the sealer thread, then answers without sealing
+MAX_AT = 100  # seqs one GET /api/v1/txlog?at=… may ask for
+
+
 @extend_schema(
     tags=TAG,
     summary="This peer's hash-chained transaction log",
@@ -349,15 +357,34 @@ def prepared(request: HttpRequest) -> JsonResponse:
             description="how many of the newest entries",
         ),
         OpenApiParameter(
-            "verify", OpenApiTypes.STR, description="1, true or yes: recompute every hash of the chain (else not)"
+            "verify",
+            OpenApiTypes.STR,
+            description="1, true or yes: recompute every hash of the chain (else not), and say what the chain"
+            " recorded of its partners' logs (`witnessed`) and which of this peer's entries theirs must know of"
+            " (`witnessed_by`)",
+        ),
+        OpenApiParameter(
+            "at", OpenApiTypes.STR, description=f"seqs, comma-separated (at most {MAX_AT}): the hash of each entry"
+        ),
+        OpenApiParameter(
+            "pair",
+            OpenApiTypes.STR,
+            description="a partner's name: the entries behind `witnessed` and `witnessed_by` for it (with verify=1)",
         ),
     ],
-    responses={200: TxlogSerializer, 400: _err("limit is not a whole number in 0..1000"), **NOT_ALLOWED},
+    responses={
+        200: TxlogSerializer,
+        400: _err("limit is not a whole number in 0..1000, or `at` not seqs"),
+        **NOT_ALLOWED,
+    },
 )
 @api_view(["GET"])
-def txlog_view(request: HttpRequest) -> JsonResponse:
+def txlog_view(request: HttpRequest) -> HttpResponse:
     """This peer's hash-chained transaction log: its head, the last `limit` entries (default 20, at most 1000) and,
-    with `verify=1`, the verdict of recomputing every hash of the chain (`ok`, `broken_at`: the first broken seq)."""
+    with `verify=1`, the verdict of recomputing every hash of the chain (`ok`, `broken_at`: the first broken seq)
+    with what it recorded of its partners' logs (`dejima check` compares those across peers: peer/dejima/txlog.py).
+    The committed entries still staged are sealed first; when that fails (or the sealer holds the chain longer than
+    SEAL_WAIT_MS) the log is answered as it is, with `seal_error`."""
     rt = get_runtime()
     try:
         limit = int(request.GET.get("limit", "20"))
@@ -365,12 +392,28 @@ def txlog_view(request: HttpRequest) -> JsonResponse:
         return _error(400, "limit must be a whole number")
     if not 0 <= limit <= 1000:
         return _error(400, "limit must be between 0 and 1000")
+    at_text = request.GET.get("at", "")
+    try:
+        at = [int(part) for part in at_text.split(",") if part.strip()]
+    except ValueError:
+        return _error(400, "at must be seqs, comma-separated")
+    if len(at) > MAX_AT or not all(0 <= seq < 2**63 for seq in at):
+        return _error(400, f"at may name at most {MAX_AT} seqs, each in 0..2^63-1")
+    verify = request.GET.get("verify") in ("1", "true", "yes")
+    pair = request.GET.get("pair") or None
     rt.coordinator.settle()  # a write already reported committed is in the log
+    seal_error = None
     with rt.pool.connection(timeout=5) as conn:
-        txlog.seal_all(conn)  # the committed entries still staged join the chain first
+        try:  # the committed entries still staged join the chain first
+            rt.coordinator.seal(conn, lock_timeout_ms=SEAL_WAIT_MS)
+        except Exception as exc:  # noqa: BLE001 - whatever sealing met, the log is answered as it is
+            log.warning("GET /api/v1/txlog: sealing failed, answering the chain as it is: %s", exc)
+            seal_error = f"{type(exc).__name__}: {exc}".strip()
         entries = txlog.recent(conn, max(limit, 1))
-        verdict = txlog.verify(conn) if request.GET.get("verify") in ("1", "true", "yes") else None
+        account = txlog.Accounting(rt.config.name, pair) if verify else None
+        verdict = txlog.verify(conn, account) if verify else None
         length = conn.execute("SELECT count(*) FROM dejima.txlog").fetchone()
+        hashes = txlog.hashes_at(conn, at) if at else None
     head = entries[0] if entries else None
     body: dict[str, Any] = {
         "peer": rt.config.name,
@@ -378,9 +421,16 @@ def txlog_view(request: HttpRequest) -> JsonResponse:
         "head": {k: head[k] for k in ("seq", "gxid", "hash", "committed_at")} if head else None,
         "entries": entries[:limit],
     }
-    if verdict is not None:
+    if verdict is not None and account is not None:
         body["verify"] = verdict.to_json()
-    return JsonResponse(body)
+        body.update(account.to_json())
+        if pair is not None:
+            body["pair"] = account.pair_json()
+    if hashes is not None:
+        body["at"] = {str(seq): h for seq, h in hashes.items()}
+    if seal_error is not None:
+        body["seal_error"] = seal_error
+    return exact_json(body)
 
 
 @extend_schema(

@@ -9,8 +9,11 @@ peer-to-peer traffic goes through proxies.
   peers is down, the others are not;
 - `hold()` stops forwarding new data in both directions (it is kept, in order) until `release()`;
 - `delay_from(sender, seconds)` holds each request from peer `sender` back for `seconds` before forwarding it;
-  `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut and hold;
-- `record()` keeps a copy of every byte it forwards, both ways (`recorded()`): what a network observer sees.
+  `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut, hold and capture;
+- `record()` keeps a copy of every byte it forwards, both ways (`recorded()`): what a network observer sees;
+- `capture_from(sender)` keeps a copy of every request from `sender` it forwards (`captured`: the raw bytes, as
+  an eavesdropper on the link would see them; `request_body` takes the body out), to replay them later. Over TLS a
+  "request" is a flight of encrypted records, which is useless to replay: tests of replays run without TLS.
 
 Who sends. Plain HTTP: every peer-to-peer request carries `X-Dejima-Peer: <sender>` (peer/dejima/transport.py), read
 request by request. TLS passes through the proxy untouched (the peers verify each other end to end; the proxy holds
@@ -121,6 +124,8 @@ class Proxy(Relay):
         # the sending peer of a connection: (its address, the proxy's address) -> its name, "" when unknown
         self.who: Callable[[Address, Address], str] | None = None
         self._recording: bytearray | None = None
+        self._capturing: set[str] = set()
+        self.captured: list[bytes] = []  # the raw requests of the senders `capture_from` named, in order
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     @property
@@ -187,10 +192,16 @@ class Proxy(Relay):
         with self._lock:
             return bytes(self._recording or b"")
 
+    def capture_from(self, sender: str) -> None:
+        """Keep a copy of every HTTP request from peer `sender` (in `captured`) until `clear()`."""
+        with self._lock:
+            self._capturing.add(sender)
+
     def clear(self) -> None:
-        """No delay, no hold, no cut."""
+        """No delay, no hold, no cut, no capture (what was captured stays in `captured`)."""
         with self._lock:
             self._delays.clear()
+            self._capturing.clear()
         self.release()
         self.restore()
 
@@ -307,12 +318,22 @@ class Proxy(Relay):
             self.requests_seen[sender] = self.requests_seen.get(sender, 0) + 1
             cut = sender in self._cut_senders
             delay = self._delays.get(sender, 0.0)
+            if sender in self._capturing:
+                self.captured.append(request)
         if cut:
             link.close()
             return False
         if delay and link.closed.wait(delay):
             return False
         return self._send(link, link.server, request) if link.server is not None else False
+
+
+def request_body(request: bytes) -> bytes:
+    """The body of a raw HTTP request (`Proxy.captured`)."""
+    _, sep, body = request.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError("not an HTTP request: no end of headers")
+    return body
 
 
 def settle(peer_url: str, headers: dict[str, str], verify: str | bool = True) -> None:
