@@ -121,6 +121,8 @@ def tls_names(name: str, aliases: Sequence[str] = (), client: bool = False) -> l
     service (its client's DEJIMA_PEER_URL), or the client's service; also under each alias; and loopback."""
     kinds = ("client",) if client else ("gateway", "peer")
     return [f"{prefix}-{kind}" for prefix in (name, *aliases) for kind in kinds] + list(tlscerts.LOCAL_NAMES)
+
+
 PEER_TYPE_FILE = "peer_type"  # DIR/<peer>/peer_type: the peer type given as NAME:TYPE (not a secret)
 
 

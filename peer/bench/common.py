@@ -220,7 +220,7 @@ def total_stat(net: LocalNetwork, key: str) -> int | None:
 class JsonClient:
     """A lean keep-alive JSON client (http.client, TCP_NODELAY): one connection, one thread.
 
-    Cheaper per call than `requests` (≈ 1 ms of client CPU per call, see PERFORMANCE-NOTES), so the client costs the
+    Cheaper per call than `requests` (its client CPU per call is several times less), so the client costs the
     shared cores as little as possible. A connection the server closed while idle is reopened once. An https URL is
     verified with `context` (the kit's CA: `LocalNetwork.client_context()`; None: the system's CAs)."""
 

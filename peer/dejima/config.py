@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from peer.dejima import tls
 from peer.dejima.auth import KeyFormatError, parse_private_key, parse_public_key, read_key_file
-from peer.dejima.tls import TlsSettings
 from peer.dejima.manifest import ManifestError, PeerType, load_peer_types
+from peer.dejima.tls import TlsSettings
 from peer.dejima.tokens import FileEntry, TokenError, parse_tokens_file
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")

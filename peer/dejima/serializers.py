@@ -159,6 +159,8 @@ class TlsStatusSerializer(serializers.Serializer[Any]):
     listeners = serializers.DictField(
         child=ListenerStatsSerializer(), help_text="the lean listeners (message, api) and what they accepted"
     )
+
+
 class EntitlementSerializer(serializers.Serializer[Any]):
     peer_type = serializers.CharField(help_text="the peer type it is trusted as; empty when its views are named")
     views = serializers.ListField(child=serializers.CharField(), help_text="this peer's views it may hold")
