@@ -3,12 +3,12 @@
 
 To make a batch for sure, a first write at government is held at insurance's proxy: it keeps government's one turn
 for writes while the next ones queue (`queued_transactions` in /api/v1/status); once released, the queued writes run
-as one batch. Each test checks what every peer holds afterwards, and that the views agree everywhere.
+as one batch. Each test checks what every peer holds afterwards, and that the views agree everywhere. Nothing is
+timed: each step waits (with a deadline that only guards against hanging) for what it needs to see first.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -190,8 +190,14 @@ def test_a_member_that_meets_a_locked_row_is_put_off_not_the_batch(cluster: Prox
             assert holder.result(timeout=30)[0] == 200
             status, body = free.result(timeout=30)  # its batch did not wait for the locked row
             assert (status, body["batch"]) == (200, 1), body
-            time.sleep(0.3)
-            assert not locked.done(), locked.result()  # put off: now it waits alone for the lock
+            # put off (run once more), it now waits for the row lock in government's database, first of its batch
+            # (with the origin's lock timeout, DEJIMA_LOCK_TIMEOUT_MS: 5 s)
+            wait_until(
+                lambda: stats(cluster)["batch_retried"] == before["batch_retried"] + 1 and lock_waits(gov_db) == 1,
+                10,
+                "the put-off write to wait for the locked row",
+            )
+            assert not locked.done(), locked.result()
             locker.rollback()
             status, locked_body = locked.result(timeout=30)
     assert (status, locked_body["batch"]) == (200, 1), locked_body
@@ -201,6 +207,15 @@ def test_a_member_that_meets_a_locked_row_is_put_off_not_the_batch(cluster: Prox
     assert "Free" in firsts(cluster)["insurance"]
     phones = {r["first_name"]: r["phone"] for r in cluster.rows("bank", "bank_users")}
     assert phones["Locked"] == "new", phones
+
+
+def lock_waits(database_url: str) -> int:
+    """Sessions of that database waiting for a lock now (PostgreSQL's own view of its backends)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def stats_queued(cluster: ProxiedCluster) -> int:

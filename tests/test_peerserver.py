@@ -4,6 +4,9 @@ every bad request answered with a JSON error (and nothing handed to the handler)
 The handler here is a stand-in that echoes what it got; what a real peer answers through this listener (the same
 checks and statuses as through gunicorn) is in tests/test_api_input.py and tests/test_auth.py (`front`), and that
 peers send their messages here in `test_peers_send_their_messages_to_each_others_lean_listener`.
+
+Tiers: every test but that last one is `unit` (a server on loopback, no database); that one is `cluster`. Nothing
+is timed: a closed connection is one the server closed (the client's own timeout is only a guard against hanging).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from peer.dejima.config import ConfigError, load_config, parse_bind
 from peer.dejima.jsonvalues import MAX_DEPTH, TOO_DEEP_TO_HANDLE
 from peer.dejima.peerserver import MESSAGE_PATH, PeerServer, message_routes
 from peer.network import LocalNetwork
+from tests.helpers import wait_until
 
 LIMIT = 4096
 
@@ -82,6 +85,7 @@ def raw(server: PeerServer, data: bytes, timeout: float = 5.0, whole: bool = Fal
         return out
 
 
+@pytest.mark.unit
 def test_it_answers_several_requests_on_one_keep_alive_connection(server: PeerServer, echo: Echo) -> None:
     conn = connect(server)
     try:
@@ -94,6 +98,7 @@ def test_it_answers_several_requests_on_one_keep_alive_connection(server: PeerSe
     assert answer["remote"] == "127.0.0.1"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("request_bytes", "status", "says"),
     [
@@ -136,6 +141,7 @@ def test_it_refuses_a_bad_request_with_a_json_error_and_hands_nothing_to_the_han
     assert echo.calls == []
 
 
+@pytest.mark.unit
 def test_a_failing_handler_is_a_500_and_the_connection_stays_usable(server: PeerServer) -> None:
     conn = connect(server)
     try:
@@ -147,6 +153,7 @@ def test_a_failing_handler_is_a_500_and_the_connection_stays_usable(server: Peer
         conn.close()
 
 
+@pytest.mark.unit
 def test_a_body_nested_too_deeply_is_a_400_and_the_connection_stays_usable(server: PeerServer, echo: Echo) -> None:
     """The thread of the connection used to die of the decoder's RecursionError without an answer (2,000 levels:
     beyond the interpreter's recursion limit, within this server's body limit)."""
@@ -167,6 +174,7 @@ def test_a_body_nested_too_deeply_is_a_400_and_the_connection_stays_usable(serve
     assert echo.calls == [{"fine": [[1]]}]
 
 
+@pytest.mark.unit
 def test_a_recursion_error_in_the_handler_is_a_400_and_the_connection_stays_usable(server: PeerServer) -> None:
     conn = connect(server)
     try:
@@ -180,6 +188,7 @@ def _bad_request(error: str) -> dict[str, str]:
     return {"status": "error", "kind": "bad_request", "error": error}
 
 
+@pytest.mark.unit
 def test_it_closes_when_asked_and_after_http_1_0(server: PeerServer) -> None:
     closing = b"POST /peer/v1/message HTTP/1.1\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
     answer = raw(server, closing, whole=True)  # returns only because the server closed the connection
@@ -188,38 +197,75 @@ def test_it_closes_when_asked_and_after_http_1_0(server: PeerServer) -> None:
     assert old.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in old
 
 
-def test_it_closes_an_idle_connection_and_one_whose_request_stalls(echo: Echo) -> None:
-    server = serve(echo, read_timeout=0.3, idle_timeout=0.3)
+def closed_by_server(server: PeerServer, data: bytes) -> bytes:
+    """Send `data` and read until the server closes the connection: what it sent first. The client waits
+    HANG_GUARD seconds at most for each read, far longer than the timeout under test and far shorter than the other
+    one: a server that keeps the connection open (or closes it by the wrong timeout) fails here."""
     try:
-        started = time.monotonic()
-        assert raw(server, b"", whole=True) == b""  # nothing sent: closed after the idle timeout
-        assert time.monotonic() - started < 3
-        started = time.monotonic()
-        stalled = raw(server, b"POST /peer/v1/message HTTP/1.1\r\nContent-Length: 10\r\n\r\n{", whole=True)
-        assert stalled == b"" and time.monotonic() - started < 3  # the body never came whole
+        return raw(server, data, timeout=HANG_GUARD, whole=True)
+    except TimeoutError:
+        raise AssertionError(f"the server kept the connection open for {HANG_GUARD}s after {data!r}") from None
+
+
+HANG_GUARD = 10.0  # seconds
+
+
+@pytest.mark.unit
+def test_it_closes_an_idle_connection_by_its_idle_timeout(echo: Echo) -> None:
+    server = serve(echo, read_timeout=6 * HANG_GUARD, idle_timeout=0.3)  # only the idle timeout can close it
+    try:
+        assert closed_by_server(server, b"") == b""  # nothing sent: closed without an answer
     finally:
         server.close()
     assert echo.calls == []
 
 
+@pytest.mark.unit
+def test_it_closes_a_connection_whose_request_stalls_by_its_read_timeout(echo: Echo) -> None:
+    server = serve(echo, read_timeout=0.3, idle_timeout=6 * HANG_GUARD)  # only the read timeout can close it
+    try:
+        stalled = closed_by_server(server, b"POST /peer/v1/message HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        assert stalled == b""  # the body never came whole: closed without an answer
+    finally:
+        server.close()
+    assert echo.calls == []
+
+
+def served_on_a_new_connection(server: PeerServer, body: bytes) -> int:
+    """The status a new connection's request gets; 0 when the server closed it first (refused: it answers 503 and
+    closes without reading the request, so the send may fail)."""
+    conn = connect(server)
+    try:
+        return post(conn, body)[0]
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
+@pytest.mark.unit
 def test_it_serves_at_most_max_connections_and_answers_one_more_with_503(echo: Echo) -> None:
-    server = serve(echo, max_connections=1)
+    server = serve(echo, max_connections=1)  # its idle timeout (30 s) never frees a slot within the waits here
     first = connect(server)
     try:
         assert post(first, b"1")[0] == 200
         busy = raw(server, b"", whole=True)
         assert busy.startswith(b"HTTP/1.1 503 ") and b"too many connections" in busy
+        assert server_slots_taken(server) == 1
+        first.close()  # its thread ends and frees the slot: a new connection is then served
+        wait_until(lambda: served_on_a_new_connection(server, b"2") == 200, HANG_GUARD, "the freed slot to serve")
     finally:
         first.close()
-        time.sleep(0.2)  # the first connection's thread ends and frees its slot
-    try:
-        again = connect(server)
-        assert post(again, b"2")[0] == 200
-        again.close()
-    finally:
         server.close()
+    assert echo.calls == [1, 2]
 
 
+def server_slots_taken(server: PeerServer) -> int:
+    with server.lock:
+        return len(server.conns)
+
+
+@pytest.mark.unit
 def test_after_close_it_refuses_connections(echo: Echo) -> None:
     server = serve(echo)
     port = server.port
@@ -228,6 +274,7 @@ def test_after_close_it_refuses_connections(echo: Echo) -> None:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("raw_value", "expected"),
     [("127.0.0.1:9001", ("127.0.0.1", 9001)), ("0.0.0.0:1", ("0.0.0.0", 1)), ("[::1]:8001", ("::1", 8001)), ("", None)],  # noqa: S104
@@ -236,6 +283,7 @@ def test_it_reads_the_message_bind_setting(raw_value: str, expected: tuple[str, 
     assert parse_bind("DEJIMA_MESSAGE_BIND", raw_value) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("setting", ["DEJIMA_MESSAGE_BIND", "DEJIMA_API_BIND"])
 @pytest.mark.parametrize("bad", ["9001", "host:", ":9001", "host:port", "host:0", "host:70000"])
 def test_it_rejects_a_bad_listener_bind_naming_the_setting(bad: str, setting: str) -> None:

@@ -159,10 +159,10 @@ def test_a_fan_out_to_leaves_only_prepares_them_on_the_way(star_and_tree: LocalN
     committed(net, "s3m0", "INSERT INTO items (item_key, value) VALUES (1, 'a')")
     before = counters(net, star)
     status, body = net.exec("s3m0", "UPDATE items SET value = 'b' WHERE item_key = 1")
-    assert (status, body["participants"], body["phases"]["prepare_ms"] < 1.0) == (200, ["s3m1", "s3m2"], True), body
+    assert (status, body["participants"]) == (200, ["s3m1", "s3m2"]), body
     after = counters(net, star)
-    # no prepare round: both receivers are leaves of the one view (they share nothing else) and prepared before
-    # answering
+    # no prepare round (the origin sent no prepare message, whatever its phases took): both receivers are leaves of
+    # the one view (they share nothing else) and prepared before answering
     assert {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in star} == {
         "s3m0": (0, 0),
         "s3m1": (0, 1),

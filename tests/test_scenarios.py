@@ -10,7 +10,6 @@ insurance 3001…), so a row's id shows which sequence gave it: ids never travel
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+from psycopg import sql
 
 from peer.dejima.config import load_config
 from peer.dejima.install import SQL_ROOT
@@ -384,30 +384,61 @@ def test_it_refuses_a_write_while_a_member_is_down_and_accepts_it_after_restart_
     assert_network_ok(net)
 
 
-Answer = tuple[int, dict[str, Any], dict[str, str], float]  # HTTP status, JSON body, headers, seconds taken
+Answer = tuple[int, dict[str, Any], dict[str, str]]  # HTTP status, JSON body, headers
+GATE = 3113  # the advisory lock key of `concurrent_writes`' gate (no peer uses it)
 
 
-def concurrent_writes(net: LocalNetwork, writes: dict[str, list[str]]) -> dict[str, Answer]:
-    """Send each peer its statement at the same moment (one thread each); every answer."""
+def gate_waiters(conn: psycopg.Connection[Any]) -> int:
+    """Sessions of `conn`'s database waiting for the gate now (PostgreSQL's own lock table)."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+        " WHERE d.datname = current_database() AND l.locktype = 'advisory' AND NOT l.granted AND l.objid = %s",
+        (GATE,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def concurrent_writes(net: LocalNetwork, writes: dict[str, sql.Composable]) -> dict[str, Answer]:
+    """Run each peer's statement as a client write there, all of them overlapping for sure; every answer.
+
+    Each write, once its statement has run (its rows changed and locked), waits at a gate in its own database (an
+    advisory lock the test holds) before it goes on to propagate; once every write waits at its gate, the test
+    opens them all. So each write reaches the others while all of them are open: no write can commit before
+    another starts. The writes wait with a lock timeout of their own (SET LOCAL), far beyond the test's steps."""
     answers: dict[str, Answer] = {}
-    barrier = threading.Barrier(len(writes))
 
-    def run(peer: str, statement: str) -> None:
-        barrier.wait()
-        began = time.monotonic()
+    def run(peer: str, statement: sql.Composable) -> None:
+        statements = [
+            "SET LOCAL lock_timeout = '60s'",
+            statement.as_string(None),
+            sql.SQL("SELECT pg_advisory_xact_lock_shared({})").format(sql.Literal(GATE)).as_string(None),
+        ]
         resp = requests.post(
             net.specs[peer].url + "/api/v1/exec",
-            json={"sql": statement},
+            json={"sql": statements},
             headers=net.auth_headers(peer),
             timeout=TXN_TIMEOUT + 30,
         )
-        answers[peer] = (resp.status_code, resp.json(), dict(resp.headers), time.monotonic() - began)
+        answers[peer] = (resp.status_code, resp.json(), dict(resp.headers))
 
+    gates = {peer: psycopg.connect(net.server.url(net.specs[peer].database), autocommit=True) for peer in writes}
     threads = [threading.Thread(target=run, args=item) for item in writes.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for conn in gates.values():
+            conn.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+        for t in threads:
+            t.start()
+        wait_until(
+            lambda: all(gate_waiters(conn) == 1 for conn in gates.values()),
+            10,
+            f"the writes at {sorted(writes)} to wait at their gates",
+        )
+    finally:
+        for conn in gates.values():
+            conn.execute("SELECT pg_advisory_unlock_all()")
+            conn.close()
+        for t in threads:
+            t.join()
     return answers
 
 
@@ -415,27 +446,29 @@ def test_it_commits_exactly_one_of_two_concurrent_conflicting_writes_a13(net: Lo
     a1(net)
     for attempt in range(3):
         addresses = {"bank": f"4 Pine Rd #{attempt}", "insurance": f"5 Birch Ln #{attempt}"}
-        # each write keeps its transaction open a moment before it propagates, so the two surely overlap
+        before = stats(net)
         answers = concurrent_writes(
             net,
             {
-                peer: [
-                    f"UPDATE {TABLES[peer]} SET address = '{address}'"  # noqa: S608
-                    " WHERE first_name = 'Jane' AND last_name = 'Roe'",
-                    "SELECT pg_sleep(0.2)",
-                ]
+                peer: sql.SQL("UPDATE {} SET address = {} WHERE first_name = 'Jane' AND last_name = 'Roe'").format(
+                    sql.Identifier(TABLES[peer]), sql.Literal(address)
+                )
                 for peer, address in addresses.items()
             },
         )
 
-        outcomes = sorted((code, body.get("status")) for code, body, _, _ in answers.values())
+        outcomes = sorted((code, body.get("status")) for code, body, _ in answers.values())
         assert outcomes == [(200, "committed"), (409, "error")], answers
         winner = next(p for p, a in answers.items() if a[0] == 200)
         loser = next(p for p, a in answers.items() if a[0] == 409)
         assert answers[loser][1]["kind"] == "conflict", answers[loser]
         assert answers[loser][2].get("Retry-After"), f"409 without Retry-After: {answers[loser][2]}"
-        for peer, (_, _, _, took) in answers.items():
-            assert took < TXN_TIMEOUT, f"{peer} answered after {took:.1f}s (timeout {TXN_TIMEOUT}s)"
+        # the conflict was found by wait-die (a younger write gives up where an older one holds its rows), not by
+        # a lock or transaction timing out
+        after = stats(net)
+        died = {p: after[p]["wait_die_conflicts"] - before[p]["wait_die_conflicts"] for p in PEERS}
+        assert sum(died.values()) >= 1, died
+        assert "an older global transaction" in answers[loser][1]["error"], answers[loser]
         address = addresses[winner]
         for peer in PEERS:
             assert [r["address"] for r in rows(net, peer)] == [address], (peer, winner)

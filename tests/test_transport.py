@@ -1,14 +1,14 @@
 """Unit tier: the peer-to-peer HTTP client (`peer.dejima.transport.Connections`) against a real server on loopback.
 
 Keep-alive connections are reused, Nagle is off, a connection the server closed while idle is not reused, a silent
-server is a timeout, a closed port an OSError, and a request is never sent twice.
+server is a timeout, a closed port an OSError, and a request is never sent twice. Nothing here is timed: a silent
+server is one whose handler holds its answer until the test lets it go.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -20,17 +20,24 @@ from peer.dejima.transport import CallTimeout, Connections
 
 pytestmark = pytest.mark.unit
 
+HOLD_AT_MOST = 30.0  # seconds a held answer waits for the test at most (a guard against hanging, never reached)
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: ClassVar[list[tuple[int, bytes]]] = []  # (client port, body) of every request
-    delay: ClassVar[float] = 0.0
+    # while cleared, the handler holds its answer back (at most HOLD_AT_MOST s: a test that forgets to set it
+    # does not hang the server) and `holding` is set
+    answer_now: ClassVar[threading.Event] = threading.Event()
+    holding: ClassVar[threading.Event] = threading.Event()
     close_after: ClassVar[bool] = False
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         Handler.seen.append((self.client_address[1], body))
-        time.sleep(Handler.delay)
+        if not Handler.answer_now.is_set():
+            Handler.holding.set()
+            Handler.answer_now.wait(HOLD_AT_MOST)
         answer = b'{"ok":true}'
         self.send_response(200)
         self.send_header("Content-Length", str(len(answer)))
@@ -46,12 +53,15 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    Handler.seen, Handler.delay, Handler.close_after = [], 0.0, False
+    Handler.seen, Handler.close_after = [], False
+    Handler.answer_now, Handler.holding = threading.Event(), threading.Event()
+    Handler.answer_now.set()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    Handler.answer_now.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -91,13 +101,18 @@ def test_it_does_not_reuse_a_connection_the_server_closed(server: str) -> None:
 def test_a_silent_server_is_a_timeout_and_the_request_is_sent_once(server: str) -> None:
     conns = Connections({})
     try:
-        Handler.delay = 1.0
-        started = time.monotonic()
+        Handler.answer_now.clear()  # the server holds its answer until the test has seen the timeout
         with pytest.raises(CallTimeout):
             conns.post(server, "/m", b"{}", 0.3)
-        assert time.monotonic() - started < 0.9
+        # the request arrived and its answer is still held (the test has not let it go): the call gave up on its
+        # own timeout, not on an answer
+        assert Handler.holding.wait(10), "the request never reached the server"
         assert len(Handler.seen) == 1
         assert not any(conns.idle.values()), "a connection with an answer still due is not kept"
+        Handler.answer_now.set()  # the late answer, once it comes, is read by nobody: the next call is new
+        assert conns.post(server, "/m", b'{"n":1}', 5.0) == (200, b'{"ok":true}')
+        assert [body for _, body in Handler.seen] == [b"{}", b'{"n":1}'], "the first request was not sent again"
+        assert Handler.seen[0][0] != Handler.seen[1][0], "the timed-out connection was not reused"
     finally:
         conns.close()
 

@@ -10,6 +10,10 @@ peer-to-peer traffic goes through proxies.
 - `hold()` stops forwarding new data in both directions (it is kept, in order) until `release()`;
 - `delay_from(sender, seconds)` holds each request from peer `sender` back for `seconds` before forwarding it;
   `delay_from(sender, 0)` removes the delay; `clear()` removes every delay, cut, hold and capture;
+- `hold_from(sender, when)` holds each request from `sender` (each one `when` picks out of the raw request: over
+  plain HTTP e.g. by its message kind, `message_kind`) back until `release_from(sender)`; `wait_held(sender, n)`
+  returns once n of them are being (or were) held, and `wait_seen(sender, n)` once n requests from `sender` have
+  arrived at all (`requests_seen`): a test orders its steps by these events instead of sleeping;
 - `record()` keeps a copy of every byte it forwards, both ways (`recorded()`): what a network observer sees;
 - `capture_from(sender)` keeps a copy of every request from `sender` it forwards (`captured`: the raw bytes, as
   an eavesdropper on the link would see them; `request_body` takes the body out), to replay them later. Over TLS a
@@ -37,6 +41,7 @@ verifying its certificate against the kit's CA: `LocalNetwork.verify`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -121,6 +126,10 @@ class Proxy(Relay):
         self._refusing = False
         self.scheme = scheme  # of its URL: "https" when the target speaks TLS (passed through untouched)
         self.requests_seen: dict[str, int] = {}  # sender -> requests (TLS: flights) forwarded (or cut)
+        # `hold_from`: sender -> (which of its requests to hold, None: all; set when they may pass)
+        self._gates: dict[str, tuple[Callable[[bytes], bool] | None, threading.Event]] = {}
+        self.held: dict[str, int] = {}  # sender -> requests `hold_from` has held back (released ones included)
+        self._arrivals = threading.Condition(self._lock)  # notified when a request arrives, and when one is held
         # the sending peer of a connection: (its address, the proxy's address) -> its name, "" when unknown
         self.who: Callable[[Address, Address], str] | None = None
         self._recording: bytearray | None = None
@@ -139,6 +148,10 @@ class Proxy(Relay):
 
     def stop(self, timeout: float = 5.0) -> None:
         self._flowing.set()  # held sends give up on their closed links
+        with self._lock:
+            gates, self._gates = list(self._gates.values()), {}
+        for _, released in gates:
+            released.set()
         super().stop(timeout)
 
     def __enter__(self) -> Proxy:
@@ -182,6 +195,39 @@ class Proxy(Relay):
             else:
                 self._delays.pop(sender, None)
 
+    def hold_from(self, sender: str, when: Callable[[bytes], bool] | None = None) -> None:
+        """Hold back each request from peer `sender` (each raw request `when` returns True for; all when None) until
+        `release_from(sender)` or `clear()`; nothing is lost. Each one held counts in `held[sender]` (`wait_held`).
+        A held request stops its own connection only: the sender's requests on other connections pass (unless held
+        too). Over TLS a request is a flight, which `when` cannot read: pick by message only over plain HTTP."""
+        with self._lock:
+            self._gates[sender] = (when, threading.Event())
+
+    def release_from(self, sender: str) -> None:
+        """Let the requests `hold_from(sender)` holds pass, in order, and hold no more."""
+        with self._lock:
+            gate = self._gates.pop(sender, None)
+        if gate is not None:
+            gate[1].set()
+
+    def wait_held(self, sender: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Return once `count` requests from `sender` have been held back by `hold_from` (counting those released
+        since); AssertionError after `timeout` seconds (a guard against hanging, not a bound on the peers)."""
+        self._wait_count(self.held, sender, count, timeout, "held back")
+
+    def wait_seen(self, sender: str, count: int, timeout: float = 10.0) -> None:
+        """Return once `count` requests (TLS: flights) from `sender` have arrived here in all (`requests_seen`);
+        AssertionError after `timeout` seconds."""
+        self._wait_count(self.requests_seen, sender, count, timeout, "arrived")
+
+    def _wait_count(self, counts: dict[str, int], sender: str, count: int, timeout: float, what: str) -> None:
+        with self._arrivals:
+            if not self._arrivals.wait_for(lambda: counts.get(sender, 0) >= count, timeout):
+                raise AssertionError(
+                    f"{self.name}: {counts.get(sender, 0)} requests from {sender!r} {what} within {timeout}s,"
+                    f" not {count}"
+                )
+
     def record(self, on: bool = True) -> None:
         """Keep a copy of every byte forwarded from now on, both ways (`recorded()`); `on` False stops and forgets."""
         with self._lock:
@@ -202,6 +248,9 @@ class Proxy(Relay):
         with self._lock:
             self._delays.clear()
             self._capturing.clear()
+            gates, self._gates = list(self._gates.values()), {}
+        for _, released in gates:
+            released.set()
         self.release()
         self.restore()
 
@@ -320,11 +369,20 @@ class Proxy(Relay):
             delay = self._delays.get(sender, 0.0)
             if sender in self._capturing:
                 self.captured.append(request)
+            gate = self._gates.get(sender)
+            self._arrivals.notify_all()
         if cut:
             link.close()
             return False
         if delay and link.closed.wait(delay):
             return False
+        if gate is not None and (gate[0] is None or gate[0](request)):
+            with self._lock:
+                self.held[sender] = self.held.get(sender, 0) + 1
+                self._arrivals.notify_all()
+            while not gate[1].wait(0.05):
+                if link.closed.is_set():
+                    return False
         return self._send(link, link.server, request) if link.server is not None else False
 
 
@@ -334,6 +392,16 @@ def request_body(request: bytes) -> bytes:
     if not sep:
         raise ValueError("not an HTTP request: no end of headers")
     return body
+
+
+def message_kind(request: bytes) -> str:
+    """The kind of the peer message a raw plain-HTTP request carries (`propagate`, `finish`, …: the envelope's
+    `kind`, peer/dejima/messages.py); "" when it carries none (not JSON, not an envelope, a TLS flight)."""
+    with contextlib.suppress(ValueError):
+        envelope = json.loads(request_body(request))
+        if isinstance(envelope, dict) and isinstance(envelope.get("kind"), str):
+            return str(envelope["kind"])
+    return ""
 
 
 def settle(peer_url: str, headers: dict[str, str], verify: str | bool = True) -> None:
