@@ -1,17 +1,21 @@
 """Tamper evidence: every peer's hash-chained log of the global transactions it committed (`dejima.txlog`).
 
-Unit: the entry summary is order-independent and the chain hash covers every field. Cluster (real peers): one
-entry per committed global transaction at its origin and at every participant it changed, none for an aborted one;
-`dejima check` names the peer and the seq of a chain tampered with in the database; a restart and concurrent
-writes keep every chain valid.
+Unit: the entry summary is order-independent, the chain hash covers every field, and known entries hash to known
+values (computed outside Python: the hashing cannot change unnoticed). Integration: sealed in a database, they give
+those hashes. Cluster (real peers): one entry per committed global transaction at its origin and at every participant
+it changed, none for an aborted one; `dejima check` names the peer and the seq of a chain tampered with in the
+database; a restart and concurrent writes keep every chain valid.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import decimal
+import inspect
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -60,11 +64,169 @@ def test_the_hash_covers_every_field_and_the_previous_hash() -> None:
         "role": "origin",
         "views": {"v": {"insertions": 1, "deletions": 0, "digest": "d"}},
         "committed_at": "2024-01-01T00:00:00.000000+00:00",
+        "witness": {"government": {"seq": 0, "hash": txlog.GENESIS}},
     }
+    # every parameter of the canonical form is changed below: a field added to it must be added here too
+    assert set(inspect.signature(txlog.canonical).parameters) == set(fields)
     base = txlog.chain_hash(txlog.GENESIS, txlog.canonical(**fields))
-    for name, other in [("seq", 2), ("gxid", "x"), ("origin", "x"), ("role", "participant"), ("views", {})]:
-        assert txlog.chain_hash(txlog.GENESIS, txlog.canonical(**{**fields, name: other})) != base, name
+    changes: list[tuple[str, Any]] = [
+        ("seq", 2),
+        ("gxid", "x"),
+        ("origin", "x"),
+        ("role", "participant"),
+        ("views", {}),
+        ("views", {"v": {"insertions": 1, "deletions": 0, "digest": "e"}}),
+        ("committed_at", "2024-01-01T00:00:00.000001+00:00"),
+        ("witness", {"government": {"seq": 1, "hash": txlog.GENESIS}}),
+        ("witness", None),
+    ]
+    assert {name for name, _ in changes} == set(fields)
+    for name, other in changes:
+        assert txlog.chain_hash(txlog.GENESIS, txlog.canonical(**{**fields, name: other})) != base, (name, other)
     assert txlog.chain_hash("1" * 64, txlog.canonical(**fields)) != base
+
+
+# ---- known answers: the hashing pinned to literal values ---------------------------------------------------------
+# Computed once outside Python, from the canonical form the module docstring documents (the JSON of the entry with
+# sorted keys, no spaces, ASCII) and sha256 as coreutils computes it, e.g. for the first entry:
+#     printf '%s%s' "$(printf '0%.0s' $(seq 64))" "$CANONICAL_1" | sha256sum
+# A change of the canonical form, of a field's text (the commit time's above all) or of how entries are chained
+# changes these hashes: the chains every peer stored would no longer verify.
+A64, B64, C64, D64, E64 = ("a" * 64, "b" * 64, "c" * 64, "d" * 64, "e" * 64)
+KNOWN_ENTRIES: list[dict[str, Any]] = [
+    {  # an origin's entry, with what its participant told (witness with `logged` and the staged entry's digest)
+        "seq": 1,
+        "gxid": "bank.1.a",
+        "origin": "bank",
+        "role": "origin",
+        "views": {"dejima_bank": {"insertions": 1, "deletions": 0, "digest": A64}},
+        "committed_at": "2024-01-01T00:00:00.000000+00:00",
+        "witness": {"government": {"seq": 0, "hash": txlog.GENESIS, "logged": True, "entry": B64}},
+    },
+    {  # a participant's entry, with its origin's head
+        "seq": 2,
+        "gxid": "government.7.b",
+        "origin": "government",
+        "role": "participant",
+        "views": {"dejima_bank": {"insertions": 0, "deletions": 1, "digest": C64}},
+        "committed_at": "2024-02-29T12:34:56.789012+00:00",
+        "witness": {"government": {"seq": 5, "hash": D64}},
+    },
+    {  # an entry from before witnesses (none in its canonical form), two views given out of order
+        "seq": 3,
+        "gxid": "insurance.3.c",
+        "origin": "insurance",
+        "role": "participant",
+        "views": {
+            "dejima_risk": {"insertions": 2, "deletions": 0, "digest": A64},
+            "dejima_bank": {"insertions": 1, "deletions": 1, "digest": E64},
+        },
+        "committed_at": "2023-12-31T23:59:59.999999+00:00",
+        "witness": None,
+    },
+]
+KNOWN_CANONICAL = [
+    '{"committed_at":"2024-01-01T00:00:00.000000+00:00","gxid":"bank.1.a","origin":"bank","role":"origin","seq":1,'
+    f'"views":{{"dejima_bank":{{"deletions":0,"digest":"{A64}","insertions":1}}}},'
+    f'"witness":{{"government":{{"entry":"{B64}","hash":"{txlog.GENESIS}","logged":true,"seq":0}}}}}}',
+    '{"committed_at":"2024-02-29T12:34:56.789012+00:00","gxid":"government.7.b","origin":"government",'
+    f'"role":"participant","seq":2,"views":{{"dejima_bank":{{"deletions":1,"digest":"{C64}","insertions":0}}}},'
+    f'"witness":{{"government":{{"hash":"{D64}","seq":5}}}}}}',
+    '{"committed_at":"2023-12-31T23:59:59.999999+00:00","gxid":"insurance.3.c","origin":"insurance",'
+    f'"role":"participant","seq":3,"views":{{"dejima_bank":{{"deletions":1,"digest":"{E64}","insertions":1}},'
+    f'"dejima_risk":{{"deletions":0,"digest":"{A64}","insertions":2}}}}}}',
+]
+KNOWN_HASHES = [
+    "2e8f556a7a18461738cc634011c9dbd0faea7c7b2555ba1f4e172d173be3f032",
+    "7a14336fd3d46ecccdf2ddec5007e96f37f08c671453a9aef55fcfc2adf8a457",
+    "6df3b923601732e841af12cb084ad408ea619c9f13d5de321a9a13ad121b125f",
+]
+
+
+@pytest.mark.unit
+def test_the_chain_hashes_known_entries_to_their_known_hashes() -> None:
+    prev = txlog.GENESIS
+    for entry, text, expected in zip(KNOWN_ENTRIES, KNOWN_CANONICAL, KNOWN_HASHES, strict=True):
+        assert txlog.canonical(**entry) == text, entry["seq"]
+        assert txlog.chain_hash(prev, text) == expected, entry["seq"]
+        prev = expected
+
+
+@pytest.mark.unit
+def test_the_entry_digest_the_summary_and_the_commit_time_have_known_answers() -> None:
+    # entry_digest: sha256 of the canonical {gxid, origin, role, views, witness} (seq, time and prev_hash left out)
+    first = {k: v for k, v in KNOWN_ENTRIES[0].items() if k not in ("seq", "committed_at")}
+    assert txlog.entry_digest(**first) == "243a4d902fb0e29d1e78bbd6d4a1c57076c1a5569a2ea3063273fc374b7b8644"
+    # printf '%s' '{"gxid":"insurance.3.c","origin":"insurance","role":"participant","views":{},"witness":null}'
+    assert (
+        txlog.entry_digest("insurance.3.c", "insurance", "participant", {}, None)
+        == "6ebafcff23b5ea1bd6f801e3c8939584932d5f839749f221ae497786368d503c"
+    )
+    # summary: sha256 of the sorted lines "+row\n" / "-row\n" (rows canonical: ASCII, a Decimal as its digits, a
+    # date as its ISO text); printf '%s\n%s\n' '+{"birthdate":"1980-05-17",...}' '-{"first_name":"A",...}'
+    inserted = {
+        "first_name": "Zo\u00eb",
+        "last_name": "O'Brien",
+        "risk": decimal.Decimal("1.50"),
+        "birthdate": datetime.date(1980, 5, 17),
+    }
+    changes = [
+        RowChange("dejima_bank", 2, {"first_name": "A", "last_name": "B"}, None),
+        RowChange("dejima_bank", 1, None, inserted),
+    ]
+    assert txlog.summary(changes) == {
+        "dejima_bank": {
+            "insertions": 1,
+            "deletions": 1,
+            "digest": "d8bf2e5bb8df625c741f31d836be574b053ee2d5d3a65a1722c084447c031b08",
+        }
+    }
+    # the commit time: UTC, microseconds, whatever zone it was read in
+    nine_hours_east = datetime.timezone(datetime.timedelta(hours=9))
+    at = datetime.datetime(2024, 2, 29, 21, 34, 56, 789012, tzinfo=nine_hours_east)
+    assert txlog.timestamp(at) == KNOWN_ENTRIES[1]["committed_at"]
+    assert txlog.timestamp(at.replace(microsecond=0)) == "2024-02-29T12:34:56.000000+00:00"
+
+
+@pytest.mark.integration
+def test_sealing_in_the_database_gives_the_known_hashes_and_verify_covers_the_commit_time(
+    peer_db: Callable[..., str],
+) -> None:
+    """The known entries staged in a peer's database (commit times written in other zones), sealed: the stored
+    chain holds exactly the known hashes, and `verify` recomputes them; a commit time moved by one microsecond
+    breaks the chain at that entry."""
+    zones = ["2024-01-01 09:00:00+09", "2024-02-29 07:04:56.789012-05:30", "2023-12-31 23:59:59.999999+00"]
+    with psycopg.connect(peer_db("bank"), autocommit=True) as conn:
+        for entry, at in zip(KNOWN_ENTRIES, zones, strict=True):
+            conn.execute(
+                "INSERT INTO dejima.txlog_pending (gxid, origin, role, views, committed_at, witness)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    entry["gxid"],
+                    entry["origin"],
+                    entry["role"],
+                    Jsonb(entry["views"]),
+                    at,
+                    Jsonb(entry["witness"]) if entry["witness"] is not None else None,
+                ),
+            )
+        assert txlog.seal_all(conn) == (3, txlog.Head(3, KNOWN_HASHES[2]))
+        rows = conn.execute("SELECT seq, gxid, prev_hash, hash FROM dejima.txlog ORDER BY seq").fetchall()
+        assert rows == [
+            (1, "bank.1.a", txlog.GENESIS, KNOWN_HASHES[0]),
+            (2, "government.7.b", KNOWN_HASHES[0], KNOWN_HASHES[1]),
+            (3, "insurance.3.c", KNOWN_HASHES[1], KNOWN_HASHES[2]),
+        ]
+        assert txlog.verify(conn).to_json() == {
+            "ok": True,
+            "length": 3,
+            "broken_at": None,
+            "reason": "",
+            "head_hash": KNOWN_HASHES[2],
+        }
+        conn.execute("UPDATE dejima.txlog SET committed_at = committed_at + interval '1 microsecond' WHERE seq = 2")
+        verdict = txlog.verify(conn)
+        assert (verdict.ok, verdict.broken_at, verdict.reason) == (False, 2, "hash does not match the entry")
 
 
 Entry = tuple[str, str, str, dict[str, Any], dict[str, Any] | None]  # gxid, origin, role, views, witness
