@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo down test lint typecheck sql-check sql pytest bench clean
+.PHONY: demo down test test-long lint typecheck sql-check sql pytest bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,13 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-## The whole suite: generated SQL fresh, lint, types, tests (unit, integration, cluster).
+## The whole suite: generated SQL fresh, lint, types, tests (unit, integration, cluster). Hypothesis is derandomized
+## (profile `ci`, tests/conftest.py): every run draws the same examples.
 test: sql-check lint typecheck pytest
+
+## By hand: every property test (Hypothesis) with random draws and 20 times its examples (about 10 minutes).
+test-long: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -m hypothesis
 
 ## The quick version of every benchmark (< 5 min); results in bench-results/<name>/ (report.md, result.json, PNGs).
 bench: $(STAMP)
