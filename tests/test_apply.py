@@ -802,9 +802,59 @@ def person(first: str, last: str, phone: str | None, address: str | None) -> dic
     return {"first_name": first, "last_name": last, "phone": phone, "address": address}
 
 
-def test_a_delta_of_many_rows_applies_as_its_rows_one_at_a_time(gov: psycopg.Connection[Any]) -> None:
-    """The reads-then-writes path of a delta of several rows (no renames) ends where applying its rows one by one
-    ends: the same rows, the same captured changes, the same marks."""
+@dataclass
+class Putback:
+    """What a delta (no renames) on a view does to rows no one touched before in the gxid, by the merge rule of
+    peer/dejima/apply.py, computed here on plain dicts: the model the many-row path is checked against."""
+
+    rows: dict[tuple[Any, ...], dict[str, Any]]  # key -> base row (without id)
+    touched: set[tuple[Any, ...]]
+    deleted: set[tuple[str, tuple[Any, ...]]]
+    unknown: dict[tuple[Any, ...], set[str]]
+    written: dict[tuple[Any, ...], set[str]]
+
+
+def putback_model(
+    table: list[dict[str, Any]],
+    view: str,
+    columns: Sequence[str],
+    insertions: list[dict[str, Any]],
+    deletions: list[dict[str, Any]],
+) -> Putback:
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(row[c] for c in KEY)
+
+    base_columns = [c for c in table[0] if c != "id"]
+    rows = {key(r): {c: r[c] for c in base_columns} for r in table}
+    inserted = {key(i): i for i in insertions}
+    paired = {key(d): d for d in deletions if key(d) in inserted}
+    out = Putback(rows, set(), set(), {}, {})
+    for d in deletions:  # a deletion without an insertion of its key: a delete (of nothing: nothing)
+        if key(d) not in inserted:
+            rows.pop(key(d), None)
+            out.deleted.add((view, key(d)))
+    for k, i in inserted.items():
+        unknown = set(i.get(UNKNOWN, []))
+        known = {c: i[c] for c in columns if c not in unknown}
+        out.touched.add(k)
+        if k in rows:  # an update: the columns it changed are asserted (and win: nothing written before)
+            old = paired.get(k)
+            asserted = {c: v for c, v in known.items() if c not in KEY and (old is None or old[c] != v)}
+            rows[k].update(asserted)
+            out.written[k] = {*KEY, *asserted}
+        else:  # an insert: every column it knows; the others are invented (NULL: no default declared here)
+            rows[k] = {c: known.get(c) for c in base_columns}
+            out.written[k] = set(known)
+            out.unknown[k] = unknown | {c for c in base_columns if c not in columns}
+    return out
+
+
+def test_a_delta_of_many_rows_ends_where_the_merge_rule_says_and_as_its_rows_one_at_a_time(
+    gov: psycopg.Connection[Any],
+) -> None:
+    """The reads-then-writes path of a delta of several rows (no renames) ends in the base table, the captured
+    changes and the marks that the merge rule gives (`putback_model`, by hand on dicts), and where applying its rows
+    one by one ends."""
     _people(gov)
     insertions = [
         jane_bank(phone="555-0000"),
@@ -826,27 +876,58 @@ def test_a_delta_of_many_rows_applies_as_its_rows_one_at_a_time(gov: psycopg.Con
         ([], [deletions[2]]),
         ([], [deletions[3]]),
     ]
+    before = base_rows(gov, TABLE["government"])
+    bank_columns = next(v.columns for v in TYPES["government"].views if v.name == "dejima_bank")
+    model = putback_model(before, "dejima_bank", bank_columns, insertions, deletions)
+    views = {v.name: v.columns for v in TYPES["government"].views}
+
+    def key_of(row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(row[c] for c in KEY)
 
     def outcome(steps: list[tuple[list[Any], list[Any]]]) -> tuple[Any, ...]:
         state = gx(gov)
         for ins, dels in steps:
             apply_delta(state, "dejima_bank", ins, dels)
         changes = take_changes(gov, state.token)
-        written = {(row_key, tuple(sorted(c))) for (_, row_key), c in state.written.items()}
+        after = base_rows(gov, TABLE["government"])
+        by_id = {r["id"]: key_of(r) for r in [*before, *after]}
+        # the base table: the model's rows, the rows kept under their ids, the new ones under new ids
+        assert {key_of(r): {c: v for c, v in r.items() if c != "id"} for r in after} == model.rows
+        kept = {key_of(r): r["id"] for r in before}
+        assert all(r["id"] == kept[key_of(r)] for r in after if key_of(r) in kept)
+        assert not {r["id"] for r in after if key_of(r) not in kept} & set(kept.values())
+        # every view row that changed, and only those, captured once with its old and new image
+        expected_changes = set()
+        for view, cols in views.items():
+            for k in {*map(key_of, before), *model.rows}:
+                old = next(({c: r[c] for c in cols} for r in before if key_of(r) == k), None)
+                new = {c: model.rows[k][c] for c in cols} if k in model.rows else None
+                if old != new:
+                    expected_changes.add((view, k, canonical(old), canonical(new)))
+        assert {(c.view, by_id[c.row_id], canonical(c.old), canonical(c.new)) for c in changes} == expected_changes
+        assert len(changes) == len(expected_changes)
+        # the marks
+        assert {by_id[row_id] for _, row_id in state.touched} == model.touched
+        assert state.deleted == model.deleted
+        assert {by_id[row_id]: cols for (_, row_id), cols in state.unknown.items()} == model.unknown
+        assert {by_id[row_id]: cols for (_, row_id), cols in state.written.items()} == model.written
         result = (
             {v: view_rows(gov, v) for v in VIEWS["government"]},
             sorted((c.view, json.dumps(c.old, sort_keys=True), json.dumps(c.new, sort_keys=True)) for c in changes),
             len(state.touched),
             sorted(state.deleted),
             sorted(tuple(sorted(m)) for m in state.unknown.values()),
-            len(written),
+            len(state.written),
         )
         gov.rollback()
         return result
 
     together = outcome([(insertions, deletions)])
     assert together == outcome(pairs)
-    assert [r["first_name"] for r in together[0]["dejima_bank"]] == ["Bob", "Cid", "Dee", "Eve", "Jane"]
+    # the model's own answer, as a reader would write it down
+    assert set(model.rows) == {JANE, ("Bob", "Ray"), ("Cid", "Fox"), ("Dee", "Kim"), ("Eve", "Orr")}
+    assert model.rows[JANE] == {**jane_bank(phone="555-0000"), "birthdate": datetime.date(1980, 5, 17)}
+    assert model.unknown == {("Dee", "Kim"): {"birthdate"}, ("Eve", "Orr"): {"phone", "birthdate"}}
 
 
 def test_a_failed_write_in_a_delta_of_many_rows_changes_nothing(gov: psycopg.Connection[Any]) -> None:
