@@ -778,6 +778,12 @@ BAD: dict[str, tuple[str, list[Any], list[Any], str]] = {
     "was on a deletion": ("dejima_bank", [], [jane_bank(**{WAS: dict(zip(KEY, JANE, strict=True))})], "unknown marker"),
     "bad was": ("dejima_bank", [jane_bank(**{WAS: {"first_name": "X"}})], [], "key columns"),
     "twice": ("dejima_bank", [jane_bank(), jane_bank(phone="1")], [], "inserted twice"),
+    "renamed twice": (
+        "dejima_bank",
+        [jane_bank(first_name=name, **{WAS: dict(zip(KEY, JANE, strict=True))}) for name in ("Jo", "Jay")],
+        [],
+        r"two insertions rename key \['Jane', 'Roe'\]",
+    ),
     "not a row": ("dejima_bank", ["Jane"], [], "must be an object"),
 }
 
