@@ -8,6 +8,10 @@ SIGTERM); only SIGKILL of pytest itself can leave it behind.
 TLS: one CA for the whole session (`kit_ca`, in the session's temporary folder: DEJIMA_KIT_CA_DIR), which issues the
 certificate of every peer and client the kit starts (peer/network.py; TLS is the kit's default), and which every
 `requests` call of the tests verifies against (REQUESTS_CA_BUNDLE), so a test calls `https://` URLs like any other.
+
+Hypothesis: the profile named by HYPOTHESIS_PROFILE (default `ci`). `ci`: derandomized (each property test draws the
+same examples every run, so `make test` is deterministic; a failure prints its reproduction blob), each test's own
+number of examples; `long` (`make test-long`, by hand): random draws, LONG_FACTOR times each test's examples.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 import uuid
@@ -23,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from peer.dejima.install import SQL_ROOT, install
 from peer.network import LocalNetwork
@@ -31,6 +37,37 @@ from peer.tlscerts import KIT_CA_ENV, KitCa, kit_ca
 from tests.helpers import fresh, running_example, start_client
 
 MakeDatabase = Callable[[str], str]
+
+# ---- Hypothesis profiles (module docstring) ----------------------------------------------------------------------
+LONG_FACTOR = 20
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],  # a timing check: the examples must not depend on the load
+)
+settings.register_profile("long", derandomize=False, database=None, deadline=None, print_blob=True)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or "ci"
+settings.load_profile(HYPOTHESIS_PROFILE)  # an unknown name is an error here, before any test runs
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With the `long` profile, every property test runs LONG_FACTOR times its examples (a test's own
+    `@settings(max_examples=...)` would otherwise win over any profile)."""
+    if HYPOTHESIS_PROFILE != "long":
+        return
+    scaled: set[int] = set()
+    for item in items:
+        test = getattr(item, "obj", None)
+        if getattr(test, "hypothesis", None) is None or id(test) in scaled:
+            continue
+        own = vars(test).get("_hypothesis_internal_use_settings")
+        if not isinstance(own, settings):
+            raise pytest.UsageError(f"cannot scale the examples of {item.nodeid}: Hypothesis changed its internals")
+        vars(test)["_hypothesis_internal_use_settings"] = settings(own, max_examples=own.max_examples * LONG_FACTOR)
+        scaled.add(id(test))
 
 
 def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -1,6 +1,7 @@
-"""Cluster tier: the client app (PEER_MODE=client) as a real gunicorn process in front of the government peer of
+"""The client app (PEER_MODE=client). Cluster tier: a real gunicorn process in front of the government peer of
 the example network, driven over HTTP like a browser (login, HTML forms with the CSRF token) and like a program
-(REST with the session and its CSRF token, or HTTP Basic)."""
+(REST with the session and its CSRF token, or HTTP Basic). Unit tier: its settings, and a client that must refuse to
+start without them."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import requests
 from peer.dejima.config import ConfigError, client_password, load_config
 from peer.network import CLIENT_USER, LocalNetwork, free_port
 from tests.helpers import browser_session, start_client, start_peer_process
-
-pytestmark = pytest.mark.cluster
 
 TABLE = "government_users"
 JANE = {
@@ -125,6 +124,7 @@ def empty_everywhere(network: LocalNetwork) -> None:
 
 
 # ---- settings -------------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_client_mode_needs_the_peer_url_and_no_database() -> None:
     env = {"PEER_TYPE": "government", "PEER_MODE": "client", "DEJIMA_DEBUG": "1"}
     with pytest.raises(ConfigError, match="DEJIMA_PEER_URL: is required in client mode"):
@@ -138,6 +138,7 @@ def test_client_mode_needs_the_peer_url_and_no_database() -> None:
 
 
 # ---- web app --------------------------------------------------------------------------------------------------
+@pytest.mark.cluster
 def test_home_page_lists_the_base_tables_and_what_is_shared_with_whom(client: str, browser: requests.Session) -> None:
     resp = browser.get(client + "/", timeout=TIMEOUT)
     assert resp.status_code == 200
@@ -163,6 +164,7 @@ def test_home_page_lists_the_base_tables_and_what_is_shared_with_whom(client: st
     assert browser.get(client + "/api/v1/status", timeout=TIMEOUT).status_code == 404
 
 
+@pytest.mark.cluster
 def test_adding_a_row_through_the_form_commits_and_reaches_bank_and_insurance(
     client: str, network: LocalNetwork, browser: requests.Session
 ) -> None:
@@ -184,6 +186,7 @@ def test_adding_a_row_through_the_form_commits_and_reaches_bank_and_insurance(
     }
 
 
+@pytest.mark.cluster
 def test_editing_and_deleting_through_the_forms_propagate(
     client: str, network: LocalNetwork, browser: requests.Session
 ) -> None:
@@ -216,6 +219,7 @@ def test_editing_and_deleting_through_the_forms_propagate(
     empty_everywhere(network)
 
 
+@pytest.mark.cluster
 def test_a_form_post_without_csrf_token_is_refused(client: str, client_app: ClientApp, network: LocalNetwork) -> None:
     add = f"{client}/tables/{TABLE}/add"
     # no cookie, no token (another site's form)
@@ -237,6 +241,7 @@ def test_a_form_post_without_csrf_token_is_refused(client: str, client_app: Clie
     empty_everywhere(network)
 
 
+@pytest.mark.cluster
 def test_a_bad_value_is_a_clear_error_and_changes_nothing_anywhere(
     client: str, network: LocalNetwork, browser: requests.Session
 ) -> None:
@@ -262,6 +267,7 @@ def test_a_bad_value_is_a_clear_error_and_changes_nothing_anywhere(
 
 
 # ---- REST -----------------------------------------------------------------------------------------------------
+@pytest.mark.cluster
 def test_editing_and_deleting_through_rest_propagate(
     client: str, network: LocalNetwork, browser: requests.Session
 ) -> None:
@@ -297,6 +303,7 @@ def test_editing_and_deleting_through_rest_propagate(
     assert browser.delete(f"{rows_url}/{row_id}", timeout=TIMEOUT).status_code == 404
 
 
+@pytest.mark.cluster
 def test_rest_checks_tables_columns_and_types_against_the_manifest(
     client: str, network: LocalNetwork, browser: requests.Session
 ) -> None:
@@ -329,6 +336,7 @@ def test_rest_checks_tables_columns_and_types_against_the_manifest(
     empty_everywhere(network)
 
 
+@pytest.mark.cluster
 def test_a_duplicate_and_a_conflict_are_said_plainly_with_the_peers_status(
     client: str, network: LocalNetwork, browser: requests.Session
 ) -> None:
@@ -351,6 +359,7 @@ def test_a_duplicate_and_a_conflict_are_said_plainly_with_the_peers_status(
     assert network.query("bank", "SELECT phone FROM bank_users") == [{"phone": "555-0199"}]
 
 
+@pytest.mark.cluster
 def test_values_are_escaped_and_quoted_not_interpreted(
     client: str, network: LocalNetwork, browser: requests.Session
 ) -> None:
@@ -368,6 +377,7 @@ def test_values_are_escaped_and_quoted_not_interpreted(
     assert network.query("bank", "SELECT first_name, last_name, address, phone FROM bank_users") == [odd]
 
 
+@pytest.mark.cluster
 def test_an_unreachable_peer_is_said_plainly_and_nothing_changes(
     client: str, network: LocalNetwork, browser: requests.Session
 ) -> None:
@@ -385,6 +395,7 @@ def test_an_unreachable_peer_is_said_plainly_and_nothing_changes(
     assert network.query("bank", "SELECT * FROM bank_users") == []
 
 
+@pytest.mark.cluster
 def test_a_client_whose_peer_service_is_down_explains_it_and_never_fails_with_500(
     network: LocalNetwork, tmp_path: Path
 ) -> None:
@@ -411,6 +422,7 @@ def test_a_client_whose_peer_service_is_down_explains_it_and_never_fails_with_50
 
 
 # ---- login ----------------------------------------------------------------------------------------------------
+@pytest.mark.cluster
 def test_an_anonymous_visitor_is_sent_to_the_login_page_and_sees_no_data(client: str) -> None:
     for path in ("/", f"/tables/{TABLE}/", f"/tables/{TABLE}/add", f"/tables/{TABLE}/rows/1/edit"):
         resp = requests.get(client + path, allow_redirects=False, timeout=TIMEOUT)
@@ -424,6 +436,7 @@ def test_an_anonymous_visitor_is_sent_to_the_login_page_and_sees_no_data(client:
     assert (health.status_code, health.json()["status"]) == (200, "ok")
 
 
+@pytest.mark.cluster
 def test_the_anonymous_rest_api_answers_401_with_a_clear_message(client: str, network: LocalNetwork) -> None:
     api = f"{client}/client/api/v1/tables"
     for method, url, body in (
@@ -446,6 +459,7 @@ def test_the_anonymous_rest_api_answers_401_with_a_clear_message(client: str, ne
     empty_everywhere(network)
 
 
+@pytest.mark.cluster
 def test_a_wrong_password_is_refused_and_opens_no_session(client: str, client_app: ClientApp) -> None:
     with browser_session(client) as browser:
         token = csrf_form(browser, f"{client}/login")
@@ -471,6 +485,7 @@ def test_a_wrong_password_is_refused_and_opens_no_session(client: str, client_ap
     assert (wrong_basic.status_code, wrong_basic.json()["kind"]) == (401, "authentication_failed")
 
 
+@pytest.mark.cluster
 def test_login_cookies_are_httponly_and_samesite_lax(client: str, client_app: ClientApp) -> None:
     with browser_session(client) as browser:
         token = csrf_form(browser, f"{client}/login")
@@ -488,6 +503,7 @@ def test_login_cookies_are_httponly_and_samesite_lax(client: str, client_app: Cl
     assert "SameSite=Lax" in csrf
 
 
+@pytest.mark.cluster
 def test_after_login_a_row_added_through_the_form_commits_and_propagates_then_logout_ends_the_session(
     client: str, client_app: ClientApp, network: LocalNetwork
 ) -> None:
@@ -526,6 +542,7 @@ def test_after_login_a_row_added_through_the_form_commits_and_propagates_then_lo
         assert thief.get(f"{client}/client/api/v1/tables", timeout=TIMEOUT).status_code == 401
 
 
+@pytest.mark.cluster
 def test_http_basic_works_for_the_rest_api(client: str, client_app: ClientApp, network: LocalNetwork) -> None:
     auth = (client_app.user, client_app.password)
     rows_url = f"{client}/client/api/v1/tables/{TABLE}/rows"
@@ -601,7 +618,7 @@ def test_the_client_password_may_come_from_a_file(tmp_path: Path) -> None:
         load_config({**env, "DEJIMA_CLIENT_PASSWORD": "x" * 20, "DEJIMA_CLIENT_USER": "no spaces"})
 
 
-@pytest.mark.integration
+@pytest.mark.unit  # no database: one gunicorn process, which must refuse to start
 def test_a_client_without_a_password_outside_debug_refuses_to_start(tmp_path: Path) -> None:
     env = client_env(DEJIMA_BIND=f"127.0.0.1:{free_port()}", DEJIMA_CLIENT_DB=str(tmp_path / "users.sqlite3"))
     done = start_peer_process(env)

@@ -197,15 +197,61 @@ def config(extra: dict[str, Any] | None = None) -> schemathesis.Config:
     )
 
 
-def report(name: str, watch: Watch) -> None:
-    """Print what the run did (visible with -s), and start counting anew."""
+def report(name: str, watch: Watch) -> Counter[str]:
+    """Print what the run did (visible with -s), and start counting anew; the requests made, by operation and
+    status."""
     elapsed = time.monotonic() - watch.started
     ops = {key.rsplit(" ", 1)[0] for key in watch.tally}
     print(f"\n{name}: {len(ops)} operations, {sum(watch.tally.values())} requests in {elapsed:.1f}s")
     for key, n in sorted(watch.tally.items()):
         print(f"  {key}: {n}")
+    made = Counter(watch.tally)
     watch.tally.clear()
     watch.started = time.monotonic()
+    return made
+
+
+# The operations each run must drive, written out here (not read from the schema under test): a schema that lost an
+# operation, or a run that generated nothing for one, fails. Each got at least MIN_REQUESTS requests: the fewest,
+# an operation without parameters (GET /health), gets its examples and a 405 for each method it does not take.
+PEER_OPERATIONS = {
+    "GET /health",
+    "GET /api/v1/status",
+    "GET /api/v1/groups",
+    "GET /api/v1/machinery",
+    "GET /api/v1/prepared",
+    "GET /api/v1/txlog",
+    "GET /api/v1/views/{view}",
+    "POST /api/v1/exec",
+    "POST /api/v1/query",
+    "POST /peer/v1/message",
+}
+CLIENT_OPERATIONS = {
+    "GET /client/api/v1/tables",
+    "GET /client/api/v1/tables/{table}",
+    "GET /client/api/v1/tables/{table}/rows",
+    "POST /client/api/v1/tables/{table}/rows",
+    "GET /client/api/v1/tables/{table}/rows/{row_id}",
+    "PATCH /client/api/v1/tables/{table}/rows/{row_id}",
+    "DELETE /client/api/v1/tables/{table}/rows/{row_id}",
+}
+MIN_REQUESTS = 8
+
+
+def assert_every_operation_driven(made: Counter[str], operations: set[str]) -> None:
+    """Every operation got requests, MIN_REQUESTS or more, and at least one was refused (and so checked to have
+    changed nothing); together at least MAX_EXAMPLES per operation (the fuzzing phase alone may draw that many)."""
+    by_operation: Counter[str] = Counter()
+    refused: Counter[str] = Counter()
+    for key, n in made.items():
+        operation, status = key.rsplit(" ", 1)
+        by_operation[operation] += n
+        if int(status) >= 400:
+            refused[operation] += n
+    assert set(by_operation) == operations, sorted(set(by_operation) ^ operations)
+    assert min(by_operation.values()) >= MIN_REQUESTS, by_operation
+    assert set(refused) == operations, sorted(operations - set(refused))
+    assert sum(by_operation.values()) >= MAX_EXAMPLES * len(operations), by_operation
 
 
 def run_schemathesis(schema: schemathesis.BaseSchema, test: Callable[[Case[Any]], None]) -> dict[str, str]:
@@ -268,10 +314,11 @@ def test_the_peer_api_never_fails_and_changes_nothing_it_refuses(network: LocalN
         assert watch.quiet() == before
 
     failures = run_schemathesis(schema, test)
-    refused_unsigned = watch.tally["POST /peer/v1/message 401"]
-    report("peer (government)", watch)
+    made = report("peer (government)", watch)
     assert not failures, "\n\n".join(f"{op}: {text}" for op, text in failures.items())
-    assert refused_unsigned > 0, "no well-formed unsigned message was sent"
+    assert_every_operation_driven(made, PEER_OPERATIONS)
+    assert made["POST /peer/v1/message 401"] > 0, "no well-formed unsigned message was sent"
+    assert made["POST /api/v1/exec 200"] > 0, "no write was accepted: the accepted path went untried"
 
 
 @pytest.mark.cluster
@@ -368,8 +415,10 @@ def test_the_client_api_never_fails_and_changes_nothing_it_refuses(
             ),
         )
         failures = run_schemathesis(schema, lambda case: check_case(watch, case, session=session))
-    report("client (government-client)", watch)
+    made = report("client (government-client)", watch)
     assert not failures, "\n\n".join(f"{op}: {text}" for op, text in failures.items())
+    assert_every_operation_driven(made, CLIENT_OPERATIONS)
+    assert made["DELETE /client/api/v1/tables/{table}/rows/{row_id} 200"] > 0, "no row of the seeded ones was deleted"
 
 
 @pytest.mark.cluster
