@@ -174,14 +174,23 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         stop(Demo(state, ca, subprocess.CompletedProcess([], 0)), pids)
 
 
-def insert(peer: str, first: str, last: str) -> str:
-    """An INSERT of a person into a peer's base table (fixed literals: the statement a person would type)."""
-    columns = {
-        "government": "(first_name, last_name, phone, address) VALUES ('{f}', '{l}', '555-0199', '2 Elm St')",
-        "bank": "(first_name, last_name, iban, address, phone) VALUES ('{f}', '{l}', 'DE89', '1 Main St', '555-0100')",
-        "insurance": "(first_name, last_name, address) VALUES ('{f}', '{l}', '3 Oak Ave')",
-    }[peer]
-    return f"INSERT INTO {TABLES[peer]} " + columns.format(f=first, l=last)
+# the statements a person would type (each test writes people of its own)
+INSERT_ANN = (
+    "INSERT INTO government_users (first_name, last_name, phone, address)"
+    " VALUES ('Ann', 'Execson', '555-0199', '2 Elm St')"
+)
+INSERT_PRI = (
+    "INSERT INTO bank_users (first_name, last_name, iban, address, phone)"
+    " VALUES ('Pri', 'Vateson', 'DE89', '1 Main St', '555-0100')"
+)
+INSERT_NUL = "INSERT INTO insurance_users (first_name, last_name, address) VALUES ('Nul', 'Lson', '3 Oak Ave')"
+INSERT_TAM = (
+    "INSERT INTO bank_users (first_name, last_name, iban, address, phone)"
+    " VALUES ('Tam', 'Checkson', 'DE89', '1 Main St', '555-0100')"
+)
+INSERT_HALF_THEN_FAIL = (
+    "INSERT INTO government_users (first_name, last_name) VALUES ('Half', 'Done'); INSERT INTO nosuch (x) VALUES (1)"
+)
 
 
 def people(demo: Demo, last: str) -> dict[str, list[dict[str, Any]]]:
@@ -263,7 +272,7 @@ def test_status_exits_non_zero_when_a_peer_is_down(tmp_path: Path, demo: Demo) -
 # ---- exec and query ----------------------------------------------------------------------------------------------
 @pytest.mark.cluster
 def test_exec_commits_one_global_transaction_that_query_then_shows_at_every_member(demo: Demo) -> None:
-    done = dejima(demo, "exec", "government", insert("government", "Ann", "Execson"))
+    done = dejima(demo, "exec", "government", INSERT_ANN)
     assert done.returncode == 0, (done.stdout, done.stderr)
     words = done.stdout.split()
     assert words[0] == "committed" and words[1].startswith("government."), done.stdout
@@ -292,7 +301,7 @@ def test_exec_commits_one_global_transaction_that_query_then_shows_at_every_memb
 
 @pytest.mark.cluster
 def test_exec_of_a_write_that_changes_no_shared_view_reaches_no_other_peer(demo: Demo) -> None:
-    assert dejima(demo, "exec", "bank", insert("bank", "Pri", "Vateson")).returncode == 0
+    assert dejima(demo, "exec", "bank", INSERT_PRI).returncode == 0
     dejima(demo, "query", "government", "SELECT 1")  # the participants finished (a client statement waits for them)
     done = dejima(demo, "exec", "bank", "UPDATE bank_users SET iban = 'DE00' WHERE last_name = 'Vateson'")
     assert done.returncode == 0, done.stderr
@@ -302,7 +311,7 @@ def test_exec_of_a_write_that_changes_no_shared_view_reaches_no_other_peer(demo:
 
 @pytest.mark.cluster
 def test_query_prints_null_for_a_missing_value(demo: Demo) -> None:
-    assert dejima(demo, "exec", "insurance", insert("insurance", "Nul", "Lson")).returncode == 0
+    assert dejima(demo, "exec", "insurance", INSERT_NUL).returncode == 0
     done = dejima(
         demo, "query", "insurance", "SELECT first_name, risk_factor FROM insurance_users WHERE last_name = 'Lson'"
     )
@@ -313,7 +322,7 @@ def test_query_prints_null_for_a_missing_value(demo: Demo) -> None:
 # ---- check -------------------------------------------------------------------------------------------------------
 @pytest.mark.cluster
 def test_check_is_ok_on_the_network_and_names_a_view_tampered_with(demo: Demo) -> None:
-    assert dejima(demo, "exec", "bank", insert("bank", "Tam", "Checkson")).returncode == 0
+    assert dejima(demo, "exec", "bank", INSERT_TAM).returncode == 0
     for peer in PEERS:  # each peer finished what it prepared
         assert dejima(demo, "query", peer, "SELECT 1").returncode == 0
     done = dejima(demo, "check")
@@ -354,7 +363,7 @@ BAD_INPUT = [
         id="unknown-table",
     ),
     pytest.param(
-        ["exec", "government", insert("government", "Half", "Done") + "; INSERT INTO nosuch (x) VALUES (1)"],  # noqa: S608
+        ["exec", "government", INSERT_HALF_THEN_FAIL],
         1,
         'aborted (400 bad_sql): government: relation "nosuch" does not exist',
         id="half-a-transaction",
