@@ -4,9 +4,13 @@
 `status`, `exec`, `query` and `check` talk to running peers over their REST API; `bench` runs benchmarks;
 `chaos` runs its own network under injected faults and checks the history (peer/chaos.py).
 
+State: `.dejima/` of the checkout, unless `--state-dir DIR`: PostgreSQL's folder `<state dir>/pg` and the network's
+folder `<state dir>/network` (network.json with the peers' pids, logs, keys, API tokens; `--network DIR` names
+another). `up --free-ports` runs the peers on free loopback ports instead of 8001-8003 (beside another network).
+
 Every call to a peer's API carries the peer's API token (`Authorization: Bearer …`): the one the kit made in
-`<network dir>/<peer>.token` (`.dejima/network/` unless `--network DIR`), for a peer given by name or by a URL of a
-peer of that network; for another URL, DEJIMA_PEER_TOKEN or DEJIMA_PEER_TOKEN_FILE when set.
+`<network dir>/<peer>.token`, for a peer given by name or by a URL of a peer of that network; for another URL,
+DEJIMA_PEER_TOKEN or DEJIMA_PEER_TOKEN_FILE when set.
 
 Every call verifies the peer's certificate (TLS, peer.dejima.tls): against the kit's CA for a peer of the network
 (peer.tlscerts.kit_ca, `.dejima/ca/ca.pem`), against DEJIMA_TLS_CA_FILE (else the system's CAs) for another URL.
@@ -41,15 +45,22 @@ class CliError(Exception):
     pass
 
 
-NETWORK_DIR = STATE_DIR / "network"
+def _state_dir(args: argparse.Namespace) -> Path:
+    state: Path | None = getattr(args, "state_dir", None)
+    return state if state is not None else STATE_DIR
 
 
-def _server() -> PgServer:
-    return PgServer.from_env(STATE_DIR / "pg")
+def _network_dir(args: argparse.Namespace) -> Path:
+    network: Path | None = getattr(args, "network", None)
+    return network if network is not None else _state_dir(args) / "network"
 
 
-def _network(directory: Path | None = None) -> LocalNetwork:
-    return LocalNetwork.load(_server(), directory or NETWORK_DIR)
+def _server(args: argparse.Namespace) -> PgServer:
+    return PgServer.from_env(_state_dir(args) / "pg")
+
+
+def _network(args: argparse.Namespace) -> LocalNetwork:
+    return LocalNetwork.load(_server(args), _network_dir(args))
 
 
 def _headers(net: LocalNetwork, name: str) -> dict[str, str]:
@@ -115,11 +126,12 @@ def _api(
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    server = _server()
+    server = _server(args)
     server.start()
-    net = _network(args.network)
+    net = _network(args)
     if not net.specs:
-        net = LocalNetwork(server, args.network or NETWORK_DIR, example_specs(clients=True))
+        specs = example_specs(base_port=0 if args.free_ports else None, clients=True)
+        net = LocalNetwork(server, _network_dir(args), specs)
     for name, spec in net.specs.items():
         if not spec.pid:
             net.start(name)
@@ -150,22 +162,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     if any(s.tls for s in net.specs.values()):
         print(f"TLS: every URL above is https, certificates of the kit's CA {net.verify} (trust it to browse).")
-    print("Logs: .dejima/network/<peer>.log. Stop everything with `dejima down` (or `make down`).")
+    print(f"Logs: {net.state_dir}/<peer>.log. Stop everything with `dejima down` (or `make down`).")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    net = _network(args.network)
+    net = _network(args)
     net.stop_all()
     (net.state_dir / "network.json").unlink(missing_ok=True)
-    server = _server()
+    server = _server(args)
     server.stop()
     print("stopped peers and PostgreSQL" if server.kind != "external" else "stopped peers")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    net = _network(args.network)
+    net = _network(args)
+    if not net.specs:
+        raise CliError(f"no peers known in {net.state_dir}; run `dejima up`")
     out: dict[str, Any] = {}
     healthy = True
     for name, spec in net.specs.items():
@@ -194,11 +208,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{name:<11} {info['url']:<24} {info['health']}")
             for view, members in (info.get("groups") or {}).items():
                 print(f"    {view:<18} {', '.join(members)}")
-    return 0 if healthy and out else 1
+    return 0 if healthy else 1
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    url, headers, verify = _target(_network(args.network), args.peer)
+    url, headers, verify = _target(_network(args), args.peer)
     status, body = _api(url, "/api/v1/exec", {"sql": args.sql}, headers, verify)
     if status == 200 and body.get("status") == "committed":
         reached = ", ".join(body.get("participants") or []) or "no other peer"
@@ -209,7 +223,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    url, headers, verify = _target(_network(args.network), args.peer)
+    url, headers, verify = _target(_network(args), args.peer)
     status, body = _api(url, "/api/v1/query", {"sql": args.sql}, headers, verify)
     if status != 200:
         print(f"error ({status}): {body.get('error', body)}", file=sys.stderr)
@@ -334,7 +348,7 @@ def _pair(target: Target, partner: str) -> dict[str, Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    net = _network(args.network)
+    net = _network(args)
     if args.peer:
         urls = {url: url.rstrip("/") for url in args.peer}
         auth = {url: url_headers(net, url) for url in args.peer}
@@ -344,7 +358,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         auth = {name: _headers(net, name) for name in urls}
         verify = dict.fromkeys(urls, net.verify)
     if not urls:
-        raise CliError("no peers known; run `dejima up`")
+        raise CliError(f"no peers known in {net.state_dir}; run `dejima up`")
     report = check_network(urls, auth, verify)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -384,15 +398,25 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dejima", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the kit's state folder: PostgreSQL in DIR/pg, the network in DIR/network (default: .dejima)",
+    )
+    parser.add_argument(
         "--network",
         type=Path,
         default=None,
         metavar="DIR",
-        help="the local network's folder: network.json, logs, API tokens (default: .dejima/network)",
+        help="the local network's folder: network.json, logs, API tokens (default: <state dir>/network)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start PostgreSQL and the example peers; return when ready")
     up.add_argument("--detach", action="store_true", help="return once ready (always: peers run in the background)")
+    up.add_argument(
+        "--free-ports", action="store_true", help="free loopback ports instead of 8001-8003 (beside another network)"
+    )
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
     status = sub.add_parser("status", help="peers, health, groups")
@@ -431,11 +455,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASS_THROUGH = ("bench", "chaos")  # the commands that parse their own options
+
+
+def pass_through(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with `--` after `bench` or `chaos` (after `dejima`'s own options, e.g. `--state-dir DIR`), unless one
+    is there already: those commands parse their own options, and argparse's REMAINDER would take `--json` or
+    `--trials 3` right after the command for an unknown option of `dejima`'s."""
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs != 0 for s in a.option_strings}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        i += 2 if argv[i] in takes_value else 1
+    if i < len(argv) and argv[i] in PASS_THROUGH and argv[i + 1 : i + 2] != ["--"]:
+        return [*argv[: i + 1], "--", *argv[i + 1 :]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["chaos"], ["bench"]):  # they parse their own options (argparse's REMAINDER drops leading ones)
-        argv = [argv[0], "--", *argv[1:]]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(pass_through(parser, argv))
     try:
         code: int = args.func(args)
     except (CliError, PgServerError, InstallError, ManifestError, NetworkError) as exc:

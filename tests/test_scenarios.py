@@ -547,14 +547,24 @@ def test_it_never_sends_the_origin_its_own_change_back_whichever_branch_is_slowe
 ) -> None:
     net = proxied.net
     before = net.get("bank", "/api/v1/status")["stats"]
+    # what reached insurance, by view: dejima_risk only from bank (its one other member), dejima_insurance only
+    # from government
+    views_before = net.get("insurance", "/api/v1/status")["propagates_received"]
+    seen = proxied.proxies["insurance"].requests_seen.get("bank", 0)
     proxied.proxies["insurance"].delay_from("bank", 0.3)  # hold back bank -> insurance
     try:
         write(net, "bank", INSERT_JOHN)
     finally:
         proxied.proxies["insurance"].clear()
     after = net.get("bank", "/api/v1/status")["stats"]
+    views_after = net.get("insurance", "/api/v1/status")["propagates_received"]
 
     assert_network_ok(net)
+    # the held-back branch carried bank's dejima_risk delta through the delaying proxy; the other branch carried
+    # government's dejima_insurance delta: two branches, one each
+    assert proxied.proxies["insurance"].requests_seen.get("bank", 0) > seen, "nothing from bank passed the delay"
+    arrived = {v: views_after.get(v, 0) - views_before.get(v, 0) for v in ("dejima_risk", "dejima_insurance")}
+    assert arrived == {"dejima_risk": 1, "dejima_insurance": 1}, arrived
     received = after["propagate_received"] - before["propagate_received"]
     assert received == 0, f"bank (the origin) received {received} propagate message(s) of its own insert"
 
@@ -577,7 +587,12 @@ def test_it_keeps_the_shared_state_when_a_peer_and_the_database_restart_a15(net:
     state["bank"][1]["phone"] = state["government"][1]["phone"] = "555-0300"
     assert everything(net) == state
 
-    net.server.restart()
+    with psycopg.connect(net.server.url("postgres"), autocommit=True) as conn:
+        started = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+    net.server.restart()  # an external server (DEJIMA_DATABASE_URL) cannot be restarted: PgServerError, loudly
+    with psycopg.connect(net.server.url("postgres"), autocommit=True) as conn:
+        restarted = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+    assert started is not None and restarted is not None and restarted[0] > started[0], "PostgreSQL did not restart"
     net.wait_ready(timeout=60)
 
     assert everything(net) == state
@@ -591,13 +606,35 @@ def test_it_keeps_the_shared_state_when_a_peer_and_the_database_restart_a15(net:
 
 def test_it_serves_writes_as_soon_as_its_database_is_back_a15(net: LocalNetwork) -> None:
     a1(net)
-    net.server.restart()  # returns once the server accepts connections again
+    a2(net)
+    with psycopg.connect(net.server.url("postgres"), autocommit=True) as conn:
+        started = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+    # returns once the server accepts connections again; an external server (DEJIMA_DATABASE_URL) cannot be
+    # restarted: PgServerError, loudly
+    net.server.restart()
+    with psycopg.connect(net.server.url("postgres"), autocommit=True) as conn:
+        restarted = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+    assert started is not None and restarted is not None and restarted[0] > started[0], "PostgreSQL did not restart"
+    # the first write at each peer since the restart changes shared rows: it needs the origin's connections and
+    # those of every participant it reaches, all of them broken by the restart
+    writes = {
+        "government": ("UPDATE government_users SET phone = '555-0301' WHERE first_name = 'Jane'", ["bank"]),
+        "bank": ("UPDATE bank_users SET risk_factor = 3 WHERE first_name = 'John'", ["insurance"]),
+        "insurance": ("UPDATE insurance_users SET address = '9 Pine Rd' WHERE first_name = 'Jane'", PEERS[:2]),
+    }
     try:
-        answers = {
-            peer: net.exec(peer, f"UPDATE {TABLES[peer]} SET last_name = last_name WHERE false")  # noqa: S608
-            for peer in PEERS
+        answers = {peer: net.exec(peer, statement) for peer, (statement, _) in writes.items()}
+        told = {
+            peer: (status, body.get("status"), sorted(body.get("participants", [])))
+            for peer, (status, body) in answers.items()
         }
-        assert all(status == 200 for status, _ in answers.values()), answers
+        assert told == {peer: (200, "committed", sorted(reached)) for peer, (_, reached) in writes.items()}, answers
     finally:
         net.wait_ready(timeout=60)
+    jane = {peer: next(r for r in rows(net, peer) if r["first_name"] == "Jane") for peer in PEERS}
+    assert (jane["government"]["phone"], jane["government"]["address"]) == ("555-0301", "9 Pine Rd")
+    assert (jane["bank"]["phone"], jane["bank"]["address"]) == ("555-0301", "9 Pine Rd")
+    assert jane["insurance"]["address"] == "9 Pine Rd"
+    john = {peer: next(r for r in rows(net, peer) if r["first_name"] == "John") for peer in ("bank", "insurance")}
+    assert {peer: r["risk_factor"] for peer, r in john.items()} == {"bank": 3, "insurance": 3}
     assert_network_ok(net)

@@ -373,15 +373,18 @@ class Coordinator:
             self.head = txlog.head(conn)
 
     # ---- helpers --------------------------------------------------------------------------------------------
-    def fault(self, step: str) -> None:
-        """Test-only fault point: crash the whole peer right here (DEJIMA_FAULT_POINT=<step>).
+    def fault(self, step: str, site: str = "") -> None:
+        """Test-only fault point: crash the whole peer right here (DEJIMA_FAULT_POINT=<step>). A step reached at
+        more than one place names each `site`: `<step>` crashes at any of them, `<step>:<site>` at that one only.
 
         Under gunicorn the arbiter dies first, then this worker: a worker alone would be replaced by the arbiter
         at once, still with the fault point set, and any retried message (recovery's, an origin's unconfirmed
         finish) would crash each new worker again at the same step; a crashed peer stays down until restarted."""
-        if self.config.fault_point != step:
+        if self.config.fault_point not in (step, f"{step}:{site}" if site else step):
             return
-        log.error("fault point %s reached: killing the process", step)
+        log.error(
+            "fault point %s reached%s: killing the process", self.config.fault_point, f" at {site}" if site else ""
+        )
         parent = os.getppid()
         with contextlib.suppress(OSError):
             if b"gunicorn" in Path(f"/proc/{parent}/cmdline").read_bytes():
@@ -1244,7 +1247,7 @@ class Coordinator:
         if not ack.ok:
             return PropagateReply(msg.gxid, self.name, "no", reached, ack.error, ack.error_kind)
         self.stats["prepared_on_the_way"] += 1
-        self.fault("participant_after_prepare")
+        self.fault("participant_after_prepare", "on_the_way")
         return PropagateReply(
             msg.gxid,
             self.name,
@@ -1385,7 +1388,7 @@ class Coordinator:
                 return Ack(msg.gxid, self.name, True, head=gx.head)
             ack = self._prepare_locked(gx)
         if ack.ok:
-            self.fault("participant_after_prepare")
+            self.fault("participant_after_prepare", "on_prepare")
         return ack
 
     def _prepare_locked(self, gx: Gx) -> Ack:
